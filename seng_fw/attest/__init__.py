@@ -1,0 +1,1 @@
+"""Remote-attestation evidence (RA-TLS client certificates): parsing and verification."""

@@ -1,0 +1,1 @@
+"""Lab stand-ins for Intel and for real enclaves: attestation CA, enclave emulator, topology."""

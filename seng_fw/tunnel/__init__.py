@@ -1,0 +1,1 @@
+"""SENG tunnels: sans-I/O DTLS and setup state machines, and their asyncio/TUN adapters."""
