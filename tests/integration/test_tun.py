@@ -1,0 +1,190 @@
+"""TunDevice in a private namespace: configuration, packets both ways, removal."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from seng_fw.netns import ip, netns_socket, ping
+from seng_fw.tunnel.tun import TunDevice, TunError
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_tun")]
+
+NAME = "tsfw0"
+
+
+def link_info(netns: str, name: str = NAME) -> dict[str, Any] | None:
+    try:
+        out = ip("-j", "addr", "show", "dev", name, netns=netns)
+    except Exception:
+        return None
+    info: list[dict[str, Any]] = json.loads(out)
+    return info[0] if info else None
+
+
+def inet(info: dict[str, Any]) -> set[str]:
+    return {f"{a['local']}/{a['prefixlen']}" for a in info["addr_info"] if a["family"] == "inet"}
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def echo_reply(request: bytes) -> bytes:
+    """Turn an IPv4 ICMP echo request into its reply."""
+    ihl = (request[0] & 0x0F) * 4
+    header = bytearray(request[:ihl])
+    header[12:16], header[16:20] = request[16:20], request[12:16]
+    header[10:12] = b"\0\0"
+    header[10:12] = struct.pack("!H", checksum(bytes(header)))
+    icmp = bytearray(request[ihl:])
+    icmp[0] = 0  # echo reply
+    icmp[2:4] = b"\0\0"
+    icmp[2:4] = struct.pack("!H", checksum(bytes(icmp)))
+    return bytes(header + icmp)
+
+
+def wait_readable(tun: TunDevice, timeout: float = 2.0) -> None:
+    assert select.select([tun.fileno()], [], [], timeout)[0], "nothing arrived on the TUN"
+
+
+def test_create_configures_device(host_ns: str) -> None:
+    with TunDevice.create(
+        NAME,
+        mtu=1400,
+        addresses=["192.168.28.1/24", "10.200.0.1/16"],
+        txqueuelen=2000,
+        netns=host_ns,
+    ) as tun:
+        info = link_info(host_ns)
+        assert info is not None
+        assert info["ifindex"] == tun.index
+        assert info["mtu"] == 1400
+        assert info["txqlen"] == 2000
+        assert "UP" in info["flags"]
+        assert inet(info) == {"192.168.28.1/24", "10.200.0.1/16"}
+        assert not [a for a in info["addr_info"] if a["family"] == "inet6"]  # IPv6 kept off
+        tun.add_address("192.168.29.1/24")
+        tun.remove_address("10.200.0.1/16")
+        info = link_info(host_ns)
+        assert info is not None and inet(info) == {"192.168.28.1/24", "192.168.29.1/24"}
+    assert link_info(host_ns) is None
+
+
+def test_defaults_match_original_seng(host_ns: str) -> None:
+    with TunDevice.create(netns=host_ns) as tun:
+        info = link_info(host_ns, "tunFA")
+        assert info is not None and info["mtu"] == 1432 == tun.mtu
+
+
+def test_ping_answered_through_tun(host_ns: str) -> None:
+    with (
+        TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns) as tun,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        answered = pool.submit(ping, host_ns, "192.168.28.2", timeout=3.0)
+        wait_readable(tun)
+        [request] = tun.read_batch()
+        assert request[9] == socket.IPPROTO_ICMP
+        assert socket.inet_ntoa(request[12:16]) == "192.168.28.1"
+        assert socket.inet_ntoa(request[16:20]) == "192.168.28.2"
+        assert tun.write(echo_reply(request))
+        assert answered.result(timeout=5)
+
+
+def test_read_batch_drains_up_to_max(host_ns: str) -> None:
+    with TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns) as tun:
+        assert tun.read_batch() == []
+        sock = netns_socket(host_ns, socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            for i in range(10):
+                sock.sendto(b"packet%d" % i, ("192.168.28.9", 5000))
+        wait_readable(tun)
+        time.sleep(0.05)  # let the rest of the burst reach the queue
+        first = tun.read_batch(4)
+        rest = tun.read_batch(100)
+        assert len(first) == 4 and len(rest) == 6
+        assert [p[28:] for p in first + rest] == [b"packet%d" % i for i in range(10)]
+        assert tun.read_batch() == []
+
+
+def test_write_reports_drops(host_ns: str) -> None:
+    with TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns) as tun:
+        assert tun.write(b"\x00not an IP packet") is False  # kernel: EINVAL
+        assert tun.write_batch([b"\x00bad", b"\x00worse"]) == 0
+
+
+def test_emulator_style_host_address_and_default_route(host_ns: str) -> None:
+    with TunDevice.create(NAME, addresses=["192.168.28.7/32"], netns=host_ns) as tun:
+        tun.add_route("0.0.0.0/0")
+        tun.add_route("10.77.2.0/24", src="192.168.28.7")
+        routes = ip("route", netns=host_ns)
+        assert f"default dev {NAME}" in routes
+        sock = netns_socket(host_ns, socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            sock.sendto(b"out", ("198.51.100.1", 53))
+        wait_readable(tun)
+        [packet] = tun.read_batch()
+        assert socket.inet_ntoa(packet[12:16]) == "192.168.28.7"
+        tun.remove_route("0.0.0.0/0")
+        assert "default" not in ip("route", netns=host_ns)
+
+
+def test_close_is_idempotent_and_removes_device(host_ns: str) -> None:
+    tun = TunDevice.create(NAME, netns=host_ns)
+    assert link_info(host_ns) is not None
+    tun.close()
+    tun.close()
+    assert tun.closed
+    assert link_info(host_ns) is None
+    with pytest.raises(ValueError):
+        tun.fileno()
+
+
+def test_close_removes_persistent_device(host_ns: str) -> None:
+    tun = TunDevice.create(NAME, netns=host_ns)
+    tun.set_persistent(True)
+    tun.close()
+    assert link_info(host_ns) is None
+
+
+def test_takes_over_a_leftover_persistent_device(host_ns: str) -> None:
+    ip("tuntap", "add", "dev", NAME, "mode", "tun", netns=host_ns)
+    ip("addr", "add", "192.168.28.1/24", "dev", NAME, netns=host_ns)
+    with TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns) as tun:
+        info = link_info(host_ns)
+        assert info is not None and info["ifindex"] == tun.index
+    assert link_info(host_ns) is None
+
+
+def test_failed_create_leaves_nothing(host_ns: str) -> None:
+    with pytest.raises(TunError):
+        TunDevice.create(NAME, routes=["10.0.0.0/8", "10.0.0.0/8"], netns=host_ns)
+    assert link_info(host_ns) is None
+
+
+def test_name_of_another_kind_of_device_is_refused(host_ns: str) -> None:
+    with pytest.raises(TunError):
+        TunDevice.create("lo", netns=host_ns)
+    assert link_info(host_ns, "lo") is not None
+
+
+def test_close_after_namespace_is_gone(ns_prefix: str) -> None:
+    ns = ns_prefix + "gone"
+    ip("netns", "add", ns)
+    tun = TunDevice.create(NAME, netns=ns)
+    ip("netns", "delete", ns)
+    tun.close()
+    assert tun.closed
