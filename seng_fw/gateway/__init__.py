@@ -1,0 +1,1 @@
+"""The gateway: admission, address leases and forwarding between tunnels and the TUN."""

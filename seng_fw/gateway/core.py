@@ -1,0 +1,403 @@
+"""The gateway's protocol core, free of I/O (sans-I/O, like h11 and aioquic).
+
+Inputs: datagrams received on the two SENG ports, packets read from the TUN device, the
+passage of time, policy reloads. Outputs, drained by the asyncio adapter: datagrams to
+send, packets to write to the TUN device, and released addresses whose conntrack entries
+must be deleted before the address may be leased again.
+
+One enclave = tunnel #1 (port P: enclave -> gateway packets and the setup exchange) and
+tunnel #2 (port P+1: gateway -> enclave packets), paired by client host address and
+identical attestation evidence.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from seng_fw.admission import Admission, AdmissionRejected
+from seng_fw.attest.identity import AttestationRejected, EnclaveIdentity, EvidenceVerifier
+from seng_fw.config import TimeoutConfig
+from seng_fw.ipam import EnclaveSubnet, Ipam, PoolExhausted
+from seng_fw.policy.models import App
+from seng_fw.tunnel import packets
+from seng_fw.tunnel.dtls import (
+    ConnectionClosed,
+    DtlsCookieGate,
+    DtlsEvent,
+    DtlsServerConfig,
+    DtlsServerSession,
+    HandshakeComplete,
+    RecordReceived,
+    peer_id,
+)
+from seng_fw.tunnel.messages import IpAssignment
+from seng_fw.tunnel.setup import ServerSetup, ServerSetupState, SetupFailed
+
+log = logging.getLogger("seng_fw.gateway")
+
+Address = tuple[str, int]  # a UDP peer (host, port)
+
+
+class Port(enum.IntEnum):
+    SETUP = 0  # tunnel #1, UDP port P
+    DOWNLINK = 1  # tunnel #2, UDP port P + 1
+
+
+@dataclass(eq=False)
+class Enclave:
+    """An admitted enclave and its tunnels; identity equality is by object."""
+
+    identity: EnclaveIdentity
+    app: App
+    host: IPv4Address
+    address: IPv4Address
+    uplink_peer: Address
+    uplink: DtlsServerSession
+    setup: ServerSetup
+    pairing_deadline: float
+    admitted_at: float
+    last_activity: float
+    downlink_peer: Address | None = None
+    downlink: DtlsServerSession | None = None
+    counters: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def address_bytes(self) -> bytes:
+        return self.address.packed
+
+    def describe(self) -> str:
+        return (
+            f"app={self.app.name} address={self.address} host={self.host} "
+            f"mrenclave={self.identity.mrenclave.hex()[:16]}"
+        )
+
+
+@dataclass(eq=False)
+class Peer:
+    """One DTLS session on one port, before or after it belongs to an enclave."""
+
+    port: Port
+    address: Address
+    session: DtlsServerSession
+    enclave: Enclave | None = None
+
+
+class GatewayCore:
+    def __init__(
+        self,
+        admission: Admission,
+        verifier: EvidenceVerifier,
+        dtls: dict[Port, DtlsServerConfig],
+        timeouts: TimeoutConfig,
+    ) -> None:
+        self.admission = admission
+        self.verifier = verifier
+        self.timeouts = timeouts
+        self._dtls = dtls
+        # Datagrams from unknown addresses pass a stateless cookie check first, so
+        # spoofed floods cost no per-peer state (RFC 6347 4.2.1).
+        self._gates = {port: DtlsCookieGate(config) for port, config in dtls.items()}
+        # Lease owners are app names (for status); the data path looks enclaves up by
+        # packed address in `_enclave_by_address`, one dict probe per packet.
+        self.ipam: Ipam[str] = Ipam(_ipam_subnets(admission))
+        self.counters: Counter[str] = Counter()
+        self._peers: dict[tuple[Port, Address], Peer] = {}
+        self._enclave_by_address: dict[bytes, Enclave] = {}
+        # Enclaves whose tunnel #2 has not arrived yet, by (client host, identity).
+        self._pending: dict[tuple[IPv4Address, EnclaveIdentity], Enclave] = {}
+        self._outgoing: list[tuple[Port, Address, bytes]] = []
+        self._to_tun: list[bytes] = []
+        self._to_flush: list[IPv4Address] = []
+
+    # ----- outputs -------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[Port, Address, bytes]]:
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def packets_for_tun(self) -> list[bytes]:
+        out, self._to_tun = self._to_tun, []
+        return out
+
+    def addresses_to_flush(self) -> list[IPv4Address]:
+        """Released addresses; call `address_flushed()` once their conntrack entries are gone."""
+        out, self._to_flush = self._to_flush, []
+        return out
+
+    def address_flushed(self, address: IPv4Address) -> None:
+        self.ipam.confirm_flushed(address)
+
+    @property
+    def enclaves(self) -> list[Enclave]:
+        return list(self._enclave_by_address.values())
+
+    def enclave_subnets(self) -> list[EnclaveSubnet]:
+        return [pool.subnet for pool in self.ipam.pools()]
+
+    # ----- inputs --------------------------------------------------------------------
+
+    def datagram_received(self, port: Port, address: Address, data: bytes, now: float) -> None:
+        peer = self._peers.get((port, address))
+        if peer is None:
+            cookie_id = peer_id(address)
+            verdict = self._gates[port].check(data, cookie_id)
+            if not verdict.accepted:
+                if verdict.reply is not None:
+                    self._outgoing.append((port, address, verdict.reply))
+                else:
+                    self.counters["dropped.not_client_hello"] += 1
+                return
+            session = DtlsServerSession(self._dtls[port], cookie_id, now)
+            peer = self._peers[(port, address)] = Peer(port, address, session)
+        peer.session.receive_datagram(data, now)
+        self._handle_events(peer, peer.session.events(), now)
+        self._collect(peer)
+
+    def tun_packets(self, batch: list[bytes], now: float) -> None:
+        """Packets read from the TUN device: each goes to the enclave owning its destination."""
+        by_address = self._enclave_by_address
+        for packet in batch:
+            if not packets.is_ipv4(packet):
+                self.counters["dropped.tun_not_ipv4"] += 1
+                continue
+            enclave = by_address.get(packets.destination(packet))
+            if enclave is None or enclave.downlink is None:
+                self.counters["dropped.no_enclave"] += 1
+                continue
+            enclave.downlink.send_record(packet)
+            enclave.counters["packets_out"] += 1
+            enclave.counters["bytes_out"] += len(packet)
+            assert enclave.downlink_peer is not None
+            self._queue_datagrams(Port.DOWNLINK, enclave.downlink_peer, enclave.downlink)
+
+    def handle_timers(self, now: float) -> None:
+        for peer in list(self._peers.values()):
+            deadline = peer.session.next_timeout()
+            if deadline is not None and now >= deadline:
+                peer.session.handle_timeout(now)
+                self._handle_events(peer, peer.session.events(), now)
+                self._collect(peer)
+        for enclave in list(self._enclave_by_address.values()):
+            if enclave.downlink is None and now >= enclave.pairing_deadline:
+                self._end_enclave(enclave, "pairing_timeout", now)
+            elif now - enclave.last_activity >= self.timeouts.idle:
+                self._end_enclave(enclave, "idle_timeout", now)
+            else:
+                self._send_setup(enclave, now)
+
+    def next_timeout(self) -> float | None:
+        deadlines = [d for p in self._peers.values() if (d := p.session.next_timeout()) is not None]
+        for enclave in self._enclave_by_address.values():
+            deadlines.append(enclave.last_activity + self.timeouts.idle)
+            if enclave.downlink is None:
+                deadlines.append(enclave.pairing_deadline)
+            if (resend := enclave.setup.next_timeout()) is not None:
+                deadlines.append(resend)
+        return min(deadlines, default=None)
+
+    def reload(self, admission: Admission, now: float) -> None:
+        """A new policy: enclaves it no longer admits (or whose subnet moved) are closed."""
+        self.admission = admission
+        for enclave in list(self._enclave_by_address.values()):
+            try:
+                app = admission.admit(enclave.identity, enclave.host)
+            except AdmissionRejected as refusal:
+                log.info("policy reload: closing %s: %s", enclave.describe(), refusal)
+                self._end_enclave(enclave, f"revoked.{refusal.check}", now)
+                continue
+            new_subnet = admission.policy.subnet_of(app)
+            if enclave.address not in new_subnet.subnet:
+                self._end_enclave(enclave, "revoked.subnet_changed", now)
+            else:
+                enclave.app = app
+        wanted = {s.network: s for s in _ipam_subnets(admission)}
+        for pool in list(self.ipam.pools()):
+            if wanted.get(pool.network) != pool.subnet and not pool.leases and not pool.quarantined:
+                self.ipam.remove_subnet(pool.network)
+        existing = {pool.network for pool in self.ipam.pools()}
+        for network, subnet in wanted.items():
+            if network not in existing:
+                self.ipam.add_subnet(subnet)
+
+    def shutdown(self, now: float) -> None:
+        """Close every tunnel with close_notify (the adapter then sends what is queued)."""
+        for enclave in list(self._enclave_by_address.values()):
+            self._end_enclave(enclave, "shutdown", now)
+        for peer in list(self._peers.values()):
+            peer.session.close()
+            self._collect(peer)
+            self._forget(peer)
+
+    # ----- internals -----------------------------------------------------------------
+
+    def _collect(self, peer: Peer) -> None:
+        self._queue_datagrams(peer.port, peer.address, peer.session)
+        if peer.session.closed and self._peers.get((peer.port, peer.address)) is peer:
+            self._forget(peer)
+
+    def _queue_datagrams(self, port: Port, address: Address, session: DtlsServerSession) -> None:
+        for datagram in session.datagrams_to_send():
+            self._outgoing.append((port, address, datagram))
+
+    def _forget(self, peer: Peer) -> None:
+        self._peers.pop((peer.port, peer.address), None)
+
+    def _handle_events(self, peer: Peer, events: list[DtlsEvent], now: float) -> None:
+        for event in events:
+            if isinstance(event, RecordReceived):
+                self._record(peer, event.data, now)
+            elif isinstance(event, HandshakeComplete):
+                self._handshake_complete(peer, event.peer_cert_der, now)
+            elif isinstance(event, ConnectionClosed):
+                self.counters[f"closed.{event.reason}"] += 1
+                if peer.enclave is not None:
+                    self._end_enclave(peer.enclave, f"peer_closed.{event.reason}", now)
+
+    def _attest(self, peer: Peer, cert_der: bytes) -> EnclaveIdentity | None:
+        host = IPv4Address(peer.address[0])
+        try:
+            return self.verifier.verify_certificate(cert_der)
+        except AttestationRejected as rejection:
+            self._refuse(peer, rejection.check, str(rejection), host)
+            return None
+
+    def _refuse(self, peer: Peer, check: str, reason: str, host: IPv4Address) -> None:
+        self.counters[f"rejected.{check}"] += 1
+        log.warning("rejected host=%s port=%d: %s", host, peer.address[1], reason)
+        peer.session.close()
+
+    def _handshake_complete(self, peer: Peer, cert_der: bytes, now: float) -> None:
+        identity = self._attest(peer, cert_der)
+        if identity is None:
+            return
+        host = IPv4Address(peer.address[0])
+        if peer.port is Port.DOWNLINK:
+            self._pair_downlink(peer, identity, host, now)
+            return
+        try:
+            app = self.admission.admit(identity, host)
+        except AdmissionRejected as refusal:
+            self._refuse(peer, refusal.check, str(refusal), host)
+            return
+        subnet = self.admission.policy.subnet_of(app)
+        if (host, identity) in self._pending:
+            # The same enclave retried before pairing: the old attempt is abandoned.
+            self._end_enclave(self._pending[(host, identity)], "superseded", now)
+        try:
+            address = self.ipam.lease(subnet.subnet, app.name)
+        except PoolExhausted:
+            self._refuse(peer, "pool_exhausted", f"no free address in {subnet.subnet}", host)
+            return
+        assignment = IpAssignment(address, subnet.subnet.netmask, subnet.gateway_address)
+        enclave = Enclave(
+            identity=identity,
+            app=app,
+            host=host,
+            address=address,
+            uplink_peer=peer.address,
+            uplink=peer.session,
+            setup=ServerSetup(
+                assignment,
+                now,
+                self.timeouts.assignment_resend,
+                self.timeouts.assignment_attempts,
+            ),
+            pairing_deadline=now + self.timeouts.pairing,
+            admitted_at=now,
+            last_activity=now,
+        )
+        peer.enclave = enclave
+        self._enclave_by_address[address.packed] = enclave
+        self._pending[(host, identity)] = enclave
+        self.counters["admitted"] += 1
+        log.info("admitted %s quote_status=%s", enclave.describe(), identity.quote_status)
+        log.info("leased %s to app=%s host=%s", address, app.name, host)
+        self._send_setup(enclave, now)
+
+    def _pair_downlink(
+        self, peer: Peer, identity: EnclaveIdentity, host: IPv4Address, now: float
+    ) -> None:
+        enclave = self._pending.pop((host, identity), None)
+        if enclave is None:
+            self._refuse(peer, "unpaired_downlink", "tunnel #2 matches no pending tunnel #1", host)
+            return
+        enclave.downlink, enclave.downlink_peer = peer.session, peer.address
+        enclave.setup.acknowledge_implicitly()
+        enclave.last_activity = now
+        peer.enclave = enclave
+        log.info("tunnels paired %s", enclave.describe())
+
+    def _send_setup(self, enclave: Enclave, now: float) -> None:
+        try:
+            records = enclave.setup.records_due(now)
+        except SetupFailed as failure:
+            self._end_enclave(enclave, failure.check, now)
+            return
+        for record in records:
+            enclave.uplink.send_record(record)
+        if records:
+            self._queue_datagrams(Port.SETUP, enclave.uplink_peer, enclave.uplink)
+
+    def _record(self, peer: Peer, data: bytes, now: float) -> None:
+        enclave = peer.enclave
+        if enclave is None:
+            return  # a record before admission finished: nothing to do with it
+        if peer.port is Port.DOWNLINK:
+            self.counters["dropped.downlink_record"] += 1  # SENG clients send nothing on #2
+            return
+        if not packets.is_ipv4(data):
+            if enclave.setup.state is ServerSetupState.AWAITING_ACK:
+                try:
+                    enclave.setup.receive_ack(data)
+                except SetupFailed as failure:
+                    self._end_enclave(enclave, failure.check, now)
+                return
+            self.counters["dropped.not_ipv4"] += 1
+            return
+        if packets.source(data) != enclave.address_bytes:
+            self.counters["dropped.spoofed"] += 1
+            enclave.counters["dropped_spoofed"] += 1
+            return
+        enclave.setup.acknowledge_implicitly()
+        enclave.last_activity = now
+        enclave.counters["packets_in"] += 1
+        enclave.counters["bytes_in"] += len(data)
+        self._to_tun.append(data)
+
+    def _end_enclave(self, enclave: Enclave, reason: str, now: float) -> None:
+        if self._enclave_by_address.get(enclave.address_bytes) is not enclave:
+            return  # already ended
+        del self._enclave_by_address[enclave.address_bytes]
+        self._pending.pop((enclave.host, enclave.identity), None)
+        for port, peer_address, session in (
+            (Port.SETUP, enclave.uplink_peer, enclave.uplink),
+            (Port.DOWNLINK, enclave.downlink_peer, enclave.downlink),
+        ):
+            if session is None or peer_address is None:
+                continue
+            session.close()
+            self._queue_datagrams(port, peer_address, session)
+            peer = self._peers.get((port, peer_address))
+            if peer is not None and peer.session is session:
+                self._forget(peer)
+        self._to_flush.append(self.ipam.release(enclave.address))
+        self.counters[f"ended.{reason}"] += 1
+        log.info(
+            "tunnel end %s reason=%s duration=%.1fs in=%d/%dB out=%d/%dB",
+            enclave.describe(),
+            reason,
+            now - enclave.admitted_at,
+            enclave.counters["packets_in"],
+            enclave.counters["bytes_in"],
+            enclave.counters["packets_out"],
+            enclave.counters["bytes_out"],
+        )
+        log.info("released %s (conntrack flush pending)", enclave.address)
+
+
+def _ipam_subnets(admission: Admission) -> list[EnclaveSubnet]:
+    return [EnclaveSubnet(s.subnet, s.gateway_address) for s in admission.policy.enclave_subnets()]
