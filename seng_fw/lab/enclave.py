@@ -1,0 +1,270 @@
+"""The enclave emulator: a SENG client speaking the same protocol as the SENG Runtime/SDK.
+
+It opens tunnel #1 to the gateway's port P with an RA-TLS client certificate, takes the
+`IpAssignment`, acknowledges it, opens tunnel #2 to port P+1 from the same host address,
+and then brings up a TUN device with the assigned address so that ordinary programs
+(curl, ping, nc, iperf3) send their traffic through the gateway:
+
+- with `netns`, the TUN device goes into that (enclave) namespace with a default route
+  through it: everything started there uses the tunnel, like code inside an enclave;
+- without, it stays in the current namespace and a source-address routing rule sends
+  only traffic *from* the assigned address through it (`ping -I ADDR`, `curl
+  --interface ADDR`), so several enclaves can share one client host.
+
+The UDP sockets always live in the current (client host) namespace: the gateway admits
+enclaves by the client host address their tunnels come from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from seng_fw.netns import ip
+from seng_fw.tunnel.dtls import (
+    ConnectionClosed,
+    DtlsClientConfig,
+    DtlsClientSession,
+    HandshakeComplete,
+    RecordReceived,
+)
+from seng_fw.tunnel.messages import IpAssignment
+from seng_fw.tunnel.setup import ClientSetup, SetupFailed
+from seng_fw.tunnel.tun import TunDevice
+
+log = logging.getLogger("seng_fw.lab.enclave")
+
+SETUP_TIMEOUT = 30.0  # the gateway's own pairing timeout
+BATCH = 64
+ROUTING_TABLE_BASE = 4200  # policy-routing table = base + TUN ifindex (no netns mode)
+
+
+class EnclaveError(Exception):
+    """The tunnel could not be set up or ended abnormally; the message says why."""
+
+
+@dataclass
+class _Tunnel:
+    """One DTLS client session over one connected UDP socket."""
+
+    sock: socket.socket
+    session: DtlsClientSession
+    records: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    handshake: asyncio.Future[None] | None = None
+    closed_reason: str | None = None
+
+    def flush(self) -> None:
+        for datagram in self.session.datagrams_to_send():
+            try:
+                self.sock.send(datagram)
+            except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
+                log.debug("send: %s", exc)
+
+    def dispatch(self) -> None:
+        for event in self.session.events():
+            if isinstance(event, HandshakeComplete):
+                if self.handshake is not None and not self.handshake.done():
+                    self.handshake.set_result(None)
+            elif isinstance(event, RecordReceived):
+                self.records.put_nowait(event.data)
+            elif isinstance(event, ConnectionClosed):
+                self.closed_reason = f"{event.reason} {event.detail}".strip()
+                if self.handshake is not None and not self.handshake.done():
+                    self.handshake.set_exception(EnclaveError(f"handshake: {self.closed_reason}"))
+                self.records.put_nowait(None)
+
+    def on_readable(self) -> None:
+        now = time.monotonic()
+        for _ in range(BATCH):
+            try:
+                data = self.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("recv: %s", exc)
+                continue
+            self.session.receive_datagram(data, now)
+        self.dispatch()
+        self.flush()
+
+    def on_timer(self) -> None:
+        deadline = self.session.next_timeout()
+        if deadline is not None and time.monotonic() >= deadline:
+            self.session.handle_timeout(time.monotonic())
+            self.dispatch()
+            self.flush()
+
+    def send_record(self, data: bytes) -> None:
+        self.session.send_record(data)
+        self.flush()
+
+
+class EnclaveClient:
+    def __init__(
+        self,
+        server: tuple[str, int],
+        config: DtlsClientConfig,
+        *,
+        tun_name: str = "seng0",
+        netns: str | None = None,
+        state_file: Path | None = None,
+    ) -> None:
+        self.server = server
+        self.config = config
+        self.tun_name = tun_name
+        self.netns = netns
+        self.state_file = state_file
+        self.assignment: IpAssignment | None = None
+        self._tunnels: list[_Tunnel] = []
+        self._tun: TunDevice | None = None
+        self._rule_table: int | None = None
+        self._stop = asyncio.Event()
+        self.local: tuple[str, int] | None = None  # our UDP address for tunnel #1
+
+    def write_state(self, **state: Any) -> None:
+        """Progress for scripts and the lab: {"status": connecting|up|refused|down, ...}."""
+        if self.state_file is not None:
+            state.setdefault("local", self.local)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state) + "\n")
+            tmp.replace(self.state_file)
+
+    async def _open(self, port: int, local_host: str = "") -> _Tunnel:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind((local_host, 0))
+        sock.connect((self.server[0], port))
+        if self.local is None:
+            self.local = sock.getsockname()
+            self.write_state(status="connecting")
+        tunnel = _Tunnel(sock, DtlsClientSession(self.config, time.monotonic()))
+        tunnel.handshake = loop.create_future()
+        self._tunnels.append(tunnel)
+        loop.add_reader(sock.fileno(), tunnel.on_readable)
+        tunnel.flush()  # the ClientHello
+        await tunnel.handshake
+        return tunnel
+
+    async def _timers(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            for tunnel in self._tunnels:
+                tunnel.on_timer()
+
+    async def _setup(self) -> tuple[_Tunnel, _Tunnel]:
+        uplink = await self._open(self.server[1])
+        local_host = uplink.sock.getsockname()[0]
+        setup = ClientSetup()
+        while setup.assignment is None:
+            record = await uplink.records.get()
+            if record is None:
+                raise EnclaveError(
+                    f"gateway closed tunnel #1 before assigning an address ({uplink.closed_reason})"
+                )
+            for reply in setup.receive_record(record):
+                uplink.send_record(reply)
+        self.assignment = setup.assignment
+        # Later copies of the assignment (resends) are acknowledged in the background.
+        asyncio.get_running_loop().create_task(self._acknowledge_resends(uplink, setup))
+        downlink = await self._open(self.server[1] + 1, local_host)
+        return uplink, downlink
+
+    async def _acknowledge_resends(self, uplink: _Tunnel, setup: ClientSetup) -> None:
+        while (record := await uplink.records.get()) is not None:
+            try:
+                for reply in setup.receive_record(record):
+                    uplink.send_record(reply)
+            except SetupFailed as failure:
+                log.warning("ignoring setup message: %s", failure)
+        self._stop.set()
+
+    def _bring_up_tun(self, assignment: IpAssignment) -> TunDevice:
+        address = f"{assignment.ip}/32"
+        if self.netns is not None:
+            return TunDevice.create(
+                self.tun_name, addresses=[address], routes=["0.0.0.0/0"], netns=self.netns
+            )
+        tun = TunDevice.create(self.tun_name, addresses=[address])
+        self._rule_table = ROUTING_TABLE_BASE + tun.index
+        ip("route", "add", "default", "dev", tun.name, "table", str(self._rule_table))
+        ip("rule", "add", "from", str(assignment.ip), "lookup", str(self._rule_table))
+        return tun
+
+    def _forward_from_tun(self, uplink: _Tunnel) -> None:
+        assert self._tun is not None
+        for packet in self._tun.read_batch(BATCH):
+            try:
+                uplink.session.send_record(packet)
+            except Exception as exc:  # session closed under us: stop forwarding
+                log.debug("uplink send: %s", exc)
+                break
+        uplink.flush()
+
+    async def _forward_to_tun(self, downlink: _Tunnel) -> None:
+        assert self._tun is not None
+        while (record := await downlink.records.get()) is not None:
+            self._tun.write(record)
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Set up the tunnels and forward until SIGTERM/SIGINT or the gateway closes."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        timers = loop.create_task(self._timers())
+        try:
+            try:
+                uplink, downlink = await asyncio.wait_for(self._setup(), SETUP_TIMEOUT)
+            except TimeoutError:
+                raise EnclaveError("no tunnel within the setup timeout") from None
+            assert self.assignment is not None
+            self._tun = self._bring_up_tun(self.assignment)
+            loop.add_reader(self._tun.fileno(), self._forward_from_tun, uplink)
+            to_tun = loop.create_task(self._forward_to_tun(downlink))
+            self.write_state(
+                status="up",
+                address=str(self.assignment.ip),
+                netmask=str(self.assignment.netmask),
+                gateway=str(self.assignment.gateway),
+                tun=self._tun.name,
+            )
+            log.info("tunnel up: %s via gateway %s", self.assignment.ip, self.assignment.gateway)
+            await self._stop.wait()
+            to_tun.cancel()
+            ended_by_gateway = any(t.closed_reason for t in (uplink, downlink))
+            if ended_by_gateway:
+                reasons = [t.closed_reason for t in (uplink, downlink) if t.closed_reason]
+                raise EnclaveError(f"gateway ended the tunnel: {', '.join(reasons)}")
+        finally:
+            timers.cancel()
+            self._close()
+
+    def _close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for tunnel in self._tunnels:
+            tunnel.session.close()  # close_notify, if established
+            tunnel.flush()
+            loop.remove_reader(tunnel.sock.fileno())
+            tunnel.sock.close()
+        if self._tun is not None:
+            loop.remove_reader(self._tun.fileno())
+            if self._rule_table is not None and self.assignment is not None:
+                ip("rule", "del", "from", str(self.assignment.ip), "lookup", str(self._rule_table))
+            self._tun.close()  # its routes go with it
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        return str(IPv4Address(host)), int(port)
+    except ValueError:
+        raise ValueError(f"--server must be IPV4:PORT, got {text!r}") from None

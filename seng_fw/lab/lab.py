@@ -1,0 +1,308 @@
+"""The namespace lab (DESIGN.md section 5): topology, lab CA, gateway and emulated enclaves.
+
+`Lab` is shared by `seng-fw lab up/demo/down` and the integration tests, so what the
+tests exercise is what an administrator runs. Every process is started with this
+interpreter (`python -m seng_fw`) inside its namespace; everything lives under
+`state_dir`, and `down()` removes all of it, also after a crash (by name prefix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seng_fw.lab.ca import ROOT_CERT_FILE, LabCA
+from seng_fw.netns import (
+    CLIENT_A,
+    CLIENT_B,
+    EXTERNAL,
+    GATEWAY,
+    LAB_PREFIX,
+    Topology,
+    cleanup,
+    lab_topology,
+)
+from seng_fw.servercert import generate_server_certificate
+
+REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+DEMO_POLICY = REPO_POLICIES / "lab" / "demo.yaml"
+DEFAULT_PREFIX = LAB_PREFIX
+DEFAULT_STATE_ROOT = Path("/run/seng-fw-lab")
+GATEWAY_PORT = 12345
+ECHO_PORT = 7
+START_TIMEOUT = 20.0
+
+# Identities of the demo apps (see policies/lab/demo.yaml).
+DEMO_SIGNER = bytes.fromhex("cca10cf28996a5eb229670e348fae1c738b116fb396593156ef0af019252bfde")
+DEMO_WEBAPP = bytes.fromhex("bfcb952ccc697d9fd928a0bfa1aea2c15ce85d41c0873968c8aae66695510de6")
+DEMO_NGINX = bytes.fromhex("12c74a7260c0236c2f8d618680a2f1cdd16010f3951b7c21d87217e877343089")
+DEMO_UNKNOWN = bytes.fromhex("261ea6c6ef138b2d19ea0c0ddc7c5267077684f4787a83a9e8f6750f52ef4645")
+
+
+class LabError(RuntimeError):
+    """The lab could not be brought up; everything it created has been removed."""
+
+
+@dataclass(frozen=True)
+class EnclaveSpec:
+    """An emulated enclave: where it runs and what its attestation evidence claims."""
+
+    name: str
+    host: str  # CLIENT_A or CLIENT_B
+    mrenclave: bytes
+    mrsigner: bytes = DEMO_SIGNER
+    debug: bool = False
+    isv_svn: int = 0
+    key_type: str = "ecdsa"
+    untrusted_ca: bool = False  # evidence signed by a CA the gateway does not trust
+
+
+@dataclass
+class RunningEnclave:
+    spec: EnclaveSpec
+    process: subprocess.Popen[bytes]
+    state_file: Path
+    log_file: Path
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def read_state(self) -> dict[str, Any]:
+        with contextlib.suppress(OSError, ValueError):
+            self.state = json.loads(self.state_file.read_text())
+        return self.state
+
+    def wait_settled(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """Wait until the enclave is up or has given up; returns its state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.read_state()
+            if state.get("status") in ("up", "refused"):
+                return state
+            if self.process.poll() is not None:
+                self.read_state()
+                return self.state or {"status": "refused", "reason": "emulator exited"}
+            time.sleep(0.05)
+        return {"status": "timeout", **self.state}
+
+    @property
+    def address(self) -> IPv4Address | None:
+        address = self.state.get("address")
+        return IPv4Address(address) if address else None
+
+
+class Lab:
+    def __init__(
+        self,
+        prefix: str = DEFAULT_PREFIX,
+        state_dir: Path | None = None,
+        policy: Path = DEMO_POLICY,
+        gateway_settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.state_dir = state_dir or DEFAULT_STATE_ROOT / prefix.rstrip("-")
+        self.policy = policy
+        self.gateway_settings = gateway_settings or {}
+        self.topology: Topology = lab_topology(prefix)
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.enclaves: list[RunningEnclave] = []
+        self._services: subprocess.Popen[bytes] | None = None
+        self._ca: LabCA | None = None
+        self._rogue_ca: LabCA | None = None
+
+    # ----- addresses -----------------------------------------------------------------
+
+    @property
+    def gateway_lan(self) -> IPv4Address:
+        return self.topology.address(GATEWAY, "lan")
+
+    @property
+    def external(self) -> IPv4Address:
+        return self.topology.address(EXTERNAL, "ext")
+
+    @property
+    def gateway_log(self) -> Path:
+        return self.state_dir / "gateway.log"
+
+    def ns(self, host: str) -> str:
+        return self.topology.ns(host)
+
+    # ----- life cycle ----------------------------------------------------------------
+
+    def up(self) -> None:
+        """Topology, CA, certificates, configuration, gateway, echo services."""
+        try:
+            self.down()
+            self.state_dir.mkdir(parents=True)
+            self.topology.up(replace=True)
+            self._write_credentials()
+            self.write_gateway_config()
+            self.start_gateway()
+            self.start_services()
+        except BaseException as exc:
+            self.down()
+            if isinstance(exc, Exception):
+                raise LabError(f"lab up failed: {exc}") from exc
+            raise
+
+    def down(self) -> None:
+        """Stop every process and remove namespaces and state (idempotent)."""
+        for enclave in self.enclaves:
+            _terminate(enclave.process)
+        self.enclaves.clear()
+        for process in (self._services, self.gateway):
+            if process is not None:
+                _terminate(process)
+        self._services = self.gateway = None
+        cleanup(self.prefix)  # also ends processes still inside the namespaces
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _write_credentials(self) -> None:
+        self._ca = LabCA.create(self.state_dir / "ca")
+        self._rogue_ca = LabCA.create(self.state_dir / "untrusted-ca")
+        cert, key = generate_server_certificate("seng-fw lab gateway")
+        (self.state_dir / "server.pem").write_bytes(cert)
+        _write_private(self.state_dir / "server.key", key)
+
+    def write_gateway_config(self, **overrides: Any) -> Path:
+        config: dict[str, Any] = {
+            "listen": {"address": str(self.gateway_lan), "port": GATEWAY_PORT},
+            "tls": {"certificate": "server.pem", "key": "server.key"},
+            "attestation": {"roots": [f"ca/{ROOT_CERT_FILE}"]},
+            "policy": str(self.policy),
+            **self.gateway_settings,
+            **overrides,
+        }
+        path = self.state_dir / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def start_gateway(self) -> None:
+        log = self.gateway_log.open("ab")
+        self.gateway = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(GATEWAY), sys.executable, "-m", "seng_fw",
+             "serve", "--config", str(self.state_dir / "gateway.yaml")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT
+        while "listening on" not in self.gateway_log.read_text(errors="replace"):
+            if self.gateway.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"gateway did not start:\n{self.gateway_log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def stop_gateway(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the gateway and wait for it; returns its exit status."""
+        assert self.gateway is not None
+        self.gateway.send_signal(signum)
+        try:
+            return self.gateway.wait(timeout)
+        finally:
+            self.gateway = None if self.gateway.poll() is not None else self.gateway
+
+    def reload_gateway(self) -> None:
+        assert self.gateway is not None
+        self.gateway.send_signal(signal.SIGHUP)
+
+    def start_services(self) -> None:
+        self._services = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(EXTERNAL), sys.executable, "-m",
+             "seng_fw.lab.services", "--bind", str(self.external),
+             "--tcp", str(ECHO_PORT), "--udp", str(ECHO_PORT)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def enclave_credentials(self, spec: EnclaveSpec) -> tuple[Path, Path]:
+        ca = self._rogue_ca if spec.untrusted_ca else self._ca
+        if ca is None:
+            ca = LabCA.load(self.state_dir / ("untrusted-ca" if spec.untrusted_ca else "ca"))
+        issued = ca.issue_enclave_cert(
+            mrenclave=spec.mrenclave,
+            mrsigner=spec.mrsigner,
+            debug=spec.debug,
+            isv_svn=spec.isv_svn,
+            key_type=spec.key_type,  # type: ignore[arg-type]
+        )
+        directory = self.state_dir / "enclaves" / spec.name
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cert.pem").write_bytes(issued.cert_pem)
+        _write_private(directory / "key.pem", issued.key_pem)
+        return directory / "cert.pem", directory / "key.pem"
+
+    def start_enclave(self, spec: EnclaveSpec, tun: str | None = None) -> RunningEnclave:
+        cert, key = self.enclave_credentials(spec)
+        directory = cert.parent
+        state_file, log_file = directory / "state.json", directory / "enclave.log"
+        state_file.unlink(missing_ok=True)
+        tun_name = tun or f"se{len(self.enclaves)}"
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(spec.host), sys.executable, "-m", "seng_fw",
+             "lab", "enclave", "--server", f"{self.gateway_lan}:{GATEWAY_PORT}",
+             "--server-cert", str(self.state_dir / "server.pem"),
+             "--cert", str(cert), "--key", str(key), "--tun", tun_name,
+             "--state-file", str(state_file)],
+            stdout=log_file.open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        enclave = RunningEnclave(spec, process, state_file, log_file)
+        self.enclaves.append(enclave)
+        return enclave
+
+    def stop_enclave(self, enclave: RunningEnclave) -> None:
+        _terminate(enclave.process)
+        if enclave in self.enclaves:
+            self.enclaves.remove(enclave)
+
+    def rejection_reason(self, enclave: RunningEnclave) -> str | None:
+        """The gateway's log line that refused this enclave's tunnel #1, if any."""
+        local = enclave.state.get("local")
+        if not local:
+            return None
+        pattern = re.compile(rf"rejected host={re.escape(local[0])} port={local[1]}: (.*)")
+        for line in self.gateway_log.read_text(errors="replace").splitlines():
+            if match := pattern.search(line):
+                return match.group(1)
+        return None
+
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+DEMO_ENCLAVES = (
+    EnclaveSpec("webapp@clienta", CLIENT_A, DEMO_WEBAPP),
+    EnclaveSpec("webapp@clientb", CLIENT_B, DEMO_WEBAPP),
+    EnclaveSpec("nginx@clientb", CLIENT_B, DEMO_NGINX, key_type="rsa"),
+    EnclaveSpec("nginx@clienta", CLIENT_A, DEMO_NGINX),
+    EnclaveSpec("webapp-debug@clienta", CLIENT_A, DEMO_WEBAPP, debug=True),
+    EnclaveSpec("unknown@clienta", CLIENT_A, DEMO_UNKNOWN),
+    EnclaveSpec("webapp-fakeca@clientb", CLIENT_B, DEMO_WEBAPP, untrusted_ca=True),
+)
