@@ -37,6 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from seng_fw.tunnel.packets import inet_checksum
+
 T = TypeVar("T")
 
 NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add` bind-mounts namespaces
@@ -198,15 +200,6 @@ def read_sysctl(netns: str | None, key: str) -> str:
     return run_in_netns(netns, lambda: path.read_text().strip())
 
 
-def _inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def ping(
     netns: str | None,
     address: IPv4Address | str,
@@ -227,7 +220,7 @@ def ping(
         ident = (os.getpid() ^ threading.get_ident()) & 0xFFFF
         for seq in range(1, count + 1):
             body = struct.pack("!HH", ident, seq) + b"seng-fw-ping"
-            header = struct.pack("!BBH", 8, 0, _inet_checksum(b"\x08\x00\x00\x00" + body))
+            header = struct.pack("!BBH", 8, 0, inet_checksum(b"\x08\x00\x00\x00" + body))
             try:
                 sock.sendto(header + body, (dst, 0))
             except OSError:  # no route, or ARP failed for the previous try

@@ -26,11 +26,11 @@ from seng_fw.policy.models import App
 from seng_fw.tunnel import packets
 from seng_fw.tunnel.dtls import (
     ConnectionClosed,
-    DtlsCookieGate,
     DtlsEvent,
     DtlsServerConfig,
     DtlsServerSession,
     HandshakeComplete,
+    ReconnectRequested,
     RecordReceived,
     peer_id,
 )
@@ -84,6 +84,9 @@ class Peer:
     address: Address
     session: DtlsServerSession
     enclave: Enclave | None = None
+    # A new handshake from the same address (the peer restarted, or a replayed hello):
+    # it replaces `session` only once it completes.
+    candidate: DtlsServerSession | None = None
 
 
 class GatewayCore:
@@ -98,9 +101,6 @@ class GatewayCore:
         self.verifier = verifier
         self.timeouts = timeouts
         self._dtls = dtls
-        # Datagrams from unknown addresses pass a stateless cookie check first, so
-        # spoofed floods cost no per-peer state (RFC 6347 4.2.1).
-        self._gates = {port: DtlsCookieGate(config) for port, config in dtls.items()}
         # Lease owners are app names (for status); the data path looks enclaves up by
         # packed address in `_enclave_by_address`, one dict probe per packet.
         self.ipam: Ipam[str] = Ipam(_ipam_subnets(admission))
@@ -143,8 +143,10 @@ class GatewayCore:
     def datagram_received(self, port: Port, address: Address, data: bytes, now: float) -> None:
         peer = self._peers.get((port, address))
         if peer is None:
+            # Datagrams from unknown addresses pass a stateless cookie check first, so
+            # spoofed floods cost no per-peer state (RFC 6347 4.2.1).
             cookie_id = peer_id(address)
-            verdict = self._gates[port].check(data, cookie_id)
+            verdict = self._dtls[port].cookie_gate.check(data, cookie_id)
             if not verdict.accepted:
                 if verdict.reply is not None:
                     self._outgoing.append((port, address, verdict.reply))
@@ -153,6 +155,11 @@ class GatewayCore:
                 return
             session = DtlsServerSession(self._dtls[port], cookie_id, now)
             peer = self._peers[(port, address)] = Peer(port, address, session)
+        elif peer.candidate is not None:
+            # A reconnect handshake is under way from this address: it sees every
+            # datagram too (each session silently drops what is not its own epoch/keys).
+            peer.candidate.receive_datagram(data, now)
+            self._candidate_events(peer, now)
         peer.session.receive_datagram(data, now)
         self._handle_events(peer, peer.session.events(), now)
         self._collect(peer)
@@ -181,6 +188,9 @@ class GatewayCore:
                 peer.session.handle_timeout(now)
                 self._handle_events(peer, peer.session.events(), now)
                 self._collect(peer)
+            if peer.candidate is not None and now >= (peer.candidate.next_timeout() or now + 1):
+                peer.candidate.handle_timeout(now)
+                self._candidate_events(peer, now)
         for enclave in list(self._enclave_by_address.values()):
             if enclave.downlink is None and now >= enclave.pairing_deadline:
                 self._end_enclave(enclave, "pairing_timeout", now)
@@ -256,6 +266,33 @@ class GatewayCore:
                 self.counters[f"closed.{event.reason}"] += 1
                 if peer.enclave is not None:
                     self._end_enclave(peer.enclave, f"peer_closed.{event.reason}", now)
+            elif isinstance(event, ReconnectRequested) and peer.candidate is None:
+                self.counters["reconnect_attempts"] += 1
+                peer.candidate = DtlsServerSession(
+                    self._dtls[peer.port], peer_id(peer.address), now
+                )
+                peer.candidate.receive_datagram(event.client_hello, now)
+                self._candidate_events(peer, now)
+
+    def _candidate_events(self, peer: Peer, now: float) -> None:
+        """Drive a reconnect handshake; on success it replaces the old session."""
+        candidate = peer.candidate
+        assert candidate is not None
+        self._queue_datagrams(peer.port, peer.address, candidate)
+        for event in candidate.events():
+            if isinstance(event, ConnectionClosed):
+                peer.candidate = None  # e.g. a replayed hello: the old session carries on
+                self.counters[f"reconnect_failed.{event.reason}"] += 1
+            elif isinstance(event, HandshakeComplete):
+                peer.candidate = None
+                if peer.enclave is not None:
+                    self._end_enclave(peer.enclave, "reconnected", now)
+                else:
+                    peer.session.close()
+                    self._queue_datagrams(peer.port, peer.address, peer.session)
+                peer.session, peer.enclave = candidate, None
+                self._peers[(peer.port, peer.address)] = peer
+                self._handshake_complete(peer, event.peer_cert_der, now)
 
     def _attest(self, peer: Peer, cert_der: bytes) -> EnclaveIdentity | None:
         host = IPv4Address(peer.address[0])

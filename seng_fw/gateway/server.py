@@ -134,7 +134,8 @@ class GatewayServer:
         try:
             self._reload_admission()
         except Exception as exc:
-            log.error("policy reload failed, keeping the running policy: %s", exc)
+            detail = str(exc).replace("\n", "; ")  # one log line per event
+            log.error("policy reload failed, keeping the running policy: %s", detail)
             return
         self.sync_tun_addresses()
         self._flush()

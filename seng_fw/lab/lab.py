@@ -88,7 +88,7 @@ class RunningEnclave:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.read_state()
-            if state.get("status") in ("up", "refused"):
+            if state.get("status") in ("up", "refused", "down"):
                 return state
             if self.process.poll() is not None:
                 self.read_state()
@@ -261,6 +261,16 @@ class Lab:
         _terminate(enclave.process)
         if enclave in self.enclaves:
             self.enclaves.remove(enclave)
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str] | None:
+        """First match of regular expression `pattern` in the gateway log, waiting for it."""
+        compiled = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = compiled.search(self.gateway_log.read_text(errors="replace"))
+            if match or time.monotonic() > deadline:
+                return match
+            time.sleep(0.05)
 
     def rejection_reason(self, enclave: RunningEnclave) -> str | None:
         """The gateway's log line that refused this enclave's tunnel #1, if any."""

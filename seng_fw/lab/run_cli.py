@@ -77,7 +77,8 @@ def _enclave(args: argparse.Namespace) -> int:
     try:
         asyncio.run(client.run())
     except EnclaveError as exc:
-        client.write_state(status="refused", reason=str(exc))
+        # "down": the tunnel was up and the gateway ended it; "refused": it never came up.
+        client.write_state(status="down" if client.assignment else "refused", reason=str(exc))
         print(f"seng-fw lab enclave: {exc}", file=sys.stderr)
         return EXIT_REJECTED
     return EXIT_OK
