@@ -128,6 +128,7 @@ class EnclaveClient:
         self._rule_table: int | None = None
         self._stop = asyncio.Event()
         self.local: tuple[str, int] | None = None  # our UDP address for tunnel #1
+        self._started = 0.0  # when the first datagram left
 
     def write_state(self, **state: Any) -> None:
         """Progress for scripts and the lab: {"status": connecting|up|refused|down, ...}."""
@@ -145,6 +146,7 @@ class EnclaveClient:
         sock.connect((self.server[0], port))
         if self.local is None:
             self.local = sock.getsockname()
+            self._started = time.monotonic()
             self.write_state(status="connecting")
         tunnel = _Tunnel(sock, DtlsClientSession(self.config, time.monotonic()))
         tunnel.handshake = loop.create_future()
@@ -236,6 +238,8 @@ class EnclaveClient:
                 netmask=str(self.assignment.netmask),
                 gateway=str(self.assignment.gateway),
                 tun=self._tun.name,
+                # First datagram to a usable address (both tunnels and the TUN up).
+                setup_seconds=round(time.monotonic() - self._started, 4),
             )
             log.info("tunnel up: %s via gateway %s", self.assignment.ip, self.assignment.gateway)
             await self._stop.wait()

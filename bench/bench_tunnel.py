@@ -1,0 +1,208 @@
+"""Tunnel gateway benchmark (issue: the attested tunnel gateway). Run as root:
+
+    .venv/bin/python bench/bench_tunnel.py [--seconds 5] [--joiners 200]
+
+Prints, measured in one run on the namespace lab:
+- iperf3 TCP throughput enclave -> external host through the tunnels, and the same
+  path with plain routing (client host -> gateway -> external host), and their ratio;
+- the gateway's CPU time per forwarded packet during the tunnelled run;
+- time from an enclave's first datagram to a usable address (tunnel #2 up), for one
+  enclave alone and for N enclaves joining at once (median, p95, max, and wall time).
+These machines are shared and noisy: compare ratios, not absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from seng_fw.lab.lab import DEMO_WEBAPP, GATEWAY_PORT, EnclaveSpec, Lab
+from seng_fw.netns import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, ip, netns_socket
+from seng_fw.tunnel.dtls import (
+    DtlsClientConfig,
+    DtlsClientSession,
+    HandshakeComplete,
+    RecordReceived,
+    make_client_config,
+)
+from seng_fw.tunnel.messages import IpAssignAck, IpAssignment
+
+IPERF_PORT = 5201
+
+
+def iperf(lab: Lab, host: str, bind: str, seconds: float) -> float:
+    """TCP throughput in Mbit/s from `host` (source address `bind`) to the external host."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", lab.ns(host), "iperf3", "-c", str(lab.external),
+         "-B", bind, "-t", str(seconds), "-J", "-p", str(IPERF_PORT)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    report = json.loads(result.stdout)
+    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e6
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tun_packets(lab: Lab) -> int:
+    out = ip("-j", "-s", "link", "show", "tunFA", netns=lab.ns(GATEWAY))
+    stats = json.loads(out)[0]["stats64"]
+    return int(stats["rx"]["packets"]) + int(stats["tx"]["packets"])
+
+
+@dataclass
+class Joiner:
+    """One scripted enclave joining: tunnel #1, assignment, tunnel #2."""
+
+    config: DtlsClientConfig
+    sock: socket.socket
+    session: DtlsClientSession
+    started: float
+    stage: str = "uplink"
+    finished: float | None = None
+    downlink: DtlsClientSession | None = None
+    down_sock: socket.socket | None = None
+    records: list[bytes] = field(default_factory=list)
+
+
+def join_many(lab: Lab, count: int) -> tuple[list[float], float]:
+    """`count` enclaves (distinct RA-TLS certificates) join at once from client host B.
+    Returns each one's join time (first datagram -> tunnel #2 up) and the wall time."""
+    server_pem = (lab.state_dir / "server.pem").read_bytes()
+    configs = []
+    for i in range(count):
+        cert, key_file = lab.enclave_credentials(EnclaveSpec(f"join{i}", CLIENT_B, DEMO_WEBAPP))
+        configs.append(make_client_config(cert.read_bytes(), key_file.read_bytes(), server_pem))
+    gateway = (str(lab.gateway_lan), GATEWAY_PORT)
+    selector = selectors.DefaultSelector()
+    joiners: list[Joiner] = []
+
+    def open_socket(port: int) -> socket.socket:
+        sock = netns_socket(lab.ns(CLIENT_B), socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.connect((gateway[0], port))
+        return sock
+
+    def flush(sock: socket.socket, session: DtlsClientSession) -> None:
+        for datagram in session.datagrams_to_send():
+            sock.send(datagram)
+
+    socks = [open_socket(GATEWAY_PORT) for _ in configs]
+    begin = time.monotonic()
+    for config, sock in zip(configs, socks, strict=True):
+        now = time.monotonic()
+        joiner = Joiner(config, sock, DtlsClientSession(config, now), now)
+        joiners.append(joiner)
+        selector.register(sock, selectors.EVENT_READ, (joiner, "up"))
+        flush(sock, joiner.session)
+    pending = count
+    deadline = begin + 120
+    while pending and time.monotonic() < deadline:
+        for key, _ in selector.select(0.05):
+            joiner, which = key.data
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
+            session = joiner.session if which == "up" else joiner.downlink
+            assert session is not None
+            try:
+                session.receive_datagram(ready.recv(65535), time.monotonic())
+            except (BlockingIOError, ConnectionRefusedError):
+                continue
+            for event in session.events():
+                if which == "up" and isinstance(event, RecordReceived) and joiner.stage == "uplink":
+                    assignment = IpAssignment.decode(event.data)
+                    session.send_record(IpAssignAck(assignment.ip).encode())
+                    joiner.stage = "downlink"
+                    joiner.down_sock = open_socket(GATEWAY_PORT + 1)
+                    joiner.downlink = DtlsClientSession(joiner.config, time.monotonic())
+                    selector.register(joiner.down_sock, selectors.EVENT_READ, (joiner, "down"))
+                    flush(joiner.down_sock, joiner.downlink)
+                elif which == "down" and isinstance(event, HandshakeComplete):
+                    joiner.finished = time.monotonic()
+                    joiner.stage = "done"
+                    pending -= 1
+            flush(ready, session)
+        now = time.monotonic()
+        for joiner in joiners:  # handshake retransmissions
+            pairs = ((joiner.session, joiner.sock), (joiner.downlink, joiner.down_sock))
+            for retry_session, retry_sock in pairs:
+                if retry_session is None or retry_sock is None:
+                    continue
+                wake = retry_session.next_timeout()
+                if wake is not None and now >= wake:
+                    retry_session.handle_timeout(now)
+                    flush(retry_sock, retry_session)
+    wall = time.monotonic() - begin
+    times = [j.finished - j.started for j in joiners if j.finished is not None]
+    for joiner in joiners:
+        joiner.session.close()
+        flush(joiner.sock, joiner.session)
+        joiner.sock.close()
+        if joiner.downlink is not None and joiner.down_sock is not None:
+            joiner.downlink.close()
+            flush(joiner.down_sock, joiner.downlink)
+            joiner.down_sock.close()
+    if len(times) < count:
+        print(f"  warning: only {len(times)} of {count} enclaves joined within 120 s")
+    return times, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 duration")
+    parser.add_argument("--joiners", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        lab = Lab("sfwbench-", Path(tmp) / "state")
+        with lab:
+            # Plain routing between the client LAN and the external side, for the baseline.
+            ip("route", "add", "10.77.2.0/24", "via", str(lab.gateway_lan), netns=lab.ns(CLIENT_A))
+            ip("route", "add", "10.77.1.0/24", "via", "10.77.2.1", netns=lab.ns(EXTERNAL))
+            server = lab.topology.popen(
+                EXTERNAL, ["iperf3", "-s", "-p", str(IPERF_PORT), "-B", str(lab.external)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(0.5)
+            enclave = lab.start_enclave(EnclaveSpec("bench", CLIENT_A, DEMO_WEBAPP))
+            state = enclave.wait_settled()
+            assert state["status"] == "up", state
+            one_join = float(state["setup_seconds"])
+
+            plain = iperf(lab, CLIENT_A, str(lab.topology.address(CLIENT_A, "lan")), args.seconds)
+            assert lab.gateway is not None
+            cpu0, packets0 = cpu_seconds(lab.gateway.pid), tun_packets(lab)
+            tunnelled = iperf(lab, CLIENT_A, state["address"], args.seconds)
+            cpu1, packets1 = cpu_seconds(lab.gateway.pid), tun_packets(lab)
+            per_packet_us = (cpu1 - cpu0) / max(1, packets1 - packets0) * 1e6
+
+            times, wall = join_many(lab, args.joiners)
+            server.terminate()
+
+    print("seng-fw tunnel benchmark (namespace lab, one machine, 2 cores shared)")
+    print(f"  iperf3 TCP, plain routing       : {plain:9.1f} Mbit/s")
+    print(f"  iperf3 TCP, through the tunnels : {tunnelled:9.1f} Mbit/s")
+    print(f"  ratio tunnel / plain            : {tunnelled / plain:9.3f}")
+    print(f"  gateway CPU per forwarded packet: {per_packet_us:9.1f} us "
+          f"({packets1 - packets0} packets on the TUN device)")  # fmt: skip
+    print(f"  join time, one enclave          : {one_join * 1000:9.1f} ms")
+    if times:
+        times.sort()
+        p95 = times[min(len(times) - 1, int(0.95 * len(times)))]
+        median, slowest = statistics.median(times) * 1000, times[-1] * 1000
+        print(f"  join time, {args.joiners} at once: median {median:.0f} ms, "
+              f"p95 {p95 * 1000:.0f} ms, max {slowest:.0f} ms, wall {wall:.1f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
