@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
@@ -28,10 +29,11 @@ from seng_fw.lab.lab import (
     GATEWAY_PORT,
     EnclaveSpec,
     Lab,
+    LabError,
     RunningEnclave,
 )
 from seng_fw.lab.services import probe_icmp, probe_tcp, probe_udp
-from seng_fw.netns import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, ip, netns_socket
+from seng_fw.netns import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, ip, list_namespaces, netns_socket
 from seng_fw.tunnel.dtls import make_client_config
 from tests.integration.seng_client import ScriptedEnclave, parse_udp, udp_packet
 
@@ -346,3 +348,42 @@ def test_idle_tunnels_are_closed(ns_prefix: str, tmp_path: Path) -> None:
         assert enclave.uplink is not None
         assert enclave.uplink.wait_closed(8.0) == "close_notify"
         assert lab.wait_for_log(r"reason=idle_timeout")
+
+
+def test_emulator_with_its_own_namespace_routes_everything_through_the_tunnel(lab: Lab) -> None:
+    # The enclave's namespace holds only the TUN device: ordinary, unbound sockets there
+    # reach the external host through the gateway, while the tunnels leave from clienta.
+    enclave_ns = f"{lab.prefix}encl"
+    subprocess.run(["ip", "netns", "add", enclave_ns], check=True)
+    ip("link", "set", "lo", "up", netns=enclave_ns)
+    cert, key = lab.enclave_credentials(EnclaveSpec("own-ns", CLIENT_A, DEMO_WEBAPP))
+    state_file = cert.parent / "state.json"
+    process = lab.topology.popen(
+        CLIENT_A,
+        [sys.executable, "-m", "seng_fw", "lab", "enclave",
+         "--server", f"{lab.gateway_lan}:{GATEWAY_PORT}",
+         "--server-cert", str(lab.state_dir / "server.pem"), "--cert", str(cert),
+         "--key", str(key), "--netns", enclave_ns, "--state-file", str(state_file)],
+    )  # fmt: skip
+    try:
+        spec = EnclaveSpec("own-ns", CLIENT_A, DEMO_WEBAPP)
+        enclave = RunningEnclave(spec, process, state_file, cert.parent / "log")
+        state = enclave.wait_settled()
+        assert state["status"] == "up", state
+        assert "seng0" in ip("link", "show", netns=enclave_ns)
+        assert probe_tcp(enclave_ns, None, str(lab.external), ECHO_PORT)
+        assert probe_icmp(enclave_ns, None, str(lab.external))
+    finally:
+        process.terminate()
+        process.wait(5)
+    assert "seng0" not in ip("link", "show", netns=enclave_ns)
+
+
+def test_a_failed_lab_up_leaves_nothing_behind(ns_prefix: str, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("apps:\n  - name: x\n    mrenclave: nothex\n")
+    lab = Lab(ns_prefix, tmp_path / "state", broken)
+    with pytest.raises(LabError, match="mrenclave"):
+        lab.up()
+    assert list_namespaces(ns_prefix) == []
+    assert not (tmp_path / "state").exists()
