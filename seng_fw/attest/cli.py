@@ -55,15 +55,24 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "not checked; the report's age is checked only with --max-age.",
     )
     report.add_argument(
-        "--report", type=Path, required=True, metavar="REPORT.json",
+        "--report",
+        type=Path,
+        required=True,
+        metavar="REPORT.json",
         help="the report body, exactly as IAS sent it",
     )
     report.add_argument(
-        "--signature", type=Path, required=True, metavar="SIG",
+        "--signature",
+        type=Path,
+        required=True,
+        metavar="SIG",
         help="the X-IASReport-Signature header value (base64 text)",
     )
     report.add_argument(
-        "--signing-cert", type=Path, required=True, metavar="CERT.pem",
+        "--signing-cert",
+        type=Path,
+        required=True,
+        metavar="CERT.pem",
         help="the report-signing certificate (PEM or DER)",
     )
     _add_policy_arguments(report, default_max_age=None)
@@ -74,11 +83,19 @@ def _add_policy_arguments(
     parser: argparse.ArgumentParser, default_max_age: timedelta | None
 ) -> None:
     parser.add_argument(
-        "--root", type=Path, action="append", required=True, metavar="ROOT.pem",
+        "--root",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="ROOT.pem",
         help="trust anchor (PEM; repeatable), e.g. Intel's SGX Attestation Report Signing CA",
     )
     parser.add_argument(
-        "--allow-status", action="extend", nargs="+", default=[], metavar="S",
+        "--allow-status",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="S",
         choices=sorted(ACCEPTABLE_STATUSES),
         help="also accept this isvEnclaveQuoteStatus (OK is always accepted): "
         + ", ".join(sorted(ACCEPTABLE_STATUSES - {"OK"})),
@@ -90,11 +107,17 @@ def _add_policy_arguments(
     if default_max_age is not None:
         default_text = f"default {int(default_max_age.total_seconds())}"
     parser.add_argument(
-        "--max-age", type=_positive_seconds, default=default_max_age, metavar="SECONDS",
+        "--max-age",
+        type=_positive_seconds,
+        default=default_max_age,
+        metavar="SECONDS",
         help=f"reject reports older than this ({default_text})",
     )
     parser.add_argument(
-        "--at", type=_iso_time, default=None, metavar="ISO-8601-TIME",
+        "--at",
+        type=_iso_time,
+        default=None,
+        metavar="ISO-8601-TIME",
         help="judge certificates and report age as of this time (UTC if no zone; default now)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")

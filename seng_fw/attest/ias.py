@@ -290,20 +290,40 @@ def ensure_parsed(cert: x509.Certificate, check: Check) -> None:
         raise AttestationRejected(check, f"malformed certificate: {exc!r}") from None
 
 
-def b64decode_strict(data: str | bytes, check: Check) -> bytes:
+def b64decode_strict(data: str | bytes, check: Check, *, wrapped: bool = False) -> bytes:
     """Standard base64 with padding and nothing else: no whitespace, no non-zero pad bits.
 
     Accepting only the canonical form means one value has one encoding, so nothing can be
-    smuggled in bits that a lenient decoder would drop.
+    smuggled in bits that a lenient decoder would drop. `wrapped` also accepts line breaks
+    (LF or CRLF) between characters: some base64 encoders that RA-TLS attesters link
+    (wolfSSL's Base64_Encode, OpenSSL's BIO filter) wrap lines at 64 or 76 characters.
     """
     try:
         text = data.encode("ascii") if isinstance(data, str) else bytes(data)
+        if wrapped and b"\n" in text:
+            text = _unwrap(text, check)
         decoded = base64.b64decode(text, validate=True)
     except (UnicodeEncodeError, binascii.Error, ValueError):
         raise AttestationRejected(check, "value is not valid base64") from None
     if base64.b64encode(decoded) != text:
         raise AttestationRejected(check, "value is not canonical base64")
     return decoded
+
+
+def _unwrap(text: bytes, check: Check) -> bytes:
+    """Join base64 wrapped the way encoders wrap it: equal lines of 64 or 76 characters,
+    a shorter last one, LF or CRLF, an optional final line break. Anything else (blank
+    lines, ragged widths) is refused, so one value still has one accepted form per width."""
+    lines = text.replace(b"\r\n", b"\n").split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    width = len(lines[0]) if lines else 0
+    ragged = any(len(line) != width for line in lines[:-1])
+    if len(lines) > 1 and (width not in (64, 76) or ragged or not 0 < len(lines[-1]) <= width):
+        raise AttestationRejected(check, "value is not canonical base64 (bad line wrapping)")
+    if len(lines) == 1 and not 0 < width <= 76:
+        raise AttestationRejected(check, "value is not canonical base64 (bad line wrapping)")
+    return b"".join(lines)
 
 
 def _check_signing_cert_profile(cert: x509.Certificate) -> None:

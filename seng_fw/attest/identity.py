@@ -89,5 +89,6 @@ class EnclaveIdentity:
 class EvidenceVerifier(Protocol):
     """Turns a DER client certificate into an identity, judged as of `at` (timezone-aware)."""
 
-    def verify_certificate(self, cert_der: bytes, at: datetime | None = None) -> EnclaveIdentity:
-        ...
+    def verify_certificate(
+        self, cert_der: bytes, at: datetime | None = None
+    ) -> EnclaveIdentity: ...

@@ -29,13 +29,23 @@ SIGN_TYPE_LINKABLE = 1
 # Report body: cpu_svn, misc_select, reserved1, isv_ext_prod_id, attributes.flags,
 # attributes.xfrm, mr_enclave, reserved2, mr_signer, reserved3, config_id, isv_prod_id,
 # isv_svn, config_svn, reserved4, isv_family_id, report_data.
-_LAYOUT = struct.Struct("<HH4sHHI32s" "16sI12s16sQQ32s32s32s32s64sHHH42s16s64s")
+_LAYOUT = struct.Struct("<HH4sHHI32s16sI12s16sQQ32s32s32s32s64sHHH42s16s64s")
 assert _LAYOUT.size == QUOTE_BODY_SIZE
 # struct pads or cuts "Ns" fields silently; to_bytes checks these lengths instead.
 _BYTES_FIELDS = {
-    "epid_group_id": 4, "basename": 32, "cpu_svn": 16, "mrenclave": 32, "mrsigner": 32,
-    "report_data": 64, "isv_ext_prod_id": 16, "config_id": 64, "isv_family_id": 16,
-    "reserved1": 12, "reserved2": 32, "reserved3": 32, "reserved4": 42,
+    "epid_group_id": 4,
+    "basename": 32,
+    "cpu_svn": 16,
+    "mrenclave": 32,
+    "mrsigner": 32,
+    "report_data": 64,
+    "isv_ext_prod_id": 16,
+    "config_id": 64,
+    "isv_family_id": 16,
+    "reserved1": 12,
+    "reserved2": 32,
+    "reserved3": 32,
+    "reserved4": 42,
 }
 
 
@@ -79,12 +89,30 @@ class QuoteBody:
                 raise ValueError(f"quote field {name} must be {size} bytes")
         try:
             return _LAYOUT.pack(
-                self.version, self.sign_type, self.epid_group_id, self.qe_svn, self.pce_svn,
-                self.xeid, self.basename, self.cpu_svn, self.misc_select, self.reserved1,
-                self.isv_ext_prod_id, self.attributes_flags, self.xfrm, self.mrenclave,
-                self.reserved2, self.mrsigner, self.reserved3, self.config_id,
-                self.isv_prod_id, self.isv_svn, self.config_svn, self.reserved4,
-                self.isv_family_id, self.report_data,
+                self.version,
+                self.sign_type,
+                self.epid_group_id,
+                self.qe_svn,
+                self.pce_svn,
+                self.xeid,
+                self.basename,
+                self.cpu_svn,
+                self.misc_select,
+                self.reserved1,
+                self.isv_ext_prod_id,
+                self.attributes_flags,
+                self.xfrm,
+                self.mrenclave,
+                self.reserved2,
+                self.mrsigner,
+                self.reserved3,
+                self.config_id,
+                self.isv_prod_id,
+                self.isv_svn,
+                self.config_svn,
+                self.reserved4,
+                self.isv_family_id,
+                self.report_data,
             )
         except struct.error as exc:
             raise ValueError(f"quote field out of range: {exc}") from None
@@ -97,10 +125,30 @@ def parse_quote_body(data: bytes) -> QuoteBody:
             Check.MALFORMED_QUOTE, f"quote body is {len(data)} bytes, expected {QUOTE_BODY_SIZE}"
         )
     (
-        version, sign_type, epid_group_id, qe_svn, pce_svn, xeid, basename,
-        cpu_svn, misc_select, reserved1, isv_ext_prod_id, flags, xfrm, mrenclave, reserved2,
-        mrsigner, reserved3, config_id, isv_prod_id, isv_svn, config_svn, reserved4,
-        isv_family_id, report_data,
+        version,
+        sign_type,
+        epid_group_id,
+        qe_svn,
+        pce_svn,
+        xeid,
+        basename,
+        cpu_svn,
+        misc_select,
+        reserved1,
+        isv_ext_prod_id,
+        flags,
+        xfrm,
+        mrenclave,
+        reserved2,
+        mrsigner,
+        reserved3,
+        config_id,
+        isv_prod_id,
+        isv_svn,
+        config_svn,
+        reserved4,
+        isv_family_id,
+        report_data,
     ) = _LAYOUT.unpack(data)
     if version not in _QUOTE_VERSIONS:
         raise AttestationRejected(Check.MALFORMED_QUOTE, f"unexpected quote version {version}")
@@ -110,11 +158,28 @@ def parse_quote_body(data: bytes) -> QuoteBody:
         # Every report of a running enclave has INITTED set; a quote without it is not real.
         raise AttestationRejected(Check.MALFORMED_QUOTE, "ATTRIBUTES.INITTED is not set")
     return QuoteBody(
-        version=version, sign_type=sign_type, epid_group_id=epid_group_id, qe_svn=qe_svn,
-        pce_svn=pce_svn, xeid=xeid, basename=basename, cpu_svn=cpu_svn,
-        misc_select=misc_select, attributes_flags=flags, xfrm=xfrm, mrenclave=mrenclave,
-        mrsigner=mrsigner, isv_prod_id=isv_prod_id, isv_svn=isv_svn, report_data=report_data,
-        isv_ext_prod_id=isv_ext_prod_id, config_id=config_id, config_svn=config_svn,
-        isv_family_id=isv_family_id, reserved1=reserved1, reserved2=reserved2,
-        reserved3=reserved3, reserved4=reserved4,
+        version=version,
+        sign_type=sign_type,
+        epid_group_id=epid_group_id,
+        qe_svn=qe_svn,
+        pce_svn=pce_svn,
+        xeid=xeid,
+        basename=basename,
+        cpu_svn=cpu_svn,
+        misc_select=misc_select,
+        attributes_flags=flags,
+        xfrm=xfrm,
+        mrenclave=mrenclave,
+        mrsigner=mrsigner,
+        isv_prod_id=isv_prod_id,
+        isv_svn=isv_svn,
+        report_data=report_data,
+        isv_ext_prod_id=isv_ext_prod_id,
+        config_id=config_id,
+        config_svn=config_svn,
+        isv_family_id=isv_family_id,
+        reserved1=reserved1,
+        reserved2=reserved2,
+        reserved3=reserved3,
+        reserved4=reserved4,
     )

@@ -112,13 +112,13 @@ def parse_ratls_certificate(cert_der: bytes) -> RaTlsEvidence:
         ca_cert = _load_pem_value(values[OID_IAS_CA_CERT], "1337.3")
     else:
         encoding = EvidenceEncoding.V2018
-        report = b64decode_strict(body, Check.MALFORMED_EXTENSION)
+        report = b64decode_strict(body, Check.MALFORMED_EXTENSION, wrapped=True)
         signing_cert = load_certificate(
-            b64decode_strict(values[OID_IAS_SIGNING_CERT], Check.MALFORMED_EXTENSION),
+            b64decode_strict(values[OID_IAS_SIGNING_CERT], Check.MALFORMED_EXTENSION, wrapped=True),
             Check.MALFORMED_EXTENSION,
         )
         ca_cert = load_certificate(
-            b64decode_strict(values[OID_IAS_CA_CERT], Check.MALFORMED_EXTENSION),
+            b64decode_strict(values[OID_IAS_CA_CERT], Check.MALFORMED_EXTENSION, wrapped=True),
             Check.MALFORMED_EXTENSION,
         )
     signature = b64decode_strict(values[OID_IAS_SIGNATURE], Check.MALFORMED_EXTENSION)

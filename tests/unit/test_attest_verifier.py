@@ -256,8 +256,15 @@ def _signing_cert(
 
 def _usage(**flags: bool) -> x509.KeyUsage:
     names = [
-        "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
-        "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
     ]
     return x509.KeyUsage(**{name: flags.get(name, False) for name in names})
 
@@ -448,9 +455,7 @@ def test_non_canonical_quote_base64(ca: LabCA, verifier: IasVerifier) -> None:
     [b'{"id":"1",', b"not json", b"[]", b'{"version":4}'],
     ids=["truncated", "text", "array", "missing-fields"],
 )
-def test_signed_but_malformed_report_json(
-    ca: LabCA, verifier: IasVerifier, report: bytes
-) -> None:
+def test_signed_but_malformed_report_json(ca: LabCA, verifier: IasVerifier, report: bytes) -> None:
     # The 2019 encoding tells raw JSON by its "{"; 2018 (base64) carries any bytes.
     enclave = _issue(ca, encoding=EvidenceEncoding.V2018)
     assert _check(verifier, _signed_report(ca, enclave, report)) == "malformed_report"
@@ -515,6 +520,27 @@ def test_malformed_2018_report_base64(ca: LabCA, verifier: IasVerifier) -> None:
     enclave = _issue(ca, encoding=EvidenceEncoding.V2018)
     value = _evidence(enclave, EvidenceEncoding.V2018)[OID_IAS_REPORT]
     cert = _rebuild(ca, enclave, replace={OID_IAS_REPORT: value + b"\n"})
+    assert _check(verifier, cert) == "malformed_extension"
+
+
+@pytest.mark.parametrize(("width", "newline"), [(64, b"\n"), (76, b"\r\n")])
+def test_2018_values_wrapped_by_the_encoder_are_accepted(
+    ca: LabCA, verifier: IasVerifier, width: int, newline: bytes
+) -> None:
+    # wolfSSL's Base64_Encode (and OpenSSL's BIO) wrap lines and end with a line break.
+    enclave = _issue(ca, encoding=EvidenceEncoding.V2018)
+    values = _evidence(enclave, EvidenceEncoding.V2018)
+
+    def wrap(value: bytes) -> bytes:
+        lines = [value[i : i + width] for i in range(0, len(value), width)]
+        return newline.join(lines) + newline
+
+    wrapped = {oid: wrap(values[oid]) for oid in (OID_IAS_REPORT, OID_IAS_SIGNING_CERT)}
+    identity = verifier.verify_certificate(_rebuild(ca, enclave, replace=wrapped))
+    assert identity.mrenclave == enclave.quote.mrenclave
+    # Ragged wrapping is still refused.
+    ragged = values[OID_IAS_REPORT][:50] + b"\n" + values[OID_IAS_REPORT][50:]
+    cert = _rebuild(ca, enclave, replace={OID_IAS_REPORT: ragged})
     assert _check(verifier, cert) == "malformed_extension"
 
 
