@@ -8,15 +8,10 @@ on loop.time(), and a client that sends packets and waits for their echo.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections.abc import Callable
 from typing import cast
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from seng_fw.tunnel.dtls import (
     TUNNEL_MTU,
@@ -33,39 +28,15 @@ from seng_fw.tunnel.dtls import (
     make_server_config,
     peer_id,
 )
+from tests.certs import make_identity
 
 Address = tuple[str, int]
 
 
 def self_signed(kind: str, cn: str) -> tuple[bytes, bytes, bytes]:
     """(certificate PEM, key PEM, certificate DER)."""
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    if kind == "rsa2048":
-        key = rsa.generate_private_key(65537, 2048)
-    else:
-        key = ec.generate_private_key(ec.SECP384R1() if kind == "p384" else ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return (
-        cert.public_bytes(serialization.Encoding.PEM),
-        key_pem,
-        cert.public_bytes(serialization.Encoding.DER),
-    )
+    made = make_identity(kind, cn)
+    return made.cert_pem, made.key_pem, made.cert_der
 
 
 # ----------------------------------------------------------------- server driver
