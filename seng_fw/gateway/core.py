@@ -15,8 +15,10 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+from typing import Protocol
 
 from seng_fw.admission import Admission, AdmissionRejected
 from seng_fw.attest.identity import AttestationRejected, EnclaveIdentity, EvidenceVerifier
@@ -83,10 +85,20 @@ class Peer:
     port: Port
     address: Address
     session: DtlsServerSession
+    created: float
     enclave: Enclave | None = None
     # A new handshake from the same address (the peer restarted, or a replayed hello):
     # it replaces `session` only once it completes.
     candidate: DtlsServerSession | None = None
+
+
+class EnclaveObserver(Protocol):
+    """Told when an enclave's address starts and stops belonging to it (the labeller's
+    registry, metrics). Called synchronously from the core: keep it cheap."""
+
+    def enclave_admitted(self, enclave: Enclave) -> None: ...
+
+    def enclave_ended(self, enclave: Enclave, reason: str) -> None: ...
 
 
 class GatewayCore:
@@ -112,6 +124,9 @@ class GatewayCore:
         self._outgoing: list[tuple[Port, Address, bytes]] = []
         self._to_tun: list[bytes] = []
         self._to_flush: list[IPv4Address] = []
+        self.observers: list[EnclaveObserver] = []
+        # Seconds from a peer's first accepted datagram to its handshake's end (metrics).
+        self.handshake_seconds: list[float] = []
 
     # ----- outputs -------------------------------------------------------------------
 
@@ -154,7 +169,7 @@ class GatewayCore:
                     self.counters["dropped.not_client_hello"] += 1
                 return
             session = DtlsServerSession(self._dtls[port], cookie_id, now)
-            peer = self._peers[(port, address)] = Peer(port, address, session)
+            peer = self._peers[(port, address)] = Peer(port, address, session, now)
         elif peer.candidate is not None:
             # A reconnect handshake is under way from this address: it sees every
             # datagram too (each session silently drops what is not its own epoch/keys).
@@ -233,6 +248,13 @@ class GatewayCore:
             if network not in existing:
                 self.ipam.add_subnet(subnet)
 
+    def revoke(self, matches: Callable[[Enclave], bool], reason: str, now: float) -> int:
+        """Close the tunnels of every enclave `matches` selects; returns how many."""
+        chosen = [enclave for enclave in self._enclave_by_address.values() if matches(enclave)]
+        for enclave in chosen:
+            self._end_enclave(enclave, reason, now)
+        return len(chosen)
+
     def shutdown(self, now: float) -> None:
         """Close every tunnel with close_notify (the adapter then sends what is queued)."""
         for enclave in list(self._enclave_by_address.values()):
@@ -290,7 +312,7 @@ class GatewayCore:
                 else:
                     peer.session.close()
                     self._queue_datagrams(peer.port, peer.address, peer.session)
-                peer.session, peer.enclave = candidate, None
+                peer.session, peer.enclave, peer.created = candidate, None, now
                 self._peers[(peer.port, peer.address)] = peer
                 self._handshake_complete(peer, event.peer_cert_der, now)
 
@@ -308,6 +330,8 @@ class GatewayCore:
         peer.session.close()
 
     def _handshake_complete(self, peer: Peer, cert_der: bytes, now: float) -> None:
+        self.handshake_seconds.append(now - peer.created)
+        del self.handshake_seconds[:-1000]  # bounded if nobody drains it
         identity = self._attest(peer, cert_der)
         if identity is None:
             return
@@ -351,6 +375,8 @@ class GatewayCore:
         self._enclave_by_address[address.packed] = enclave
         self._pending[(host, identity)] = enclave
         self.counters["admitted"] += 1
+        for observer in self.observers:
+            observer.enclave_admitted(enclave)
         log.info("admitted %s quote_status=%s", enclave.describe(), identity.quote_status)
         log.info("leased %s to app=%s host=%s", address, app.name, host)
         self._send_setup(enclave, now)
@@ -422,6 +448,8 @@ class GatewayCore:
             if peer is not None and peer.session is session:
                 self._forget(peer)
         self._to_flush.append(self.ipam.release(enclave.address))
+        for observer in self.observers:
+            observer.enclave_ended(enclave, reason)
         self.counters[f"ended.{reason}"] += 1
         log.info(
             "tunnel end %s reason=%s duration=%.1fs in=%d/%dB out=%d/%dB",
