@@ -1,23 +1,147 @@
-"""Load a policy file, validating it completely; every error names file, line and field."""
+"""Load a policy from a file or a directory of files, validating it completely; every error
+names file, line and field.
+
+In a directory, every `*.yaml` / `*.yml` file (not subdirectories) is one part of the
+policy: apps and categories add up, and each of the top-level settings
+(`gateway_networks`, `shared_subnet`, `defaults`) may be set by one file only.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydantic
+import yaml
 
 from seng_fw.policy.models import Policy, cross_check
-from seng_fw.yamlfile import ConfigError, load_yaml, validation_issues
+from seng_fw.yamlfile import (
+    ConfigError,
+    ConfigIssue,
+    Path_,
+    YamlDocument,
+    load_yaml,
+    validation_issues,
+)
+
+SETTINGS = ("gateway_networks", "shared_subnet", "defaults")
+
+
+def policy_files(path: Path) -> list[Path]:
+    """The files that make up the policy at `path` (a file or a directory)."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    if not files:
+        raise ConfigError([ConfigIssue(str(path), 1, "", "no *.yaml files in this directory")])
+    return files
+
+
+@dataclass
+class _Origins:
+    """Where each part of the merged policy came from, to map its paths back to files."""
+
+    first: YamlDocument
+    apps: list[tuple[YamlDocument, int]] = field(default_factory=list)
+    categories: dict[str, YamlDocument] = field(default_factory=dict)
+    settings: dict[str, YamlDocument] = field(default_factory=dict)
+
+    def locate(self, path: Path_) -> tuple[YamlDocument, Path_]:
+        head = path[0] if path else ""
+        if head == "apps" and len(path) > 1 and isinstance(path[1], int):
+            doc, local = self.apps[path[1]]
+            return doc, ("apps", local, *path[2:])
+        if head == "categories" and len(path) > 1 and path[1] in self.categories:
+            return self.categories[str(path[1])], path
+        if isinstance(head, str) and head in self.settings:
+            return self.settings[head], path
+        return self.first, path
+
+    def issue(self, path: Path_, message: str) -> ConfigIssue:
+        doc, local = self.locate(path)
+        return doc.issue(local, message)
+
+    def describe(self, path: Path_) -> str:
+        issue = self.issue(path, "")
+        return f"{issue.file}:{issue.line}"
 
 
 def load_policy(path: Path) -> Policy:
-    """Load and validate a policy. Raises ConfigError listing every problem found."""
-    doc = load_yaml(path)
-    try:
-        policy = Policy.model_validate(doc.data if doc.data is not None else {})
-    except pydantic.ValidationError as exc:
-        raise ConfigError(validation_issues(doc, exc)) from exc
-    problems = cross_check(policy)
-    if problems:
-        raise ConfigError(doc.issue(where, message) for where, message in problems)
+    """Load and validate a policy (file or directory). Raises ConfigError listing every
+    problem found."""
+    docs = [load_yaml(file) for file in policy_files(path)]
+    issues: list[ConfigIssue] = []
+    parts: list[tuple[YamlDocument, Policy]] = []
+    for doc in docs:
+        data: Any = doc.data if doc.data is not None else {}
+        try:
+            parts.append((doc, Policy.model_validate(data)))
+        except pydantic.ValidationError as exc:
+            _point_at_keys(doc)
+            issues += validation_issues(doc, exc)
+    if issues:
+        raise ConfigError(issues)
+    policy, origins, merge_issues = _merge(parts)
+    problems = cross_check(policy, origins.describe)
+    if merge_issues or problems:
+        for doc in docs:
+            _point_at_keys(doc)
+        policy, origins, merge_issues = _merge(parts)  # again, with the keys' lines
+        issues = merge_issues + [origins.issue(where, msg) for where, msg in problems]
+        raise ConfigError(issues)
     return policy
+
+
+def _point_at_keys(doc: YamlDocument) -> None:
+    """Make a field's line the line of its key (`egress:`), not of its value, which for a
+    block list or mapping is the next line. Only done when there are errors to report:
+    it parses the file a second time."""
+    try:
+        root = yaml.compose(Path(doc.file).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return
+    stack: list[tuple[yaml.Node, Path_]] = [(root, ())] if root is not None else []
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = (*path, str(key_node.value))
+                doc.lines[child] = key_node.start_mark.line + 1
+                stack.append((value_node, child))
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(item, (*path, index)) for index, item in enumerate(node.value)]
+
+
+def _merge(
+    parts: list[tuple[YamlDocument, Policy]],
+) -> tuple[Policy, _Origins, list[ConfigIssue]]:
+    origins = _Origins(parts[0][0])
+    issues: list[ConfigIssue] = []
+    merged: dict[str, Any] = {"apps": [], "categories": {}}
+    for doc, part in parts:
+        data = doc.data if isinstance(doc.data, dict) else {}
+        for key in SETTINGS:
+            if key not in data:
+                continue
+            if key in origins.settings:
+                first = origins.settings[key]
+                issues.append(
+                    doc.issue((key,), f"already set in {first.file}:{first.line_of((key,))}")
+                )
+                continue
+            origins.settings[key] = doc
+            merged[key] = getattr(part, key)
+        for name, category in part.categories.items():
+            if name in origins.categories:
+                first = origins.categories[name]
+                where = f"{first.file}:{first.line_of(('categories', name))}"
+                message = f"duplicate category {name!r} (also at {where})"
+                issues.append(doc.issue(("categories", name), message))
+                continue
+            origins.categories[name] = doc
+            merged["categories"][name] = category
+        for index, app in enumerate(part.apps):
+            origins.apps.append((doc, index))
+            merged["apps"].append(app)
+    return Policy.model_validate(merged), origins, issues

@@ -1,15 +1,37 @@
-"""pydantic models of the YAML policy (`policies/*.yaml`)."""
+"""pydantic models of the YAML policy (`policies/*.yaml`).
+
+A policy names the apps that may run behind the gateway (attested identity, client
+hosts, enclave subnet) and what their enclaves may talk to: egress and ingress rules
+per app and per category, and services exposed on a gateway address (DNAT).
+Everything not allowed is refused. Checks that span several apps live in
+`cross_check`, so that the loader can report them with file, line and field.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    model_validator,
+)
+
+from seng_fw import ipam
+from seng_fw.yamlfile import Path_, format_path
 
 _HEX32 = re.compile(r"^[0-9a-f]{64}$")
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,30}$"
+# App ids go into 16 bits of the conntrack mark (see seng_fw.compile.compiler); 0 and
+# 0xFFFF are reserved ("not an enclave", "unknown address": seng_fw.label.marks).
+MAX_APPS = 0xFFFE
 
 
 def _measurement(value: object) -> bytes:
@@ -23,10 +45,12 @@ def _measurement(value: object) -> bytes:
 
 
 def _one_or_many(value: object) -> object:
-    return [value] if isinstance(value, str) else value
+    """A single value where a list is expected is a list of one."""
+    return value if isinstance(value, list) else [value]
 
 
 Measurement = Annotated[bytes, BeforeValidator(_measurement)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class StrictModel(BaseModel):
@@ -37,22 +61,21 @@ class StrictModel(BaseModel):
 
 class EnclaveSubnet(StrictModel):
     """A subnet enclave addresses are leased from; `gateway` is the gateway's own address
-    on the TUN device (default: the first host address)."""
+    on the TUN device (default: the first host address). The rules about which gateway
+    addresses are valid live in `seng_fw.ipam.EnclaveSubnet`, which this model builds."""
 
     subnet: IPv4Network
     gateway: IPv4Address | None = None
 
     @model_validator(mode="after")
-    def _gateway_inside(self) -> EnclaveSubnet:
-        if self.subnet.num_addresses < 4:
-            raise ValueError(f"{self.subnet} is too small: use a /30 or larger")
-        if self.gateway is None:
-            object.__setattr__(self, "gateway", self.subnet.network_address + 1)
-        elif self.gateway not in self.subnet or self.gateway in (
-            self.subnet.network_address,
-            self.subnet.broadcast_address,
-        ):
-            raise ValueError(f"gateway {self.gateway} is not a host address of {self.subnet}")
+    def _valid_for_ipam(self) -> EnclaveSubnet:
+        built = ipam.EnclaveSubnet.parse(self.subnet, self.gateway)  # raises ValueError
+        if ipam.AddressPool(built).capacity == 0:
+            raise ValueError(
+                f"{self.subnet} leaves no address for enclaves (the gateway takes the only "
+                "one): use a /31 or larger"
+            )
+        object.__setattr__(self, "gateway", built.gateway)
         return self
 
     @property
@@ -60,26 +83,154 @@ class EnclaveSubnet(StrictModel):
         assert self.gateway is not None  # set by the validator
         return self.gateway
 
+    def to_ipam(self) -> ipam.EnclaveSubnet:
+        return ipam.EnclaveSubnet(self.subnet, self.gateway_address)
 
-DEFAULT_SHARED_SUBNET = EnclaveSubnet(subnet=IPv4Network("192.168.28.0/24"))
+
+DEFAULT_SHARED_SUBNET = EnclaveSubnet(subnet=ipam.DEFAULT_SUBNET, gateway=ipam.DEFAULT_GATEWAY)
+
+
+# --- rules -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to an app (`{app: NAME}`) or a category (`{category: NAME}`)."""
+
+    kind: Literal["app", "category"]
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name!r}"
+
+
+Peer = IPv4Network | Ref
+_PEER_HELP = "must be an IPv4 address or prefix, {app: NAME} or {category: NAME}"
+
+
+def _peer(value: object) -> Peer:
+    if isinstance(value, IPv4Network | Ref):
+        return value
+    if isinstance(value, str):
+        try:
+            return IPv4Network(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IPv4 address or prefix: {exc}") from None
+    if isinstance(value, dict) and len(value) == 1:
+        ((kind, name),) = value.items()
+        if kind in ("app", "category") and isinstance(name, str):
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a valid {kind} name")
+            return Ref(kind, name)
+    raise ValueError(f"{_PEER_HELP}, got {value!r}")
+
+
+PeerSpec = Annotated[Peer, PlainValidator(_peer)]
+Peers = Annotated[list[PeerSpec], BeforeValidator(_one_or_many), Field(min_length=1)]
+
+
+def _port_range(value: object) -> tuple[int, int]:
+    """A port (`443`) or an inclusive range (`"8000-8080"`) -> (low, high)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a port")
+    if isinstance(value, int):
+        low = high = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(-\s*\d+\s*)?", value):
+        parts = [int(part) for part in value.split("-")]
+        low, high = parts[0], parts[-1]
+    else:
+        raise ValueError(f"{value!r} is not a port or a port range like 8000-8080")
+    if not 1 <= low <= high <= 0xFFFF:
+        raise ValueError(f"{value!r}: ports are 1..65535 and a range goes low-high")
+    return low, high
+
+
+PortRange = Annotated[tuple[int, int], PlainValidator(_port_range)]
+Port = Annotated[int, Field(ge=1, le=0xFFFF)]
+Protocol = Literal["tcp", "udp", "icmp", "any"]
+
+
+class _Rule(StrictModel):
+    protocol: Protocol
+    # Empty: every port. Only tcp and udp have ports.
+    ports: Annotated[list[PortRange], BeforeValidator(_one_or_many)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _ports_need_tcp_or_udp(self) -> _Rule:
+        if self.ports and self.protocol not in ("tcp", "udp"):
+            raise ValueError(f"protocol {self.protocol} has no ports: remove `ports`")
+        return self
+
+
+class EgressRule(_Rule):
+    """Enclaves of the app may open connections to `to`."""
+
+    to: Peers
+
+
+class IngressRule(_Rule):
+    """`from` may open connections to the app's enclaves."""
+
+    from_: Peers = Field(alias="from")
+
+
+class Exposure(StrictModel):
+    """An enclave service reachable on a gateway address (DNAT). The gateway tells the
+    ruleset which enclave serves it; `from` says who may connect."""
+
+    address: IPv4Address
+    port: Port
+    protocol: Literal["tcp", "udp"] = "tcp"
+    to_port: Port | None = None  # the enclave's port; default: `port`
+    from_: Peers = Field(alias="from")
+
+    @property
+    def target_port(self) -> int:
+        return self.port if self.to_port is None else self.to_port
+
+
+class Category(StrictModel):
+    """Rules shared by every app that lists the category."""
+
+    description: str = ""
+    egress: list[EgressRule] = Field(default_factory=list)
+    ingress: list[IngressRule] = Field(default_factory=list)
 
 
 class App(StrictModel):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: Name
     mrenclave: Annotated[list[Measurement], BeforeValidator(_one_or_many)] = Field(min_length=1)
     mrsigner: Measurement | None = None
     min_isv_svn: int = Field(default=0, ge=0, le=0xFFFF)
     isv_prod_id: int | None = Field(default=None, ge=0, le=0xFFFF)
     allow_debug: bool = False
-    categories: list[str] = Field(default_factory=list)
+    categories: Annotated[list[Name], BeforeValidator(_one_or_many)] = Field(default_factory=list)
     # Client-host subnets the app may run from (the DTLS peer's address).
-    hosts: list[IPv4Network] = Field(min_length=1)
+    hosts: Annotated[list[IPv4Network], BeforeValidator(_one_or_many)] = Field(min_length=1)
     # The app's own enclave subnet; without one, its enclaves share `shared_subnet`.
     subnet: EnclaveSubnet | None = None
+    egress: list[EgressRule] = Field(default_factory=list)
+    ingress: list[IngressRule] = Field(default_factory=list)
+    expose: list[Exposure] = Field(default_factory=list)
+    # Log refused packets of this app (rate-limited); default: `defaults.log_refused`.
+    log_refused: bool | None = None
+
+
+class Defaults(StrictModel):
+    # Everything not allowed is dropped; this only decides whether drops are logged.
+    log_refused: bool = False
+    log_rate: str = Field(default="10/minute", pattern=r"^[1-9][0-9]{0,5}/(second|minute|hour)$")
 
 
 class Policy(StrictModel):
+    # The gateway's own networks (LAN, external side): no enclave subnet may overlap them.
+    gateway_networks: Annotated[list[IPv4Network], BeforeValidator(_one_or_many)] = Field(
+        default_factory=list
+    )
     shared_subnet: EnclaveSubnet = DEFAULT_SHARED_SUBNET
+    defaults: Defaults = Defaults()
+    # Names are checked by cross_check, so that the error points at the name's line.
+    categories: dict[str, Category] = Field(default_factory=dict)
     apps: list[App] = Field(default_factory=list)
 
     def subnet_of(self, app: App) -> EnclaveSubnet:
@@ -90,40 +241,162 @@ class Policy(StrictModel):
         subnets += [app.subnet for app in self.apps if app.subnet is not None]
         return subnets
 
+    def app(self, name: str) -> App:
+        for app in self.apps:
+            if app.name == name:
+                return app
+        raise KeyError(name)
 
-def cross_check(policy: Policy) -> list[tuple[tuple[str | int, ...], str]]:
+    def members(self, category: str) -> list[App]:
+        return [app for app in self.apps if category in app.categories]
+
+    def logs_refused(self, app: App) -> bool:
+        return self.defaults.log_refused if app.log_refused is None else app.log_refused
+
+
+# --- checks across apps -----------------------------------------------------------
+
+Problem = tuple[Path_, str]
+
+
+def _rule_peers(policy: Policy) -> Iterator[tuple[Path_, Peer, bool]]:
+    """Every peer named by a rule: (path, peer, is it an ingress source)."""
+    owners: list[tuple[Path_, Category | App]] = [
+        (("categories", name), category) for name, category in policy.categories.items()
+    ]
+    owners += [(("apps", index), app) for index, app in enumerate(policy.apps)]
+    for path, owner in owners:
+        for r_index, egress in enumerate(owner.egress):
+            for p_index, peer in enumerate(egress.to):
+                yield (*path, "egress", r_index, "to", p_index), peer, False
+        for r_index, ingress in enumerate(owner.ingress):
+            for p_index, peer in enumerate(ingress.from_):
+                yield (*path, "ingress", r_index, "from", p_index), peer, True
+        if isinstance(owner, App):
+            for e_index, exposure in enumerate(owner.expose):
+                for p_index, peer in enumerate(exposure.from_):
+                    yield (*path, "expose", e_index, "from", p_index), peer, True
+
+
+def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> list[Problem]:
     """Checks that span several apps; each problem comes with the path of the field at fault
-    so the loader can name its file and line."""
-    problems: list[tuple[tuple[str | int, ...], str]] = []
+    so the loader can name its file and line. `where(path)` describes another location
+    in messages (default: the path itself)."""
+    describe = where or format_path
+    problems: list[Problem] = []
     names: dict[str, int] = {}
-    claimed: dict[bytes, str] = {}
+    claimed: dict[bytes, int] = {}
     subnets: list[tuple[IPv4Network, str]] = [(policy.shared_subnet.subnet, "shared_subnet")]
-    for index, app in enumerate(policy.apps):
-        if app.name in names:
+    for name in policy.categories:
+        if not re.match(NAME_PATTERN, name):
+            problems.append((("categories", name), f"category name must match {NAME_PATTERN}"))
+    if len(policy.apps) > MAX_APPS:
+        problems.append((("apps",), f"{len(policy.apps)} apps: at most {MAX_APPS} are supported"))
+    for g_index, network in enumerate(policy.gateway_networks):
+        if network.overlaps(policy.shared_subnet.subnet):
             problems.append(
                 (
-                    ("apps", index, "name"),
-                    f"duplicate app name {app.name!r} (also apps[{names[app.name]}])",
+                    ("shared_subnet", "subnet"),
+                    f"{policy.shared_subnet.subnet} overlaps the gateway's network {network} "
+                    f"(gateway_networks[{g_index}])",
                 )
+            )
+    for index, app in enumerate(policy.apps):
+        if app.name in names:
+            other = describe(("apps", names[app.name], "name"))
+            problems.append(
+                (("apps", index, "name"), f"duplicate app name {app.name!r} (also at {other})")
             )
         names.setdefault(app.name, index)
         for m_index, measurement in enumerate(app.mrenclave):
-            owner = claimed.setdefault(measurement, app.name)
-            if owner != app.name:
+            owner = claimed.setdefault(measurement, index)
+            if owner != index:
                 problems.append(
                     (
                         ("apps", index, "mrenclave", m_index),
-                        f"MRENCLAVE {measurement.hex()} is already claimed by app {owner!r}",
+                        f"MRENCLAVE {measurement.hex()} is already claimed by app "
+                        f"{policy.apps[owner].name!r}",
                     )
                 )
+        for c_index, category in enumerate(app.categories):
+            if category not in policy.categories:
+                problems.append(
+                    (("apps", index, "categories", c_index), f"unknown category {category!r}")
+                )
         if app.subnet is not None:
-            for other, other_owner in subnets:
-                if app.subnet.subnet.overlaps(other):
+            for other_net, other_owner in subnets:
+                if app.subnet.subnet.overlaps(other_net):
                     problems.append(
                         (
                             ("apps", index, "subnet", "subnet"),
-                            f"{app.subnet.subnet} overlaps {other} of {other_owner}",
+                            f"{app.subnet.subnet} overlaps {other_net} of {other_owner}",
+                        )
+                    )
+            for network in policy.gateway_networks:
+                if app.subnet.subnet.overlaps(network):
+                    problems.append(
+                        (
+                            ("apps", index, "subnet", "subnet"),
+                            f"{app.subnet.subnet} overlaps the gateway's network {network}",
                         )
                     )
             subnets.append((app.subnet.subnet, f"app {app.name!r}"))
+    problems += _check_peers(policy)
+    problems += _check_exposures(policy, describe)
+    return problems
+
+
+def _check_peers(policy: Policy) -> list[Problem]:
+    problems: list[Problem] = []
+    app_names = {app.name for app in policy.apps}
+    for path, peer, is_source in _rule_peers(policy):
+        if not isinstance(peer, Ref):
+            continue
+        known = app_names if peer.kind == "app" else policy.categories
+        if peer.name not in known:
+            problems.append((path, f"unknown {peer.kind} {peer.name!r}"))
+            continue
+        if not is_source:
+            continue
+        # A source is matched by address; enclaves on the shared subnet cannot be told
+        # apart that way (that needs the conntrack labels of the labeller).
+        members = [policy.app(peer.name)] if peer.kind == "app" else policy.members(peer.name)
+        shared = [app.name for app in members if app.subnet is None]
+        if shared:
+            problems.append(
+                (
+                    path,
+                    f"{peer} includes app {shared[0]!r}, which has no subnet of its own: "
+                    "a source must be told apart by address; give the app a `subnet`",
+                )
+            )
+    return problems
+
+
+def _check_exposures(policy: Policy, describe: Callable[[Path_], str]) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: dict[tuple[IPv4Address, str, int], Path_] = {}
+    enclave_nets = [subnet.subnet for subnet in policy.enclave_subnets()]
+    for index, app in enumerate(policy.apps):
+        for e_index, exposure in enumerate(app.expose):
+            path: Path_ = ("apps", index, "expose", e_index)
+            inside = [net for net in enclave_nets if exposure.address in net]
+            if inside:
+                problems.append(
+                    (
+                        (*path, "address"),
+                        f"{exposure.address} is inside the enclave subnet {inside[0]}: "
+                        "expose services on an address of the gateway's other networks",
+                    )
+                )
+            key = (exposure.address, exposure.protocol, exposure.port)
+            if key in seen:
+                problems.append(
+                    (
+                        (*path, "port"),
+                        f"{exposure.address} {exposure.protocol}/{exposure.port} is already "
+                        f"exposed at {describe(seen[key])}",
+                    )
+                )
+            seen.setdefault(key, (*path, "port"))
     return problems

@@ -1,0 +1,281 @@
+"""The live ruleset: apply a compiled table atomically, show what an apply would change,
+read the per-app counters, and tell a running gateway to reload.
+
+Everything goes through libnftables (the `nftables` Python binding, package
+`pip-nftables`, which needs Debian's libnftables1). Only seng-fw's own table is
+ever written: the transaction is `add table` + `delete table` + the new table, one
+batch that the kernel commits whole or not at all, so an administrator's tables
+and a failed apply's previous ruleset are left exactly as they were.
+
+State that lives in the table survives an apply: the per-app counters keep their
+values and the gateway's entries in `expose_addr` (which enclave serves an exposed
+service) are carried over while the exposure still exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import difflib
+import functools
+import json
+import os
+import re
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any, TypeVar
+
+from seng_fw.compile.compiler import PROTOCOLS, TABLE
+from seng_fw.compile.nft import FAMILY, Json, Table
+from seng_fw.policy.models import Policy
+
+T = TypeVar("T")
+DEFAULT_PID_FILE = Path("/run/seng-fw/gateway.pid")
+_PROTOCOL_NUMBERS = {name: low for name, (low, _) in PROTOCOLS.items() if name != "any"}
+
+
+class NftError(RuntimeError):
+    """libnftables refused a command (the message is its error output)."""
+
+
+class Nft:
+    """A libnftables context (in the network namespace of the thread that creates it)."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables
+
+            self._nft = nftables.Nftables()
+        except (ImportError, OSError) as exc:  # pragma: no cover - depends on the host
+            raise NftError(
+                f"cannot use libnftables ({exc}): pip install pip-nftables; it needs "
+                "Debian's libnftables1"
+            ) from exc
+        self._nft.set_handle_output(False)
+
+    def _run(self, command: str, *, json_out: bool, dry_run: bool = False) -> str:
+        self._nft.set_json_output(json_out)
+        _set_dry_run(self._nft, dry_run)
+        try:
+            rc, output, error = self._nft.cmd(command)
+        finally:
+            _set_dry_run(self._nft, False)
+        if rc != 0:
+            raise NftError(str(error).strip() or f"libnftables returned {rc}")
+        return str(output)
+
+    def run_json(self, document: Json, *, dry_run: bool = False) -> None:
+        """Run a JSON batch (one transaction). With `dry_run` the kernel checks it and
+        nothing changes."""
+        self._run(json.dumps(document), json_out=True, dry_run=dry_run)
+
+    def list_json(self, what: str) -> list[Json]:
+        output = self._run(f"list {what}", json_out=True)
+        objects: list[Json] = json.loads(output)["nftables"] if output.strip() else []
+        return objects
+
+    def list_text(self, what: str, *, stateless: bool = True) -> str:
+        self._nft.set_stateless_output(stateless)
+        try:
+            return self._run(f"list {what}", json_out=False)
+        finally:
+            self._nft.set_stateless_output(False)
+
+    def table_exists(self, table: str) -> bool:
+        tables = self.list_json(f"tables {FAMILY}")
+        return any(obj.get("table", {}).get("name") == table for obj in tables)
+
+
+@functools.cache
+def _libnftables() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libnftables.so.1")
+    lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+    return lib
+
+
+def _set_dry_run(nft: Any, enabled: bool) -> None:
+    # The binding has no wrapper for nft_ctx_set_dry_run; call libnftables directly
+    # on the binding's context.
+    _libnftables().nft_ctx_set_dry_run(nft._Nftables__ctx, enabled)
+
+
+# --- live state carried over an apply ------------------------------------------------
+
+
+@dataclass
+class LiveState:
+    exists: bool = False
+    counters: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # (gateway address, protocol number, port) -> serving enclave address
+    exposed: dict[tuple[int, int, int], IPv4Address] = field(default_factory=dict)
+
+
+def read_state(nft: Nft, table: str) -> LiveState:
+    """Counters and exposure targets of the live table (listing only those: the sets of
+    a large policy are big)."""
+    if not nft.table_exists(table):
+        return LiveState()
+    state = LiveState(exists=True)
+    for obj in nft.list_json(f"counters table {FAMILY} {table}"):
+        if "counter" in obj:
+            counter = obj["counter"]
+            state.counters[counter["name"]] = (counter.get("packets", 0), counter.get("bytes", 0))
+    try:
+        exposed = nft.list_json(f"map {FAMILY} {table} expose_addr")
+    except NftError:
+        exposed = []  # a table written by an older seng-fw
+    for obj in exposed:
+        for key, value in obj.get("map", {}).get("elem", []):
+            address, proto, port = key["concat"]
+            number = _PROTOCOL_NUMBERS[proto] if isinstance(proto, str) else int(proto)
+            state.exposed[(int(IPv4Address(address)), number, int(port))] = IPv4Address(value)
+    return state
+
+
+def carry_over(table: Table, policy: Policy, state: LiveState) -> None:
+    """Keep counter values and the gateway's exposure targets that are still valid."""
+    for counter in table.counters:
+        counter.packets, counter.bytes = state.counters.get(counter.name, (0, 0))
+    owners = {
+        (int(e.address), _PROTOCOL_NUMBERS[e.protocol], e.port): policy.subnet_of(app).subnet
+        for app in policy.apps
+        for e in app.expose
+    }
+    exposed = table.set("expose_addr")
+    for (address, proto, port), target in sorted(state.exposed.items()):
+        subnet = owners.get((address, proto, port))
+        if subnet is not None and target in subnet:
+            exposed.add(((address, address), (proto, proto), (port, port)), int(target))
+
+
+# --- apply, diff --------------------------------------------------------------------
+
+
+def apply(table: Table, policy: Policy, nft: Nft | None = None, *, dry_run: bool = False) -> None:
+    """Replace seng-fw's table with `table` in one transaction (raises NftError and
+    changes nothing if the kernel refuses any part of it)."""
+    nft = nft or Nft()
+    carry_over(table, policy, read_state(nft, table.name))
+    nft.run_json(table.transaction(), dry_run=dry_run)
+
+
+def _expand_elements(listing: str) -> list[str]:
+    """nft's listing with one set element per line (sorted), so a diff shows elements."""
+    out: list[str] = []
+    pattern = re.compile(r"^([ \t]*)elements = \{ (.*?) \}\n?", re.S | re.M)
+    position = 0
+    for match in pattern.finditer(listing):
+        out += listing[position : match.start()].splitlines()
+        indent = match.group(1)
+        elements = [e.strip() for e in match.group(2).replace("\n", " ").split(",")]
+        out.append(f"{indent}elements = {{")
+        out += [f"{indent}\t{element}" for element in sorted(elements)]
+        out.append(f"{indent}}}")
+        position = match.end()
+    out += listing[position:].splitlines()
+    return out
+
+
+def in_scratch_namespace(fn: Callable[[], T]) -> T:
+    """Run `fn` in a thread that has its own, new and empty, network namespace."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="seng-fw-scratch-netns")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def diff(table: Table, policy: Policy, nft: Nft | None = None) -> str:
+    """What `apply` would change in seng-fw's table, as a unified diff of nft listings
+    (both normalised by the kernel: the new table is loaded into a scratch namespace)."""
+    nft = nft or Nft()
+    state = read_state(nft, table.name)
+    carry_over(table, policy, state)
+    old = nft.list_text(f"table inet {table.name}") if state.exists else ""
+
+    def load_and_list() -> str:
+        scratch = Nft()
+        scratch.run_json(table.transaction())
+        return scratch.list_text(f"table inet {table.name}")
+
+    new = in_scratch_namespace(load_and_list)
+    lines = difflib.unified_diff(
+        _expand_elements(old),
+        _expand_elements(new),
+        "live" if state.exists else "live (no seng table)",
+        "policy",
+        lineterm="",
+    )
+    return "\n".join(lines)
+
+
+def counters(nft: Nft, table: str) -> dict[str, tuple[int, int]]:
+    """Per-app (packets, bytes) counters: names `tx_APP` / `rx_APP` (for `status`)."""
+    return read_state(nft, table).counters
+
+
+def set_exposure_target(
+    nft: Nft, policy: Policy, app_name: str, enclave: IPv4Address | None, table: str = TABLE
+) -> None:
+    """Make `enclave` serve every exposure of app `app_name` (the gateway calls this when
+    an enclave of the app gets its address), or with `enclave` None withdraw them (when
+    it goes). One batch: existing entries of those exposures are replaced."""
+    current = read_state(nft, table).exposed
+    body = {"family": FAMILY, "table": table, "name": "expose_addr"}
+    commands: list[Json] = []
+    for exposure in policy.app(app_name).expose:
+        key = {"concat": [str(exposure.address), exposure.protocol, exposure.port]}
+        number = _PROTOCOL_NUMBERS[exposure.protocol]
+        if (int(exposure.address), number, exposure.port) in current:
+            commands.append({"delete": {"element": {**body, "elem": [key]}}})
+        if enclave is not None:
+            commands.append({"add": {"element": {**body, "elem": [[key, str(enclave)]]}}})
+    if commands:
+        nft.run_json({"nftables": commands})
+
+
+# --- the gateway --------------------------------------------------------------------
+
+
+def reload_gateway(pid_file: Path) -> str:
+    """Send SIGHUP to the gateway whose pid is in `pid_file`; it reloads the policy,
+    disconnects enclaves of apps no longer allowed and deletes their conntrack entries.
+    Returns what happened, for the user."""
+    try:
+        text = pid_file.read_text().strip()
+    except FileNotFoundError:
+        return f"no gateway pid file {pid_file}: no running gateway to reload"
+    except OSError as exc:
+        return f"warning: cannot read {pid_file}: {exc}"
+    if not text.isdigit():
+        return f"warning: {pid_file} does not hold a pid ({text[:20]!r})"
+    pid = int(text)
+    # A stale pid file may name an unrelated process, which SIGHUP would kill.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return f"warning: gateway pid {pid} from {pid_file} is not running"
+    if b"seng" not in cmdline:
+        return f"warning: pid {pid} from {pid_file} is not a seng-fw gateway; not signalled"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGHUP)
+        return f"gateway (pid {pid}) told to reload its policy"
+    return f"warning: gateway pid {pid} from {pid_file} is not running"

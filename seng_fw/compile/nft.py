@@ -1,0 +1,504 @@
+"""A small model of the nftables objects seng-fw writes, rendered two ways: libnftables
+JSON (what `apply` loads) and nft syntax (what humans read; `nft -f` loads it too).
+
+Only the expressions the compiler uses are modelled; each renders itself in both forms,
+so the two outputs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, Literal
+
+from seng_fw.compile.boxes import Interval
+
+Json = Any
+FAMILY = "inet"
+
+# --- values in set elements --------------------------------------------------------
+
+# The datatype of each field of a set key, as nft names them.
+Datatype = Literal["ipv4_addr", "inet_proto", "inet_service", "mark"]
+PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
+
+
+def _address(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, "big"))  # much faster than str(IPv4Address)
+
+
+def _address_interval(interval: Interval) -> tuple[Json, str]:
+    low, high = interval
+    first = _address(low)
+    if low == high:
+        return first, first
+    size = high - low + 1
+    if size & (size - 1) == 0 and low % size == 0:  # a prefix: aligned power of two
+        length = 32 - size.bit_length() + 1
+        return {"prefix": {"addr": first, "len": length}}, f"{first}/{length}"
+    last = _address(high)
+    return {"range": [first, last]}, f"{first}-{last}"
+
+
+def render_value(datatype: Datatype, interval: Interval) -> tuple[Json, str]:
+    """One field of an element: (JSON, nft text)."""
+    low, high = interval
+    if datatype == "ipv4_addr":
+        return _address_interval(interval)
+    if datatype == "inet_proto" and low == high and low in PROTOCOL_NAMES:
+        return PROTOCOL_NAMES[low], PROTOCOL_NAMES[low]
+    if datatype == "mark":
+        if low == high:
+            return low, f"0x{low:08x}"
+        return {"range": [low, high]}, f"0x{low:08x}-0x{high:08x}"
+    if low == high:
+        return low, str(low)
+    return {"range": [low, high]}, f"{low}-{high}"
+
+
+def network_interval(network: IPv4Network) -> Interval:
+    low = int(network.network_address)
+    return low, low | ((1 << (32 - network.prefixlen)) - 1)
+
+
+def address_interval(address: IPv4Address) -> Interval:
+    return int(address), int(address)
+
+
+# --- expressions and statements -----------------------------------------------------
+
+
+class Expr:
+    def json(self) -> Json:
+        raise NotImplementedError
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Payload(Expr):
+    protocol: str  # "ip", "th"
+    field: str
+
+    def json(self) -> Json:
+        return {"payload": {"protocol": self.protocol, "field": self.field}}
+
+    def text(self) -> str:
+        return f"{self.protocol} {self.field}"
+
+
+@dataclass(frozen=True)
+class Meta(Expr):
+    key: str  # "l4proto", "iifname", ...
+
+    def json(self) -> Json:
+        return {"meta": {"key": self.key}}
+
+    def text(self) -> str:
+        # nft writes interface names without the `meta` keyword
+        return self.key if self.key in ("iifname", "oifname") else f"meta {self.key}"
+
+
+@dataclass(frozen=True)
+class Ct(Expr):
+    key: str  # "state", "status", "mark", "ip daddr"
+    direction: str | None = None  # "original" / "reply"
+
+    def json(self) -> Json:
+        ct: dict[str, str] = {"key": self.key}
+        if self.direction:
+            ct["dir"] = self.direction
+        return {"ct": ct}
+
+    def text(self) -> str:
+        return " ".join(part for part in ("ct", self.direction, self.key) if part)
+
+
+@dataclass(frozen=True)
+class And(Expr):
+    expr: Expr
+    mask: int
+
+    def json(self) -> Json:
+        return {"&": [self.expr.json(), self.mask]}
+
+    def text(self) -> str:
+        return f"{self.expr.text()} & 0x{self.mask:08x}"
+
+
+@dataclass(frozen=True)
+class Concat(Expr):
+    exprs: tuple[Expr, ...]
+
+    def json(self) -> Json:
+        return {"concat": [expr.json() for expr in self.exprs]}
+
+    def text(self) -> str:
+        return " . ".join(expr.text() for expr in self.exprs)
+
+
+def key(*exprs: Expr) -> Expr:
+    return exprs[0] if len(exprs) == 1 else Concat(exprs)
+
+
+@dataclass(frozen=True)
+class Match(Expr):
+    """`left right` (==), `left != right` or a flag test (`ct state established,related`).
+    `right` is a set reference (`@name`), a string or a list of flags."""
+
+    left: Expr
+    right: str | tuple[str, ...]
+    op: Literal["==", "!=", "in"] = "=="
+
+    def json(self) -> Json:
+        right = list(self.right) if isinstance(self.right, tuple) else self.right
+        return {"match": {"op": self.op, "left": self.left.json(), "right": right}}
+
+    def text(self) -> str:
+        if isinstance(self.right, tuple):
+            right = ",".join(self.right)
+        elif self.right.startswith("@") or self.op == "in":
+            right = self.right
+        else:
+            right = json.dumps(self.right)  # a quoted string, e.g. an interface name
+        return (
+            f"{self.left.text()} != {right}" if self.op == "!=" else f"{self.left.text()} {right}"
+        )
+
+
+@dataclass(frozen=True)
+class Verdict(Expr):
+    kind: Literal["accept", "drop", "return", "jump", "goto"]
+    target: str | None = None
+
+    def json(self) -> Json:
+        return {self.kind: {"target": self.target} if self.target else None}
+
+    def text(self) -> str:
+        return f"{self.kind} {self.target}" if self.target else self.kind
+
+
+@dataclass(frozen=True)
+class CounterMap(Expr):
+    """`counter name KEY map @MAP`: count in the named counter the key maps to; a key
+    that is not in the map ends the rule (and nothing else)."""
+
+    lookup: Expr
+    map: str
+
+    def json(self) -> Json:
+        return {"counter": {"map": {"key": self.lookup.json(), "data": f"@{self.map}"}}}
+
+    def text(self) -> str:
+        return f"counter name {self.lookup.text()} map @{self.map}"
+
+
+@dataclass(frozen=True)
+class Vmap(Expr):
+    lookup: Expr
+    map: str
+
+    def json(self) -> Json:
+        return {"vmap": {"key": self.lookup.json(), "data": f"@{self.map}"}}
+
+    def text(self) -> str:
+        return f"{self.lookup.text()} vmap @{self.map}"
+
+
+@dataclass(frozen=True)
+class Limit(Expr):
+    rate: int
+    per: str
+
+    def json(self) -> Json:
+        return {"limit": {"rate": self.rate, "per": self.per}}
+
+    def text(self) -> str:
+        return f"limit rate {self.rate}/{self.per}"
+
+
+@dataclass(frozen=True)
+class Log(Expr):
+    prefix: str
+
+    def json(self) -> Json:
+        return {"log": {"prefix": self.prefix}}
+
+    def text(self) -> str:
+        return f"log prefix {json.dumps(self.prefix)}"
+
+
+@dataclass(frozen=True)
+class DnatMaps(Expr):
+    """`dnat ip to KEY map @ADDRS : KEY map @PORTS` (two maps: libnftables 1.0.6 cannot
+    read a map whose data is an address . port concatenation from JSON)."""
+
+    lookup: Expr
+    addresses: str
+    ports: str
+
+    def json(self) -> Json:
+        def lookup(name: str) -> Json:
+            return {"map": {"key": self.lookup.json(), "data": f"@{name}"}}
+
+        return {
+            "dnat": {"family": "ip", "addr": lookup(self.addresses), "port": lookup(self.ports)}
+        }
+
+    def text(self) -> str:
+        k = self.lookup.text()
+        return f"dnat ip to {k} map @{self.addresses} : {k} map @{self.ports}"
+
+
+# --- objects -------------------------------------------------------------------------
+
+
+@dataclass
+class Rule:
+    exprs: tuple[Expr, ...]
+    comment: str = ""  # shown in the text form only
+
+    def json(self) -> Json:
+        return [expr.json() for expr in self.exprs]
+
+    def text(self) -> str:
+        return " ".join(expr.text() for expr in self.exprs)
+
+
+@dataclass(frozen=True)
+class Hook:
+    type: Literal["filter", "nat"]
+    hook: str
+    priority: int
+    priority_name: str  # nft's symbolic name for the text form, e.g. "filter"
+    policy: Literal["accept", "drop"] = "accept"
+
+
+@dataclass
+class Chain:
+    name: str
+    rules: list[Rule] = field(default_factory=list)
+    hook: Hook | None = None
+    comment: str = ""
+    group: str = ""  # objects of one app are shown together in the text form
+
+    def add(self, *exprs: Expr, comment: str = "") -> None:
+        self.rules.append(Rule(exprs, comment))
+
+
+# Map data: a counter name, a verdict (goto CHAIN), an address or a port.
+MapData = Literal["counter", "verdict", "ipv4_addr", "inet_service"]
+
+
+@dataclass
+class NamedSet:
+    """A set (`data` None) or a map; elements are boxes (one interval per key field)."""
+
+    name: str
+    key: tuple[Datatype, ...]
+    elements: list[tuple[Interval, ...]] = field(default_factory=list)
+    interval: bool = True
+    data: MapData | None = None
+    values: list[str | int] = field(default_factory=list)  # map data, one per element
+    comment: str = ""
+    group: str = ""
+
+    @property
+    def is_map(self) -> bool:
+        return self.data is not None
+
+    def add(self, element: tuple[Interval, ...], value: str | int | None = None) -> None:
+        self.elements.append(element)
+        if value is not None:
+            self.values.append(value)
+
+    def _element(self, element: tuple[Interval, ...]) -> tuple[Json, str]:
+        parts = [render_value(t, i) for t, i in zip(self.key, element, strict=True)]
+        if len(parts) == 1:
+            return parts[0]
+        return {"concat": [p[0] for p in parts]}, " . ".join(p[1] for p in parts)
+
+    def _value(self, value: str | int) -> tuple[Json, str]:
+        if self.data == "verdict":  # "drop" or "goto CHAIN"
+            kind, _, target = str(value).partition(" ")
+            return ({kind: {"target": target}} if target else {kind: None}), str(value)
+        if self.data == "counter":
+            return value, json.dumps(value)
+        if self.data == "ipv4_addr":
+            return str(IPv4Address(value)), str(IPv4Address(value))
+        return value, str(value)
+
+    def rendered_elements(self) -> list[tuple[Json, str]]:
+        out = []
+        for index, element in enumerate(self.elements):
+            elem_json, elem_text = self._element(element)
+            if self.is_map:
+                value_json, value_text = self._value(self.values[index])
+                out.append(([elem_json, value_json], f"{elem_text} : {value_text}"))
+            else:
+                out.append((elem_json, elem_text))
+        return out
+
+    def json(self, table: str, *, elements: bool = True) -> Json:
+        body: dict[str, Any] = {"family": FAMILY, "table": table, "name": self.name}
+        body["type"] = self.key[0] if len(self.key) == 1 else list(self.key)
+        if self.data is not None:
+            body["map"] = self.data
+        if self.interval:
+            body["flags"] = ["interval"]
+        if elements and self.elements:
+            body["elem"] = [j for j, _ in self.rendered_elements()]
+        return {"map" if self.is_map else "set": body}
+
+    def text(self) -> list[str]:
+        kind = "map" if self.is_map else "set"
+        type_text = " . ".join(self.key) + (f" : {self.data}" if self.data else "")
+        lines = [f"{kind} {self.name} {{", f"\ttype {type_text}"]
+        if self.interval:
+            lines.append("\tflags interval")
+        elements = [t for _, t in self.rendered_elements()]
+        if elements:
+            lines.append("\telements = {")
+            lines += [f"\t\t{e}," for e in elements[:-1]] + [f"\t\t{elements[-1]}"]
+            lines.append("\t}")
+        lines.append("}")
+        return lines
+
+
+@dataclass
+class Counter:
+    name: str
+    packets: int = 0
+    bytes: int = 0
+    group: str = ""
+
+    def json(self, table: str) -> Json:
+        body: dict[str, Any] = {"family": FAMILY, "table": table, "name": self.name}
+        if self.packets or self.bytes:
+            body.update(packets=self.packets, bytes=self.bytes)
+        return {"counter": body}
+
+    def text(self) -> list[str]:
+        if self.packets or self.bytes:
+            return [f"counter {self.name} {{ packets {self.packets} bytes {self.bytes} }}"]
+        return [f"counter {self.name} {{ }}"]
+
+
+@dataclass
+class Table:
+    name: str
+    chains: list[Chain] = field(default_factory=list)
+    sets: list[NamedSet] = field(default_factory=list)
+    counters: list[Counter] = field(default_factory=list)
+
+    def set(self, name: str) -> NamedSet:
+        for named in self.sets:
+            if named.name == name:
+                return named
+        raise KeyError(name)
+
+    def chain(self, name: str) -> Chain:
+        for chain in self.chains:
+            if chain.name == name:
+                return chain
+        raise KeyError(name)
+
+    # -- JSON: one transaction that replaces the table and touches nothing else --
+
+    def transaction(self) -> Json:
+        """`add table` (so that the delete cannot fail), `delete table`, then the whole
+        table again, as one libnftables batch: the kernel commits all of it or nothing."""
+        ident = {"family": FAMILY, "name": self.name}
+        cmds: list[Json] = [
+            {"metainfo": {"json_schema_version": 1}},
+            {"add": {"table": dict(ident)}},
+            {"delete": {"table": dict(ident)}},
+        ]
+        cmds += [{"add": obj} for obj in self.objects()]
+        return {"nftables": cmds}
+
+    def objects(self) -> list[Json]:
+        """Every object, each after what it refers to, in an order that keeps the kernel
+        fast: it finds a set created in the same batch by walking the batch from its
+        start, so the many per-app sets come first and empty, and their elements last.
+        (With each set's elements right after it, a 10,000-app policy took minutes to
+        load instead of seconds.) The shared sets and maps are few; they come after the
+        chains and counters their elements name, with their elements (libnftables 1.0.6
+        fails on `add element` to an interval map created in the same batch)."""
+        per_app = [named for named in self.sets if named.group]
+        shared = [named for named in self.sets if not named.group]
+        objs: list[Json] = [{"table": {"family": FAMILY, "name": self.name}}]
+        objs += [named.json(self.name, elements=False) for named in per_app]
+        objs += [counter.json(self.name) for counter in self.counters]
+        for chain in self.chains:
+            body: dict[str, Any] = {"family": FAMILY, "table": self.name, "name": chain.name}
+            if chain.hook:
+                body.update(
+                    type=chain.hook.type,
+                    hook=chain.hook.hook,
+                    prio=chain.hook.priority,
+                    policy=chain.hook.policy,
+                )
+            objs.append({"chain": body})
+        objs += [named.json(self.name) for named in shared]
+        for chain in self.chains:
+            for rule in chain.rules:
+                body = {"family": FAMILY, "table": self.name, "chain": chain.name}
+                objs.append({"rule": {**body, "expr": rule.json()}})
+        for named in per_app:
+            if named.elements:
+                body = {"family": FAMILY, "table": self.name, "name": named.name}
+                elements = [j for j, _ in named.rendered_elements()]
+                objs.append({"element": {**body, "elem": elements}})
+        return objs
+
+    # -- nft syntax --
+
+    def text(self, header: Sequence[str] = ()) -> str:
+        """The same transaction in nft syntax (`nft -f FILE` loads it atomically). Shared
+        objects come first, then each group (app) with a heading."""
+        out = [f"# {line}" if line else "#" for line in header]
+        out += [
+            f"add table {FAMILY} {self.name}",
+            f"delete table {FAMILY} {self.name}",
+            "",
+            f"table {FAMILY} {self.name} {{",
+        ]
+        groups: dict[str, list[list[str]]] = {"": []}  # shared objects first
+        objects: list[Counter | NamedSet | Chain] = [*self.counters, *self.sets, *self.chains]
+        for obj in objects:
+            block = obj.text() if isinstance(obj, Counter) else _commented(obj)
+            groups.setdefault(obj.group, []).append(block)
+        first = True
+        for group, blocks in groups.items():
+            if group:
+                blocks[0] = [f"# ---- {group} ----", *blocks[0]]
+            for block in blocks:
+                if not first:
+                    out.append("")
+                first = False
+                out += [f"\t{line}" for line in block]
+        out.append("}")
+        return "\n".join(out) + "\n"
+
+
+def _commented(obj: NamedSet | Chain) -> list[str]:
+    block = [f"# {obj.comment}"] if obj.comment else []
+    if isinstance(obj, NamedSet):
+        return block + obj.text()
+    block.append(f"chain {obj.name} {{")
+    if obj.hook:
+        h = obj.hook
+        block.append(
+            f"\ttype {h.type} hook {h.hook} priority {h.priority_name}; policy {h.policy};"
+        )
+    for rule in obj.rules:
+        if rule.comment:
+            block.append(f"\t# {rule.comment}")
+        block.append(f"\t{rule.text()}")
+    block.append("}")
+    return block

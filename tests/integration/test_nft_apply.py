@@ -1,0 +1,455 @@
+"""The compiled ruleset in a real kernel, with real packets, in network namespaces.
+
+No tunnels yet: an "enclave side" stands in for the gateway's TUN device. Its hosts
+hold enclave addresses and reach the gateway over a bridge, which plays the TUN
+(`--tun lan`); the external host is behind the gateway's other interface::
+
+    enc1 .10: demo-enclave 192.168.28.10,  --+
+              batch-worker 192.168.29.10     +-- lan (bridge, the "TUN") gw .1 ext --- .2 ext
+    enc2 .20: sdk-nginx 172.16.28.10 --------+   10.77.1.0/24             10.77.2.0/24  .53 .10
+
+The policy is policies/example.yaml (three apps, two categories).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seng_fw import netns
+from seng_fw.compile import live
+from seng_fw.compile.compiler import Options, compile_policy
+from seng_fw.compile.nft import Rule, Table, Verdict
+from seng_fw.netns import Host, Route, Segment, Topology, ip
+from seng_fw.policy.loader import load_policy
+from seng_fw.policy.models import Policy
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "policies/example.yaml"
+DEMO, WORKER, NGINX = "192.168.28.10", "192.168.29.10", "172.16.28.10"
+EXT, RESOLVER, BATCH, GW_EXT = "10.77.2.2", "10.77.2.53", "10.77.2.10", "10.77.2.1"
+ENC1_LAN = "10.77.1.10"
+SHORT = 0.4  # seconds to wait for a packet that should be dropped
+
+pytestmark = pytest.mark.root
+
+
+def _route(dst: str, via: str) -> Route:
+    return Route(IPv4Network(dst), IPv4Address(via))
+
+
+@pytest.fixture
+def topo(make_topology: Callable[..., Topology]) -> Topology:
+    lan, ext = IPv4Network("10.77.1.0/24"), IPv4Network("10.77.2.0/24")
+    default = (_route("0.0.0.0/0", "10.77.1.1"),)
+    topology = make_topology(
+        [
+            Host("enc1", routes=default),
+            Host("enc2", routes=default),
+            Host(
+                "gw",
+                forwarding=True,
+                routes=(
+                    _route("192.168.28.0/24", ENC1_LAN),
+                    _route("192.168.29.0/24", ENC1_LAN),
+                    _route("172.16.28.0/26", "10.77.1.20"),
+                ),
+            ),
+            Host(
+                "ext",
+                routes=(
+                    _route("192.168.0.0/16", GW_EXT),
+                    _route("172.16.0.0/12", GW_EXT),
+                    _route("10.77.1.0/24", GW_EXT),
+                ),
+            ),
+        ],
+        [
+            Segment(
+                "lan",
+                lan,
+                "gw",
+                lan[1],
+                (("enc1", IPv4Address(ENC1_LAN)), ("enc2", IPv4Address("10.77.1.20"))),
+            ),
+            Segment("ext", ext, "gw", IPv4Address(GW_EXT), (("ext", IPv4Address(EXT)),)),
+        ],
+    )
+    for host, address in (("enc1", DEMO), ("enc1", WORKER), ("enc2", NGINX)):
+        ip("addr", "add", f"{address}/32", "dev", "lo", netns=topology.ns(host))
+    for address in (RESOLVER, BATCH):
+        ip("addr", "add", f"{address}/24", "dev", "ext", netns=topology.ns("ext"))
+    return topology
+
+
+# --- packets ---------------------------------------------------------------------
+
+
+@contextmanager
+def listening(topo: Topology, host: str, address: str, port: int) -> Iterator[socket.socket]:
+    server = topo.socket(host, socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((address, port))
+    server.listen(16)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def connects(topo: Topology, host: str, src: str, dst: str, port: int) -> bool:
+    client = topo.socket(host, socket.AF_INET, socket.SOCK_STREAM)
+    client.bind((src, 0))
+    client.settimeout(SHORT)
+    try:
+        client.connect((dst, port))
+    except OSError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
+def tcp(topo: Topology, client: str, src: str, server: str, dst: str, port: int) -> bool:
+    with listening(topo, server, dst, port):
+        return connects(topo, client, src, dst, port)
+
+
+def udp(topo: Topology, client: str, src: str, server: str, dst: str, port: int) -> bool:
+    receiver = topo.socket(server, socket.AF_INET, socket.SOCK_DGRAM)
+    sender = topo.socket(client, socket.AF_INET, socket.SOCK_DGRAM)
+    with receiver, sender:
+        receiver.bind((dst, port))
+        receiver.settimeout(SHORT)
+        sender.bind((src, 0))
+        sender.sendto(b"seng-fw", (dst, port))
+        try:
+            return receiver.recvfrom(100)[0] == b"seng-fw"
+        except TimeoutError:
+            return False
+
+
+def ping(topo: Topology, host: str, src: str, dst: str) -> bool:
+    return netns.ping(topo.ns(host), dst, source=src, timeout=SHORT)
+
+
+# --- the ruleset -----------------------------------------------------------------
+
+
+def compiled(policy: Policy) -> Table:
+    return compile_policy(policy, Options(tun="lan"))
+
+
+def apply_in(topo: Topology, policy: Policy, table: Table | None = None, **kwargs: Any) -> None:
+    table = table or compiled(policy)
+    topo.call("gw", lambda: live.apply(table, policy, live.Nft(), **kwargs))
+
+
+def ruleset(topo: Topology) -> str:
+    return topo.run("gw", ["nft", "list", "ruleset"]).stdout
+
+
+def nft(topo: Topology, *commands: str) -> None:
+    topo.run("gw", ["nft", *commands])
+
+
+def without_demo(tmp_path: Path) -> Path:
+    """policies/example.yaml without the demo-enclave app (and the rule naming it)."""
+    text = EXAMPLE.read_text()
+    text = text[: text.index("  # DemoEnclave")] + text[text.index("  # SDK-NGINX") :]
+    text = text.replace("[{app: demo-enclave}, 10.77.2.0/24]", "[10.77.2.0/24]")
+    path = tmp_path / "without-demo.yaml"
+    path.write_text(text)
+    return path
+
+
+# --- tests ------------------------------------------------------------------------
+
+
+def test_flows_of_the_example_policy(topo: Topology) -> None:
+    policy = load_policy(EXAMPLE)
+    # Before any ruleset everything flows (the control for every "dropped" below).
+    assert tcp(topo, "enc1", DEMO, "ext", EXT, 22)
+    apply_in(topo, policy)
+    flows: list[tuple[str, bool, Callable[[], bool]]] = [
+        ("demo -> web tcp/443", True, lambda: tcp(topo, "enc1", DEMO, "ext", EXT, 443)),
+        ("demo -> web tcp/80", True, lambda: tcp(topo, "enc1", DEMO, "ext", EXT, 80)),
+        ("demo -> ext tcp/22", False, lambda: tcp(topo, "enc1", DEMO, "ext", EXT, 22)),
+        ("demo -> resolver udp/53", True, lambda: udp(topo, "enc1", DEMO, "ext", RESOLVER, 53)),
+        ("demo -> ext udp/53", False, lambda: udp(topo, "enc1", DEMO, "ext", EXT, 53)),
+        ("demo -> ext icmp", True, lambda: ping(topo, "enc1", DEMO, EXT)),
+        ("nginx -> ext icmp", False, lambda: ping(topo, "enc2", NGINX, EXT)),
+        ("nginx -> web tcp/443", False, lambda: tcp(topo, "enc2", NGINX, "ext", EXT, 443)),
+        ("nginx -> resolver udp/53", True, lambda: udp(topo, "enc2", NGINX, "ext", RESOLVER, 53)),
+        # app to app: both the source's egress and the destination's ingress
+        ("demo -> nginx tcp/443", True, lambda: tcp(topo, "enc1", DEMO, "enc2", NGINX, 443)),
+        ("demo -> nginx tcp/80", False, lambda: tcp(topo, "enc1", DEMO, "enc2", NGINX, 80)),
+        ("nginx -> demo tcp/443", False, lambda: tcp(topo, "enc2", NGINX, "enc1", DEMO, 443)),
+        # ingress from the external side
+        ("ext -> nginx tcp/443", True, lambda: tcp(topo, "ext", EXT, "enc2", NGINX, 443)),
+        ("ext -> nginx tcp/80", False, lambda: tcp(topo, "ext", EXT, "enc2", NGINX, 80)),
+        ("ext -> demo tcp/443", False, lambda: tcp(topo, "ext", EXT, "enc1", DEMO, 443)),
+        ("ext -> demo icmp", False, lambda: ping(topo, "ext", EXT, DEMO)),
+        # the gateway itself is not an enclave's peer unless named
+        ("demo -> gateway icmp", False, lambda: ping(topo, "enc1", DEMO, "10.77.1.1")),
+        # shared subnet without the labeller: fail closed
+        ("worker -> batch tcp/5005", False, lambda: tcp(topo, "enc1", WORKER, "ext", BATCH, 5005)),
+        # the TUN (here: lan) carries enclave addresses only
+        ("lan -> ext tcp/22", False, lambda: tcp(topo, "enc1", ENC1_LAN, "ext", EXT, 22)),
+        # traffic of no enclave is not seng-fw's business
+        ("ext -> gw icmp", True, lambda: ping(topo, "ext", EXT, GW_EXT)),
+    ]
+    wrong = [name for name, allowed, flow in flows if flow() is not allowed]
+    assert not wrong, f"flows not as the policy says: {wrong}"
+
+    # Enclave addresses come from the TUN only: spoofed from the external side, dropped.
+    ip("addr", "add", "192.168.28.99/32", "dev", "lo", netns=topo.ns("ext"))
+    assert not udp(topo, "ext", "192.168.28.99", "enc1", ENC1_LAN, 9999)
+    assert udp(topo, "ext", EXT, "enc1", ENC1_LAN, 9999)
+
+    # A stand-in labeller (an administrator's table before seng's chains) marks the
+    # worker's connections with its app id: the shared-subnet rules now apply.
+    nft(
+        topo,
+        "add table ip labeller; add chain ip labeller label "
+        "{ type filter hook forward priority mangle; }; "
+        f"add rule ip labeller label ct state new ip saddr {WORKER} ct mark set 3",
+    )
+    assert tcp(topo, "enc1", WORKER, "ext", BATCH, 5005)
+    assert not tcp(topo, "enc1", WORKER, "ext", BATCH, 5011)
+    assert udp(topo, "enc1", WORKER, "ext", RESOLVER, 53)
+
+    # per-app counters saw the traffic
+    counts = topo.call("gw", lambda: live.counters(live.Nft(), "seng"))
+    assert counts["tx_demo-enclave"][0] > 0 and counts["rx_sdk-nginx"][0] > 0
+
+
+def test_exposed_service(topo: Topology) -> None:
+    policy = load_policy(EXAMPLE)
+    apply_in(topo, policy)
+    with listening(topo, "enc2", NGINX, 443):
+        # no enclave serves it yet: nothing is translated, the gateway refuses
+        assert not connects(topo, "ext", EXT, GW_EXT, 8443)
+
+        # the gateway names the serving enclave (first another one, then the right one)
+        def serve(enclave: str | None) -> None:
+            target = None if enclave is None else IPv4Address(enclave)
+            topo.call(
+                "gw", lambda: live.set_exposure_target(live.Nft(), policy, "sdk-nginx", target)
+            )
+
+        serve("172.16.28.11")
+        serve(NGINX)
+        assert connects(topo, "ext", EXT, GW_EXT, 8443)
+        # an apply keeps the gateway's entry while the exposure exists
+        apply_in(topo, policy)
+        assert connects(topo, "ext", EXT, GW_EXT, 8443)
+        # only from the exposure's `from` (10.77.2.0/24)
+        ip("addr", "add", "10.77.3.2/32", "dev", "lo", netns=topo.ns("ext"))
+        assert not connects(topo, "ext", "10.77.3.2", GW_EXT, 8443)
+        # withdrawn when the enclave goes
+        serve(None)
+        assert not connects(topo, "ext", EXT, GW_EXT, 8443)
+
+
+def test_admin_tables_survive_apply(topo: Topology, tmp_path: Path) -> None:
+    nft(
+        topo,
+        "add table inet admin; add chain inet admin input "
+        "{ type filter hook input priority 10; policy accept; }; "
+        "add rule inet admin input tcp dport 2222 counter drop; "
+        "add table ip nat_admin; add set ip nat_admin blocked { type ipv4_addr; }; "
+        "add element ip nat_admin blocked { 10.9.9.9 }",
+    )
+    before = ruleset(topo)
+    policy = load_policy(EXAMPLE)
+    apply_in(topo, policy)
+    apply_in(topo, load_policy(without_demo(tmp_path)))
+    after = ruleset(topo)
+    for table in ("table inet admin", "table ip nat_admin"):
+        block = before[before.index(table) :]
+        block = block[: block.index("\n}\n") + 3]
+        assert block in after
+    # and removing seng's table gives back exactly the administrator's ruleset
+    nft(topo, "delete table inet seng")
+    assert ruleset(topo) == before
+
+
+def _failing(table: Table) -> Table:
+    """The table with one rule the kernel refuses (a jump to a chain that does not exist),
+    last in the batch: everything before it was accepted."""
+    table.chains[-1].rules.append(Rule((Verdict("jump", "no_such_chain"),)))
+    return table
+
+
+def test_failed_apply_changes_nothing(topo: Topology, tmp_path: Path) -> None:
+    policy = load_policy(EXAMPLE)
+    nft(topo, "add table inet admin; add chain inet admin c; add rule inet admin c accept")
+    # without a previous seng table
+    before = ruleset(topo)
+    with pytest.raises(live.NftError, match="Could not process rule"):
+        apply_in(topo, policy, _failing(compiled(policy)))
+    assert ruleset(topo) == before
+    # with one
+    apply_in(topo, policy)
+    before = ruleset(topo)
+    smaller = load_policy(without_demo(tmp_path))
+    with pytest.raises(live.NftError):
+        apply_in(topo, smaller, _failing(compiled(smaller)))
+    assert ruleset(topo) == before
+    # a dry run changes nothing either, and reports what the kernel refuses
+    apply_in(topo, smaller, dry_run=True)
+    assert ruleset(topo) == before
+    with pytest.raises(live.NftError):
+        apply_in(topo, smaller, _failing(compiled(smaller)), dry_run=True)
+    assert ruleset(topo) == before
+
+
+def test_established_connections_survive_apply(topo: Topology) -> None:
+    policy = load_policy(EXAMPLE)
+    apply_in(topo, policy)
+    # a UDP echo flow demo -> resolver: every datagram must come back while we apply
+    echo = topo.socket("ext", socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind((RESOLVER, 53))
+    client = topo.socket("enc1", socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind((DEMO, 0))
+    client.settimeout(2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        echo.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                data, peer = echo.recvfrom(100)
+            except TimeoutError:
+                continue
+            echo.sendto(data, peer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    tcp_server = topo.socket("ext", socket.AF_INET, socket.SOCK_STREAM)
+    tcp_server.bind((EXT, 443))
+    tcp_server.listen(1)
+    tcp_client = topo.socket("enc1", socket.AF_INET, socket.SOCK_STREAM)
+    tcp_client.bind((DEMO, 0))
+    tcp_client.settimeout(2)
+    tcp_client.connect((EXT, 443))
+    accepted, _ = tcp_server.accept()
+    try:
+        replies = 0
+        for i in range(300):
+            if i in (50, 150, 250):  # applies while the flow runs
+                apply_in(topo, policy)
+            client.sendto(str(i).encode(), (RESOLVER, 53))
+            if client.recv(100) == str(i).encode():
+                replies += 1
+            time.sleep(0.001)
+        assert replies == 300
+        # the TCP connection made before the applies still works both ways
+        tcp_client.sendall(b"ping")
+        accepted.settimeout(2)
+        assert accepted.recv(4) == b"ping"
+        accepted.sendall(b"pong")
+        assert tcp_client.recv(4) == b"pong"
+    finally:
+        stop.set()
+        server.join()
+        for sock in (echo, client, tcp_server, tcp_client, accepted):
+            sock.close()
+
+
+def _cli(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "seng_fw.compile.cli", *args]
+    return topo.run("gw", argv, check=False)
+
+
+def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) -> None:
+    # a stand-in gateway that records SIGHUP
+    marker = tmp_path / "reloaded"
+    code = (
+        "import signal, time, pathlib  # seng-fw gateway stand-in\n"
+        f"signal.signal(signal.SIGHUP, lambda *a: pathlib.Path({str(marker)!r}).touch())\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    gateway = topo.popen("gw", [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert gateway.stdout is not None and gateway.stdout.readline() == "ready\n"
+    pid_file = tmp_path / "gateway.pid"
+    pid_file.write_text(f"{gateway.pid}\n")
+
+    shown = _cli(topo, "diff", str(EXAMPLE), "--tun", "lan")
+    assert shown.returncode == 0, shown.stderr
+    assert "+++ policy" in shown.stdout and "+\t\t\t192.168.28.0/24 : goto out_demo-enclave" in (
+        shown.stdout
+    )
+    before = ruleset(topo)
+    dry = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--dry-run")
+    assert dry.returncode == 0 and "nothing was changed" in dry.stdout
+    assert ruleset(topo) == before and not marker.exists()
+
+    done = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--gateway-pid-file", str(pid_file))
+    assert done.returncode == 0, done.stderr
+    assert "told to reload" in done.stdout
+    deadline = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert marker.exists()
+    assert _cli(topo, "diff", str(EXAMPLE), "--tun", "lan").stdout.strip() == "no changes"
+
+    # an apply that removes an app: its enclaves' new connections are refused
+    assert tcp(topo, "enc1", DEMO, "ext", EXT, 443)
+    smaller = without_demo(tmp_path)
+    check = _cli(topo, "check", str(smaller))
+    assert check.returncode == 0, check.stderr
+    shown = _cli(topo, "diff", str(smaller), "--tun", "lan")
+    assert "-\t\t\t192.168.28.0/24 : goto out_demo-enclave" in shown.stdout
+    assert _cli(topo, "apply", str(smaller), "--tun", "lan").returncode == 0
+    assert not tcp(topo, "enc1", DEMO, "ext", EXT, 443)
+    assert tcp(topo, "ext", EXT, "enc2", NGINX, 443)
+
+    # an invalid policy: exit 1, the ruleset untouched
+    before = ruleset(topo)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXAMPLE.read_text().replace("{app: sdk-nginx}", "{app: nobody}"))
+    failed = _cli(topo, "apply", str(bad), "--tun", "lan")
+    assert failed.returncode == 1 and "unknown app 'nobody'" in failed.stderr
+    assert ruleset(topo) == before
+    gateway.terminate()
+    gateway.wait()
+
+
+def _objects(topo: Topology) -> list[str]:
+    """The table as the kernel lists it, order and handles aside."""
+    listing = topo.run("gw", ["nft", "-j", "-s", "list", "table", "inet", "seng"]).stdout
+    out = []
+    for obj in json.loads(listing)["nftables"]:
+        body = next(iter(obj.values()))
+        if isinstance(body, dict):
+            body.pop("handle", None)
+            if "elem" in body:
+                body["elem"] = sorted(body["elem"], key=json.dumps)
+        out.append(json.dumps(obj, sort_keys=True))
+    return sorted(out)
+
+
+def test_text_and_json_forms_load_the_same(topo: Topology) -> None:
+    table = compiled(load_policy(EXAMPLE))
+    topo.run("gw", ["nft", "-f", "-"], input=table.text())
+    from_text = _objects(topo)
+    topo.run("gw", ["nft", "-j", "-f", "-"], input=json.dumps(table.transaction()))
+    from_json = _objects(topo)
+    assert from_text == from_json
+    assert len(from_text) > 30
+    # and the annotated skeleton loads as it is
+    topo.run("gw", ["nft", "-c", "-f", str(ROOT / "nft/seng.nft")])
