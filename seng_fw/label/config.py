@@ -1,0 +1,38 @@
+"""The `label:` section of the gateway configuration (the lead adds it to GatewayConfig)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from seng_fw.label.hook import DEFAULT_BATCH, DEFAULT_MAX_LEN
+from seng_fw.label.install import QueueMode, QueueRules
+from seng_fw.label.registry import DEFAULT_SOCKET
+from seng_fw.policy.models import StrictModel
+
+
+class LabelConfig(StrictModel):
+    # per_app: every app has its own enclave subnet and rules match addresses (default).
+    # shared: apps without a subnet share the policy's shared_subnet and are told apart
+    # by the labeller's conntrack marks.
+    mode: Literal["per_app", "shared"] = "per_app"
+    # in_process: the gateway runs the NFQUEUE hook itself; service: a separate
+    # `python -m seng_fw.label` process follows the registry over `socket`.
+    hook: Literal["in_process", "service"] = "in_process"
+    socket: Path = DEFAULT_SOCKET
+    # NFQUEUE numbers first_queue .. first_queue + queues - 1 (fan-out by flow hash).
+    first_queue: int = Field(default=0, ge=0, le=0xFFFF)
+    queues: int = Field(default=1, ge=1, le=64)
+    # auto: the nftables queue statement where the kernel has it, else iptables-nft.
+    queue_mode: Literal["auto", "nft", "xtables"] = "auto"
+    batch: int = Field(default=DEFAULT_BATCH, ge=1, le=4096)
+    max_len: int = Field(default=DEFAULT_MAX_LEN, ge=16, le=1 << 20)
+
+    def queue_rules(self, shared: IPv4Network) -> QueueRules:
+        return QueueRules(shared, self.first_queue, self.queues)
+
+    def forced_mode(self) -> QueueMode | None:
+        return None if self.queue_mode == "auto" else QueueMode(self.queue_mode)

@@ -1,0 +1,136 @@
+"""The labeller as its own service: follows the gateway's registry over a Unix socket
+and labels the queues it is given. Several processes may share the work, each with its
+own queue numbers (the queue rules spread connections over all of them).
+
+    python -m seng_fw.label --socket /run/seng-fw/label.sock --queues 0-1
+
+systemd unit (Type=notify: READY=1 is sent once the registry is synced and the queues
+are bound)::
+
+    [Service]
+    Type=notify
+    ExecStart=/usr/bin/python3 -m seng_fw.label --socket /run/seng-fw/label.sock --queues 0-1
+    Restart=always
+    RestartSec=1
+
+The gateway installs the queue rules, not this service: while it is down the kernel
+drops new connections of the shared subnet, it never passes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+from seng_fw.label.hook import DEFAULT_BATCH, DEFAULT_MAX_LEN, LabelHook, LabelHookError
+from seng_fw.label.registry import DEFAULT_SOCKET, LabelRegistryClient, Registry
+
+log = logging.getLogger("seng_fw.label")
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd about our state (no-op outside a Type=notify unit)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+    ):
+        sock.sendto(state.encode(), address)
+
+
+def parse_queues(text: str) -> list[int]:
+    """`3` or `0-3` -> queue numbers."""
+    first, _, last = text.partition("-")
+    low, high = int(first), int(last or first)
+    if not 0 <= low <= high <= 0xFFFF:
+        raise ValueError(f"bad queue range {text!r}")
+    return list(range(low, high + 1))
+
+
+async def serve(
+    socket_path: Path,
+    queues: Sequence[int],
+    *,
+    netns: str | None = None,
+    batch: int = DEFAULT_BATCH,
+    max_len: int = DEFAULT_MAX_LEN,
+    stats_interval: float = 5.0,
+    stop: asyncio.Event | None = None,
+) -> dict[str, int]:
+    """Run until `stop` is set (or SIGTERM/SIGINT); returns the final counters."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    registry = Registry()
+    hook = LabelHook(registry, queues, netns=netns, batch=batch, max_len=max_len)
+    client = LabelRegistryClient(
+        socket_path,
+        registry,
+        stats=lambda: {"queues": list(queues), "counters": hook.counters()},
+        stats_interval=stats_interval,
+    )
+    follow = asyncio.create_task(client.run())
+    try:
+        # Bind only once synced: packets would otherwise be labelled UNKNOWN (dropped).
+        synced = asyncio.create_task(client.synced.wait())
+        halted = asyncio.create_task(stop.wait())
+        await asyncio.wait({synced, halted}, return_when=asyncio.FIRST_COMPLETED)
+        synced.cancel()
+        halted.cancel()
+        if stop.is_set():
+            return hook.labeller.counters()
+        hook.start()
+        sd_notify("READY=1")
+        await stop.wait()
+        sd_notify("STOPPING=1")
+        return hook.counters()
+    finally:
+        hook.stop()
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m seng_fw.label", description="seng-fw NFQUEUE labeller service"
+    )
+    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="registry socket")
+    parser.add_argument("--queues", type=parse_queues, default=[0], help="N or FIRST-LAST")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
+    parser.add_argument("--stats-interval", type=float, default=5.0)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        counters = asyncio.run(
+            serve(
+                args.socket,
+                args.queues,
+                batch=args.batch,
+                max_len=args.max_len,
+                stats_interval=args.stats_interval,
+            )
+        )
+    except LabelHookError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in counters.items()))
+    return 0
