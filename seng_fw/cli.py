@@ -22,6 +22,8 @@ _COMMAND_MODULES = (
     "seng_fw.attest.cli",
     "seng_fw.lab.cli",
     "seng_fw.gateway.cli",
+    "seng_fw.compile.cli",
+    "seng_fw.ops_cli",
 )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from seng_fw.policy.models import StrictModel
 from seng_fw.yamlfile import load_model
@@ -59,14 +60,89 @@ class TimeoutConfig(StrictModel):
     assignment_attempts: int = Field(default=8, ge=1)
 
 
+DEFAULT_CONTROL_SOCKET = Path("/run/seng-fw/control.sock")
+
+
+class ControlConfig(StrictModel):
+    """The local control socket of `seng-fw status | enclaves | revoke | reload`."""
+
+    socket: Path = DEFAULT_CONTROL_SOCKET
+    # Write it in octal (YAML `0660`, or the string "0o660"). Connecting needs write
+    # permission, so the owner (the gateway's user) and `group` may talk to it, and root.
+    mode: int = 0o660
+    # Group that may use the socket; null: the gateway's own group.
+    group: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]*\$?$")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip().lower().removeprefix("0o")
+            try:
+                return int(text, 8)
+            except ValueError:
+                raise ValueError(f"not an octal mode: {value!r}") from None
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _private(cls, mode: int) -> int:
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"{mode} is not a permission mode (write it in octal, e.g. 0660)")
+        if mode & 0o007:
+            raise ValueError(f"{mode:#o} lets every local user in; use 0660 or 0600")
+        return mode
+
+    @model_validator(mode="after")
+    def _group_can_connect(self) -> ControlConfig:
+        if self.group is not None and not self.mode & 0o020:
+            raise ValueError(f"mode {self.mode:#o} gives group {self.group!r} no write access")
+        return self
+
+
+class MetricsConfig(StrictModel):
+    # "ADDRESS:PORT" for the Prometheus endpoint (GET /metrics); null: no metrics.
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return None if self.listen is None else parse_host_port(self.listen)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """ "127.0.0.1:9108" -> ("127.0.0.1", 9108); IPv4 only, like the rest of the gateway."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected ADDRESS:PORT, e.g. 127.0.0.1:9108, got {text!r}")
+    try:
+        IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IPv4 address") from None
+    return host, int(port)
+
+
 class GatewayConfig(StrictModel):
     listen: ListenConfig = ListenConfig()
     tls: TlsConfig
     attestation: AttestationConfig
     tun: TunConfig = TunConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
-    # A policy file (apps, subnets).
+    # A policy file (apps, subnets), or a directory of *.yaml parts.
     policy: Path
+    # per_app: every app has its own enclave subnet (told apart by address);
+    # shared: apps share one subnet and the labeller marks their connections.
+    mode: Literal["per_app", "shared"] = "per_app"
+    control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    # text: "LEVEL logger: message"; json: one JSON object per line. One event per line.
+    log_format: Literal["text", "json"] = "text"
 
     def resolved(self, base: Path) -> GatewayConfig:
         """The same configuration with relative paths made absolute against `base`."""
@@ -81,6 +157,7 @@ class GatewayConfig(StrictModel):
                     update={"roots": [fix(root) for root in self.attestation.roots]}
                 ),
                 "policy": fix(self.policy),
+                "control": self.control.model_copy(update={"socket": fix(self.control.socket)}),
             }
         )
 

@@ -1,0 +1,692 @@
+"""The gateway's local control socket: `seng-fw status | enclaves | revoke | reload`.
+
+Protocol: JSON lines over a Unix stream socket. A request is
+``{"command": "status" | "enclaves" | "revoke" | "reload", "args": {...}}``, the answer
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "text"}``; a connection may
+carry several requests.
+
+Access: connecting to a Unix socket needs write permission on it, so the socket's mode
+and group decide who may talk to the gateway (root always may). `ControlServer.start`
+refuses to listen unless the directory is private to its owner (nobody else could
+swap the socket) and the socket ends up with exactly the configured mode and group.
+
+`GatewayControl` answers the requests from a running `GatewayCore`; the gateway process
+builds one and hands it to `ControlServer` (and to `seng_fw.metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import hashlib
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from seng_fw.admission import Admission, AdmissionRejected
+from seng_fw.attest.identity import EnclaveIdentity
+from seng_fw.config import DEFAULT_CONTROL_SOCKET, ControlConfig, GatewayConfig
+from seng_fw.policy.models import App, Policy
+
+if TYPE_CHECKING:
+    from seng_fw.gateway.core import Enclave, GatewayCore
+
+log = logging.getLogger("seng_fw.control")
+
+COMMANDS = ("status", "enclaves", "revoke", "reload")
+MAX_LINE = 64 * 1024  # a request is a few hundred bytes; answers are not limited
+IDLE_TIMEOUT = 60.0  # a client that sends nothing for this long is disconnected
+# The admission check that refuses revoked enclaves: counters `rejected.<check>` and,
+# for tunnels it closes, `ended.revoked.<check>` (GatewayCore.reload's naming).
+REVOKED_CHECK = "revoked_by_operator"
+# Per-app traffic of ended enclaves, kept by GatewayCore in `counters` under
+# `app.<name>.<key>` (key as in Enclave.counters), so totals never go backwards.
+APP_COUNTER_PREFIX = "app."
+TRAFFIC_KEYS = ("packets_in", "bytes_in", "packets_out", "bytes_out", "dropped_spoofed")
+
+
+class ControlError(Exception):
+    """A request the gateway refuses or cannot carry out; the text goes to the user."""
+
+
+class ControlUnavailable(Exception):
+    """Client side: no gateway answers on the socket (not running, or no permission)."""
+
+
+class ControlRequestFailed(Exception):
+    """Client side: the gateway answered with an error (its text is the message)."""
+
+
+class ControlHandler(Protocol):
+    """What the control socket asks of the gateway. Methods run on the event loop."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def enclaves(self) -> list[dict[str, Any]]: ...
+
+    def revoke(
+        self,
+        *,
+        app: str | None = None,
+        address: str | None = None,
+        mrenclave: str | None = None,
+        clear: bool = False,
+    ) -> dict[str, Any]: ...
+
+    def reload(self) -> dict[str, Any]: ...
+
+
+# ----- server ------------------------------------------------------------------------
+
+
+class ControlServer:
+    def __init__(
+        self, handler: ControlHandler, path: Path, mode: int = 0o660, group: str | None = None
+    ) -> None:
+        self.handler = handler
+        self.path = path
+        self.mode = mode
+        self.group = group
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @classmethod
+    def from_config(cls, handler: ControlHandler, config: ControlConfig) -> ControlServer:
+        return cls(handler, config.socket, config.mode, config.group)
+
+    async def start(self) -> None:
+        """Check the directory, replace a stale socket, listen. Raises ControlError."""
+        gid = _group_id(self.group)
+        _check_directory(self.path.parent)
+        _remove_stale_socket(self.path)
+        # Bound under a temporary name and renamed once mode and group are right, so the
+        # public name never has other permissions than the configured ones.
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        temporary.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(temporary))
+            os.chmod(temporary, self.mode)
+            if gid is not None and os.stat(temporary).st_gid != gid:
+                os.chown(temporary, -1, gid)
+            os.rename(temporary, self.path)
+            self._inode = _verify_socket(self.path, self.mode, gid)
+            self._server = await asyncio.start_unix_server(
+                self._serve_client, sock=sock, limit=MAX_LINE
+            )
+        except BaseException as exc:
+            sock.close()
+            temporary.unlink(missing_ok=True)
+            self._unlink()
+            if isinstance(exc, OSError):
+                raise ControlError(f"control socket {self.path}: {exc}") from exc
+            raise
+        log.info("control socket %s (mode %#o, group %s)", self.path, self.mode, self.group or "-")
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+        self._server = None
+        self._unlink()
+
+    def _unlink(self) -> None:
+        # Only our own socket: a newer gateway may already have replaced it.
+        with contextlib.suppress(OSError):
+            if self._inode is not None and os.lstat(self.path).st_ino == self._inode:
+                self.path.unlink()
+        self._inode = None
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._writers.add(writer)
+        peer = _peer_credentials(writer)
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+                except TimeoutError:
+                    break
+                except ValueError:  # longer than MAX_LINE
+                    writer.write(_encode({"ok": False, "error": "request too long"}))
+                    break
+                if not line:
+                    break
+                writer.write(_encode(self.respond(line, peer)))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def respond(self, line: bytes, peer: str = "?") -> dict[str, Any]:
+        """The answer to one request line (never raises)."""
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ControlError("a request is a JSON object")
+            command, args = request.get("command"), request.get("args")
+            args = {} if args is None else args
+            if not isinstance(args, dict):
+                raise ControlError("args must be a JSON object")
+            if command in ("revoke", "reload"):  # who changed what, for the audit trail
+                log.info("control: %s %s by %s", command, json.dumps(args), peer)
+            return {"ok": True, "result": self._dispatch(command, args)}
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+        except ValueError as exc:  # json.JSONDecodeError
+            return {"ok": False, "error": f"not a JSON request: {exc}"}
+        except Exception as exc:
+            log.exception("control: internal error")
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+
+    def _dispatch(self, command: object, args: dict[str, Any]) -> Any:
+        handler = self.handler
+        if command == "status":
+            return handler.status()
+        if command == "enclaves":
+            return handler.enclaves()
+        if command == "reload":
+            return handler.reload()
+        if command == "revoke":
+            unknown = set(args) - {"app", "address", "mrenclave", "clear"}
+            if unknown:
+                raise ControlError(f"revoke: unknown arguments {sorted(unknown)}")
+            texts = {key: args.get(key) for key in ("app", "address", "mrenclave")}
+            if any(value is not None and not isinstance(value, str) for value in texts.values()):
+                raise ControlError("revoke: app, address and mrenclave are strings")
+            return handler.revoke(
+                app=texts["app"],
+                address=texts["address"],
+                mrenclave=texts["mrenclave"],
+                clear=args.get("clear") is True,
+            )
+        raise ControlError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, default=str).encode() + b"\n"
+
+
+def _group_id(group: str | None) -> int | None:
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ControlError(f"control socket group {group!r} does not exist") from None
+
+
+def _check_directory(directory: Path) -> None:
+    """The socket's directory must belong to us or root and be writable by nobody else:
+    whoever can write there can replace the socket with their own."""
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        # Normally systemd's RuntimeDirectory= made it; without systemd, make it private.
+        directory.mkdir(mode=0o750, parents=True)
+        info = os.stat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ControlError(f"{directory} is not a directory")
+    if info.st_uid not in (0, os.geteuid()):
+        raise ControlError(f"{directory} belongs to uid {info.st_uid}, not to root or us")
+    if info.st_mode & 0o022:
+        raise ControlError(
+            f"{directory} is writable by group or others (mode {info.st_mode & 0o7777:#o}): "
+            "another user could replace the control socket; use a private directory"
+        )
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlError(f"{path} exists and is not a socket; not touching it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # left by a gateway that died
+            return
+        except OSError as exc:
+            raise ControlError(f"{path}: cannot check the existing socket: {exc}") from exc
+    raise ControlError(f"another gateway is listening on {path}")
+
+
+def _verify_socket(path: Path, mode: int, gid: int | None) -> int:
+    info = os.lstat(path)
+    problems = []
+    if not stat.S_ISSOCK(info.st_mode):
+        problems.append("not a socket")
+    if info.st_uid != os.geteuid():
+        problems.append(f"owner uid {info.st_uid}, expected {os.geteuid()}")
+    if stat.S_IMODE(info.st_mode) != mode:
+        problems.append(f"mode {stat.S_IMODE(info.st_mode):#o}, expected {mode:#o}")
+    if gid is not None and info.st_gid != gid:
+        problems.append(f"group {info.st_gid}, expected {gid}")
+    if problems:
+        raise ControlError(f"control socket {path}: {'; '.join(problems)}")
+    return info.st_ino
+
+
+def _peer_credentials(writer: asyncio.StreamWriter) -> str:
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return "?"
+    pid, uid, gid = struct.unpack("3i", creds)
+    return f"uid={uid} gid={gid} pid={pid}"
+
+
+# ----- client ------------------------------------------------------------------------
+
+
+class ControlClient:
+    """Blocking client for the CLI: one connection per request."""
+
+    def __init__(self, path: Path = DEFAULT_CONTROL_SOCKET, timeout: float = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def request(self, command: str, **args: Any) -> Any:
+        """The request's result; raises ControlUnavailable or ControlRequestFailed."""
+        message = {"command": command, "args": {k: v for k, v in args.items() if v is not None}}
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(str(self.path))
+                sock.sendall(_encode(message))
+                with sock.makefile("rb") as answers:
+                    line = answers.readline()
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlUnavailable(
+                f"no gateway is listening on {self.path} (is seng-fw.service running?)"
+            ) from None
+        except PermissionError:
+            raise ControlUnavailable(
+                f"permission denied on {self.path}: run as root or as a member of its group"
+            ) from None
+        except TimeoutError:
+            raise ControlUnavailable(
+                f"the gateway did not answer within {self.timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise ControlUnavailable(f"{self.path}: {exc}") from None
+        if not line:
+            raise ControlUnavailable(f"the gateway closed {self.path} without answering")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise ControlRequestFailed(str(answer.get("error", "unknown error")))
+        return answer.get("result")
+
+
+# ----- the gateway's handler ---------------------------------------------------------
+
+
+@dataclass
+class Revocations:
+    """What the operator revoked: refused at admission, and their tunnels closed, until
+    the gateway restarts or `seng-fw revoke --clear`. Policy reloads keep them."""
+
+    apps: set[str] = field(default_factory=set)
+    mrenclaves: set[bytes] = field(default_factory=set)
+    # One enclave instance: its client host and attestation evidence. A restarted
+    # enclave attests afresh and may come back (unless its app or MRENCLAVE is revoked).
+    instances: dict[tuple[IPv4Address, EnclaveIdentity], str] = field(default_factory=dict)
+
+    def reason(self, app: str, identity: EnclaveIdentity, host: IPv4Address) -> str | None:
+        if app in self.apps:
+            return f"app {app} was revoked by the operator"
+        if identity.mrenclave in self.mrenclaves:
+            return f"MRENCLAVE {identity.mrenclave.hex()} was revoked by the operator"
+        instance = self.instances.get((host, identity))
+        if instance is not None:
+            return f"enclave {instance} was revoked by the operator"
+        return None
+
+    def describe(self) -> list[str]:
+        return [
+            *(f"app {name}" for name in sorted(self.apps)),
+            *(f"mrenclave {m.hex()}" for m in sorted(self.mrenclaves)),
+            *(f"enclave {text}" for text in sorted(self.instances.values())),
+        ]
+
+    def clear(self) -> int:
+        count = len(self.apps) + len(self.mrenclaves) + len(self.instances)
+        self.apps.clear()
+        self.mrenclaves.clear()
+        self.instances.clear()
+        return count
+
+
+class RevocableAdmission(Admission):
+    """The policy's admission, minus what the operator revoked."""
+
+    def __init__(self, policy: Policy, revocations: Revocations) -> None:
+        super().__init__(policy)
+        self.revocations = revocations
+
+    def admit(self, identity: EnclaveIdentity, host: IPv4Address) -> App:
+        app = super().admit(identity, host)
+        reason = self.revocations.reason(app.name, identity, host)
+        if reason is not None:
+            raise AdmissionRejected(REVOKED_CHECK, reason)
+        return app
+
+
+@dataclass(frozen=True)
+class AppTraffic:
+    """One app's tunnel traffic since start-up (ended enclaves included)."""
+
+    name: str
+    enclaves: int  # active now
+    packets_in: int  # enclave -> gateway (tunnel #1), written to the TUN device
+    bytes_in: int
+    packets_out: int  # TUN device -> enclave (tunnel #2)
+    bytes_out: int
+    dropped_spoofed: int  # from its enclaves with a source address not theirs
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The numbers behind `status` and the metrics, read on the event loop in one go."""
+
+    started_at: float  # wall clock
+    uptime: float
+    counters: dict[str, int]  # GatewayCore.counters without the per-app ones
+    apps: list[AppTraffic]
+    labeller: dict[str, int]
+    firewall: dict[str, tuple[int, int]]  # nftables counters tx_APP / rx_APP
+    policy_digest: str
+    policy_applied_at: float  # wall clock
+
+
+def policy_digest(policy: Policy) -> str:
+    """SHA-256 of the parsed policy: the same for the same rules, whatever the comments."""
+
+    def plain(value: object) -> str:
+        return value.hex() if isinstance(value, bytes) else str(value)
+
+    text = json.dumps(policy.model_dump(mode="python"), sort_keys=True, default=plain)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _no_queue() -> str:
+    return "none"
+
+
+def iso_time(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class GatewayControl:
+    """`ControlHandler` over a running `GatewayCore`; all methods run on the event loop.
+
+    `load_policy` reads the policy again (raises if it is invalid). `after_change` runs
+    after tunnels were closed or subnets changed, so that the adapter sends the queued
+    close_notify alerts, starts conntrack flushes and syncs the TUN addresses.
+    """
+
+    def __init__(
+        self,
+        core: GatewayCore,
+        config: GatewayConfig,
+        *,
+        load_policy: Callable[[], Policy],
+        after_change: Callable[[], None] = _nothing,
+        queue_mode: Callable[[], str] = _no_queue,
+        firewall_counters: Callable[[], Mapping[str, tuple[int, int]]] | None = None,
+        labeller_counters: Callable[[], Mapping[str, int]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = core
+        self.config = config
+        self.load_policy = load_policy
+        self.after_change = after_change
+        self.queue_mode = queue_mode
+        self.firewall_counters = firewall_counters
+        self.labeller_counters = labeller_counters
+        self._clock = clock
+        self._wall = wall_clock
+        self.revocations = Revocations()
+        self.started = clock()
+        self.started_at = wall_clock()
+        self.policy_applied_at = self.started_at
+        self._digest: tuple[Policy, str] | None = None
+        core.admission = self._admission()
+
+    # --- policy ----------------------------------------------------------------------
+
+    def _admission(self) -> RevocableAdmission:
+        """The core's admission with our revocations (wrapped again if it was replaced)."""
+        admission = self.core.admission
+        if isinstance(admission, RevocableAdmission) and admission.revocations is self.revocations:
+            return admission
+        return RevocableAdmission(admission.policy, self.revocations)
+
+    def reload_admission(self) -> None:
+        """Load the policy and apply it (for SIGHUP and `reload`); raises if it is invalid
+        and keeps the running one. Enclaves it no longer admits are closed."""
+        policy = self.load_policy()
+        self.core.reload(RevocableAdmission(policy, self.revocations), self._clock())
+        self.policy_applied_at = self._wall()
+
+    def policy_digest(self) -> str:
+        policy = self.core.admission.policy
+        if self._digest is None or self._digest[0] is not policy:
+            self._digest = (policy, policy_digest(policy))
+        return self._digest[1]
+
+    # --- ControlHandler --------------------------------------------------------------
+
+    def reload(self) -> dict[str, Any]:
+        before = len(self.core.enclaves)
+        try:
+            self.reload_admission()
+        except Exception as exc:
+            detail = str(exc).replace("\n", "; ")
+            log.error("policy reload failed, keeping the running policy: %s", detail)
+            raise ControlError(f"policy not reloaded, the running one is kept:\n{exc}") from exc
+        self.after_change()
+        after = len(self.core.enclaves)
+        log.info("policy reloaded: %d enclaves remain, %d closed", after, before - after)
+        return {
+            "policy": str(self.config.policy),
+            "digest": self.policy_digest(),
+            "apps": len(self.core.admission.policy.apps),
+            "enclaves": after,
+            "closed": before - after,
+        }
+
+    def revoke(
+        self,
+        *,
+        app: str | None = None,
+        address: str | None = None,
+        mrenclave: str | None = None,
+        clear: bool = False,
+    ) -> dict[str, Any]:
+        given = [value for value in (app, address, mrenclave) if value is not None]
+        if len(given) + clear != 1:
+            raise ControlError("revoke: give exactly one of app, address, mrenclave or clear")
+        if clear:
+            count = self.revocations.clear()
+            log.warning("revocations cleared (%d)", count)
+            return {"cleared": count, "ended": []}
+        what = self._add_revocation(app, address, mrenclave)
+        before = self.core.enclaves
+        # The core closes the tunnels of every enclave that its admission now refuses.
+        self.core.reload(self._admission(), self._clock())
+        remaining = set(self.core.enclaves)
+        ended = [enclave for enclave in before if enclave not in remaining]
+        self.after_change()
+        log.warning("revoked %s: %d enclaves closed", what, len(ended))
+        now, wall = self._clock(), self._wall()
+        return {"revoked": what, "ended": [self._record(e, now, wall) for e in ended]}
+
+    def _add_revocation(self, app: str | None, address: str | None, mrenclave: str | None) -> str:
+        if app is not None:
+            if app not in {known.name for known in self.core.admission.policy.apps}:
+                raise ControlError(f"no app {app!r} in the running policy")
+            self.revocations.apps.add(app)
+            return f"app {app}"
+        if mrenclave is not None:
+            text = mrenclave.strip().lower().removeprefix("0x")
+            try:
+                value = bytes.fromhex(text)
+            except ValueError:
+                value = b""
+            if len(value) != 32:
+                raise ControlError(f"MRENCLAVE must be 64 hex digits, got {mrenclave!r}")
+            self.revocations.mrenclaves.add(value)
+            return f"mrenclave {text}"
+        try:
+            wanted = IPv4Address(address or "")
+        except ValueError:
+            raise ControlError(f"{address!r} is not an IPv4 address") from None
+        for enclave in self.core.enclaves:
+            if enclave.address == wanted:
+                text = f"{wanted} (app {enclave.app.name}, host {enclave.host})"
+                self.revocations.instances[(enclave.host, enclave.identity)] = text
+                return f"enclave {text}"
+        raise ControlError(f"no enclave has address {wanted}")
+
+    def enclaves(self) -> list[dict[str, Any]]:
+        now, wall = self._clock(), self._wall()
+        found = sorted(self.core.enclaves, key=lambda e: (e.app.name, e.address))
+        return [self._record(enclave, now, wall) for enclave in found]
+
+    @staticmethod
+    def _record(enclave: Enclave, now: float, wall: float) -> dict[str, Any]:
+        identity = enclave.identity
+        return {
+            "address": str(enclave.address),
+            "app": enclave.app.name,
+            "mrenclave": identity.mrenclave.hex(),
+            "mrsigner": identity.mrsigner.hex(),
+            "isv_svn": identity.isv_svn,
+            "debug": identity.debug,
+            "host": str(enclave.host),
+            "since": iso_time(wall - (now - enclave.admitted_at)),
+            "seconds": round(now - enclave.admitted_at, 1),
+            "idle_seconds": round(now - enclave.last_activity, 1),
+            "paired": enclave.downlink is not None,
+            **{key: enclave.counters[key] for key in TRAFFIC_KEYS},
+        }
+
+    def snapshot(self) -> Snapshot:
+        core = self.core
+        totals: dict[str, Counter[str]] = {
+            app.name: Counter() for app in core.admission.policy.apps
+        }
+        active: Counter[str] = Counter()
+        counters: dict[str, int] = {}
+        for name, value in core.counters.items():
+            if name.startswith(APP_COUNTER_PREFIX):
+                app, _, key = name[len(APP_COUNTER_PREFIX) :].rpartition(".")
+                totals.setdefault(app, Counter())[key] += value
+            else:
+                counters[name] = value
+        for enclave in core.enclaves:
+            active[enclave.app.name] += 1
+            app_totals = totals.setdefault(enclave.app.name, Counter())
+            for key in TRAFFIC_KEYS:
+                app_totals[key] += enclave.counters[key]
+        return Snapshot(
+            started_at=self.started_at,
+            uptime=self._clock() - self.started,
+            counters=counters,
+            apps=[
+                AppTraffic(name, active[name], *(counts[key] for key in TRAFFIC_KEYS))
+                for name, counts in totals.items()
+            ],
+            labeller=dict(self.labeller_counters()) if self.labeller_counters else {},
+            firewall=self._firewall(),
+            policy_digest=self.policy_digest(),
+            policy_applied_at=self.policy_applied_at,
+        )
+
+    def _firewall(self) -> dict[str, tuple[int, int]]:
+        if self.firewall_counters is None:
+            return {}
+        try:
+            return dict(self.firewall_counters())
+        except Exception as exc:  # the status must not fail because nft did
+            log.warning("cannot read the firewall counters: %s", exc)
+            return {}
+
+    def status(self) -> dict[str, Any]:
+        snap = self.snapshot()
+        config = self.config
+        policy = self.core.admission.policy
+        subnets = {app.name: str(policy.subnet_of(app).subnet) for app in policy.apps}
+        apps = []
+        for app in snap.apps:
+            tx, rx = snap.firewall.get(f"tx_{app.name}"), snap.firewall.get(f"rx_{app.name}")
+            apps.append(
+                {
+                    **asdict(app),
+                    "subnet": subnets.get(app.name),  # None: no longer in the policy
+                    "revoked": app.name in self.revocations.apps,
+                    "firewall_tx": None if tx is None else {"packets": tx[0], "bytes": tx[1]},
+                    "firewall_rx": None if rx is None else {"packets": rx[0], "bytes": rx[1]},
+                }
+            )
+        host, port = config.listen.address, config.listen.port
+        return {
+            "pid": os.getpid(),
+            "started_at": iso_time(snap.started_at),
+            "uptime_seconds": round(snap.uptime, 1),
+            "listen": [f"{host}:{port}", f"{host}:{port + 1}"],
+            "mode": config.mode,
+            "tun": {"name": config.tun.name, "mtu": config.tun.mtu},
+            "queue_mode": self.queue_mode(),
+            "control_socket": str(config.control.socket),
+            "metrics": config.metrics.listen,
+            "policy": {
+                "file": str(config.policy),
+                "digest": snap.policy_digest,
+                "applied_at": iso_time(snap.policy_applied_at),
+                "apps": len(policy.apps),
+            },
+            "enclaves": sum(app.enclaves for app in snap.apps),
+            "apps": apps,
+            "admitted": snap.counters.get("admitted", 0),
+            "rejected": _by_prefix(snap.counters, "rejected."),
+            "ended": _by_prefix(snap.counters, "ended."),
+            "dropped": _by_prefix(snap.counters, "dropped."),
+            "revocations": self.revocations.describe(),
+        }
+
+
+def _by_prefix(counters: Mapping[str, int], prefix: str) -> dict[str, int]:
+    return {k[len(prefix) :]: v for k, v in sorted(counters.items()) if k.startswith(prefix)}

@@ -1,0 +1,122 @@
+"""The Vagrant lab's provisioning scripts, run in the namespace lab.
+
+vagrant/provision/{gateway,client,external}.sh are what the VMs run; here they run
+with SENG_FW_SYSTEMD=0 inside the lab's namespaces, and the test does what the
+units would (seng-fw-policy.service's `apply`, seng-fw.service's `serve`). Then the
+walkthrough of vagrant/README.md: a refused flow, a policy edit and `apply`, the flow
+passes; `seng-fw status`, and a revoked app's enclave leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from seng_fw.lab.lab import DEMO_POLICY, DEMO_WEBAPP
+from seng_fw.lab.services import probe_tcp
+from seng_fw.netns import CLIENT_A, EXTERNAL, GATEWAY, Topology
+
+REPO = Path(__file__).resolve().parents[2]
+PROVISION = REPO / "vagrant" / "provision"
+SENG_FW = f"{sys.executable} -m seng_fw"
+
+pytestmark = pytest.mark.root
+
+
+def provision(lab: Topology, host: str, script: str, **env: str) -> str:
+    variables = [f"{key}={value}" for key, value in {"SENG_FW_SYSTEMD": "0", **env}.items()]
+    result = lab.run(host, ["env", *variables, "sh", str(PROVISION / script)], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def wait(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path) -> None:
+    etc, shared, state = tmp_path / "etc", tmp_path / "shared", tmp_path / "clienta"
+    policy = tmp_path / "demo.yaml"
+    policy.write_text(DEMO_POLICY.read_text())
+    lan = lab.address(GATEWAY, "lan")
+    out = provision(
+        lab, GATEWAY, "gateway.sh", SENG_FW=SENG_FW, SENG_FW_ETC=str(etc),
+        SENG_FW_SHARED=str(shared), SENG_FW_LISTEN=f"{lan}:12345", SENG_FW_POLICY=str(policy),
+    )  # fmt: skip
+    assert "pin it in clients" in out
+    assert (shared / "gateway.pem").read_bytes() == (etc / "server.pem").read_bytes()
+    # The control socket of this test's gateway, not the machine's.
+    config = etc / "gateway.yaml"
+    control = tmp_path / "run" / "control.sock"
+    config.write_text(config.read_text().replace("/run/seng-fw/control.sock", str(control)))
+
+    def seng_fw(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return lab.run(GATEWAY, [sys.executable, "-m", "seng_fw", *args], check=check)
+
+    # What seng-fw-policy.service and seng-fw.service run.
+    seng_fw("apply", str(etc / "policies"), "--tun", "tunFA")
+    gateway_log = tmp_path / "gateway.log"
+    gateway = lab.popen(
+        GATEWAY, [sys.executable, "-m", "seng_fw", "serve", "--config", str(config)],
+        stdout=gateway_log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert wait(lambda: control.exists()), gateway_log.read_text()
+        provision(lab, EXTERNAL, "external.sh", SENG_FW_PYTHON=sys.executable,
+                  SENG_FW_VIA=str(lab.address(GATEWAY, "ext")),
+                  SENG_FW_BIND=str(lab.address(EXTERNAL, "ext")))  # fmt: skip
+        provision(
+            lab, CLIENT_A, "client.sh", SENG_FW=SENG_FW, SENG_FW_SHARED=str(shared),
+            SENG_FW_GATEWAY=f"{lan}:12345", SENG_FW_STATE=str(state),
+            SENG_FW_ENCLAVES=f"webapp:{DEMO_WEBAPP.hex()}",
+        )  # fmt: skip
+        state_file = state / "webapp" / "state.json"
+        assert wait(lambda: '"up"' in _read(state_file)), _read(state_file) + _read(gateway_log)
+        address = IPv4Address(json.loads(state_file.read_text())["address"])
+        external = str(lab.address(EXTERNAL, "ext"))
+
+        def flow() -> bool:
+            return probe_tcp(lab.ns(CLIENT_A), address, external, 7, timeout=1.0)
+
+        # The demo policy gives webapp no egress rule: the ruleset drops the flow.
+        assert not flow()
+        policy_file = etc / "policies" / "demo.yaml"
+        rule = f"    egress: [{{to: {external}, protocol: tcp, ports: 7}}]\n"
+        text = policy_file.read_text()
+        policy_file.write_text(re.sub(r"(  - name: webapp\n)", lambda m: m.group(1) + rule, text))
+        assert seng_fw("check", str(etc / "policies")).returncode == 0
+        seng_fw("apply", str(etc / "policies"), "--tun", "tunFA")
+        assert wait(flow, 10), "the flow still fails after apply"
+
+        status = json.loads(seng_fw("status", "--socket", str(control), "--json").stdout)
+        assert {a["name"]: a["enclaves"] for a in status["apps"]}["webapp"] == 1
+        revoked = seng_fw("revoke", "--app", "webapp", "--socket", str(control))
+        assert "1 enclaves disconnected" in revoked.stdout
+        assert wait(lambda: '"down"' in _read(state_file) or '"refused"' in _read(state_file))
+        enclaves = seng_fw("enclaves", "--socket", str(control), "--json").stdout
+        assert json.loads(enclaves) == []
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
+        for pid_file in state.glob("*/pid"):
+            lab.run(CLIENT_A, ["kill", pid_file.read_text().strip()], check=False)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

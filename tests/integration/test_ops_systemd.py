@@ -1,0 +1,328 @@
+"""The systemd units, installed and started by a real systemd.
+
+The test machines have no systemd as PID 1, so `PrivateSystemd` boots one as PID 1 of
+new PID and mount namespaces on the same kernel: /etc and /var are copy-on-write
+overlays (the host's files are never changed), /run is a fresh tmpfs. In there,
+`seng-fw install-units` and `seng-fw init` run as an administrator would run them,
+and `systemctl start seng-fw` starts the gateway with every restriction of its unit
+(user, capabilities, seccomp, read-only file system, private /dev, ...).
+
+What differs from a real machine, and why:
+- a drop-in puts both services into the lab's gateway namespace
+  (NetworkNamespacePath=), standing in for the host's network;
+- /dev/net/tun gets mode 0666, which udev gives it on Debian (here it is 0600);
+- the units run /opt/seng-fw-test/bin/seng-fw, a launcher for the interpreter that
+  runs the tests, bound under /opt (as `make install` puts seng-fw in /opt/seng-fw):
+  the interpreter may live under /root, which ProtectHome= hides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from seng_fw.lab.ca import ROOT_CERT_FILE, LabCA
+from seng_fw.lab.lab import DEMO_POLICY, DEMO_WEBAPP
+from seng_fw.netns import CLIENT_A, GATEWAY, Topology
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEMD = Path("/lib/systemd/systemd")
+PROGRAM = "/opt/seng-fw-test/bin/seng-fw"  # inside the private system
+CAP_NET_ADMIN = 1 << 12
+
+pytestmark = pytest.mark.root
+
+# Only the units named here exist for the private systemd (SYSTEMD_UNIT_PATH replaces
+# the search path, and no generators run): sysinit.target of the real system would
+# run systemd-tmpfiles, systemd-sysctl, timesyncd, ... whose effects (on /tmp, kernel
+# settings, the clock) no namespace contains. Its own network, UTS and cgroup
+# namespaces keep its network set-up and hostname away from the host's.
+EMPTY_TARGETS = (
+    "sysinit.target", "basic.target", "sockets.target", "paths.target", "timers.target",
+    "local-fs.target", "network-pre.target", "network.target", "network-online.target",
+    "multi-user.target", "shutdown.target",
+)  # fmt: skip
+COPIED_UNITS = (
+    "systemd-journald.service", "systemd-journald.socket",
+    "systemd-journald-dev-log.socket",
+)  # fmt: skip
+
+BOOT_SCRIPT = r"""
+set -eu
+W=$1
+mount --make-rprivate /
+# Keep the named network namespaces visible under the new /run.
+mkdir -p "$W/netns"
+if [ -d /run/netns ]; then mount --rbind /run/netns "$W/netns"; fi
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/netns
+mount --move "$W/netns" /run/netns
+for d in etc var opt; do
+    mkdir -p "$W/$d-upper" "$W/$d-work"
+    mount -t overlay overlay -o "lowerdir=/$d,upperdir=$W/$d-upper,workdir=$W/$d-work" "/$d"
+done
+# The interpreter at a path the units can see (ProtectHome= hides /root and /home),
+# with a launcher like the one `make install` puts in /opt/seng-fw/bin.
+mkdir -p /opt/seng-fw-test/python /opt/seng-fw-test/bin
+mount --bind "$PYTHON_BASE" /opt/seng-fw-test/python
+install -m 0755 "$W/launcher" /opt/seng-fw-test/bin/seng-fw
+mknod "$W/tun" c 10 200
+chmod 0666 "$W/tun"
+mount --bind "$W/tun" /dev/net/tun
+mkdir -p /run/systemd/system /run/seng-fw-test/units /run/seng-fw-test/none
+cp -r "$W/units/." /run/seng-fw-test/units/
+export container=other
+export SYSTEMD_UNIT_PATH=/run/systemd/system:/run/seng-fw-test/units
+export SYSTEMD_GENERATOR_PATH=/run/seng-fw-test/none
+export SYSTEMD_ENVIRONMENT_GENERATOR_PATH=/run/seng-fw-test/none
+exec /lib/systemd/systemd --system --unit=seng-fw-test.target --log-level=warning
+"""
+
+
+def _launcher() -> str:
+    """A seng-fw program for the bound interpreter, with this interpreter's packages."""
+    base = Path(sys.base_prefix)
+    bound = Path("/opt/seng-fw-test/python")
+
+    def inside(path: Path) -> str:
+        return str(bound / path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+    python = inside(base / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
+    sites = [inside(Path(p)) for p in sys.path if p.endswith("site-packages")]
+    code = (
+        f"import site, sys\nfor path in {json.dumps(sites)}:\n    site.addsitedir(path)\n"
+        "from seng_fw.cli import main\nsys.exit(main())\n"
+    )
+    # LD_LIBRARY_PATH: a shared-libpython build (pyenv) finds its libpython by an
+    # absolute rpath into the hidden prefix.
+    return f"#!/bin/sh\nLD_LIBRARY_PATH={inside(base / 'lib')} exec {python} -c '{code}' \"$@\"\n"
+
+
+def _cgroup_dirs() -> set[Path]:
+    found: set[Path] = set()
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        for directory, subdirs, _ in os.walk(hierarchy):
+            found.update(Path(directory, s) for s in subdirs)
+    return found
+
+
+class PrivateSystemd:
+    """systemd as PID 1 of private PID and mount namespaces (see the module docstring)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+        self._cgroups_before = _cgroup_dirs()
+
+    def start(self, timeout: float = 30.0) -> None:
+        script = self.workdir / "boot.sh"
+        script.write_text(BOOT_SCRIPT)
+        units = self.workdir / "units"
+        units.mkdir()
+        for name in EMPTY_TARGETS:
+            (units / name).write_text("[Unit]\nDescription=empty stand-in\n")
+        for name in COPIED_UNITS:
+            shutil.copyfile(Path("/lib/systemd/system", name), units / name)
+        (units / "seng-fw-test.target").write_text(
+            "[Unit]\nDescription=seng-fw test system\nWants=systemd-journald.service\n"
+        )
+        (self.workdir / "launcher").write_text(_launcher())
+        env = {**os.environ, "PYTHON_BASE": sys.base_prefix}
+        self.process = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--cgroup", "--uts", "--net",
+             "bash", str(script), str(self.workdir)],
+            env=env, stdout=(self.workdir / "systemd.log").open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            with _suppress_missing():
+                pids = children.read_text().split()
+                if pids and Path(f"/proc/{pids[0]}/exe").resolve() == SYSTEMD.resolve():
+                    self.pid = int(pids[0])
+                    state = self.run(["systemctl", "is-system-running"], check=False).stdout
+                    if state.strip() in ("running", "degraded"):
+                        return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"private systemd did not come up:\n{(self.workdir / 'systemd.log').read_text()}"
+        )
+
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, netns: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command in the private system (and optionally in a network namespace)."""
+        inner = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+        result = subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-m", "-p", "--", *inner],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if check and result.returncode != 0:
+            raise AssertionError(f"{inner} exited {result.returncode}:\n{result.stderr}")
+        return result
+
+    def journal(self, unit: str) -> str:
+        return self.run(["journalctl", "-u", unit, "-o", "cat", "--no-pager"], check=False).stdout
+
+    def stop(self) -> None:
+        if self.pid:
+            # SIGKILL of the namespace's PID 1 ends every process in it.
+            with _suppress_missing():
+                os.kill(self.pid, signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(10)
+        # systemd's cgroups outlive it (there is no cgroup-aware init outside).
+        for directory in sorted(_cgroup_dirs() - self._cgroups_before, reverse=True):
+            with _suppress_missing():
+                directory.rmdir()
+
+
+class _suppress_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+@pytest.fixture
+def private_systemd(tmp_path: Path) -> Iterator[PrivateSystemd]:
+    for tool in ("unshare", "nsenter", "mknod"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
+    if not SYSTEMD.exists():
+        pytest.skip("needs systemd (Debian package systemd)")
+    if Path("/run/systemd/system").is_dir():
+        pytest.skip("systemd is the init system here: test the units on it directly")
+    if not Path("/opt").is_dir():
+        pytest.skip("needs /opt")
+    system = PrivateSystemd(tmp_path)
+    try:
+        system.start()
+    except RuntimeError as exc:
+        system.stop()
+        pytest.skip(f"cannot boot a private systemd here: {exc}")
+    try:
+        yield system
+    finally:
+        system.stop()
+
+
+def _process_status(system: PrivateSystemd, pid: int) -> dict[str, str]:
+    text = system.run(["cat", f"/proc/{pid}/status"]).stdout
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def test_gateway_runs_under_its_unit(
+    lab: Topology, private_systemd: PrivateSystemd, tmp_path: Path
+) -> None:
+    # `lab` comes first: the private system sees the namespaces that exist when it boots.
+    system = private_systemd
+    gw_ns = lab.ns(GATEWAY)
+    lan = lab.address(GATEWAY, "lan")
+
+    # As the README says: install units and user, then init the configuration.
+    installed = system.run([str(PROGRAM), "install-units", "--bin", str(PROGRAM)], netns=gw_ns)
+    assert "seng-fw.service" in installed.stdout
+    ca = LabCA.create(tmp_path / "ca")
+    system.run(
+        [str(PROGRAM), "init", "--listen", f"{lan}:12345",
+         "--root", str(tmp_path / "ca" / ROOT_CERT_FILE), "--policy", str(DEMO_POLICY)],
+    )  # fmt: skip
+    for unit in ("seng-fw.service", "seng-fw-policy.service"):
+        # The private system reads units from /run/systemd/system only (see above).
+        system.run(["cp", f"/etc/systemd/system/{unit}", "/run/systemd/system/"])
+        system.run(["mkdir", "-p", f"/run/systemd/system/{unit}.d"])
+        system.run(["sh", "-c", f"printf '[Service]\\nNetworkNamespacePath=/run/netns/{gw_ns}\\n'"
+                    f" > /run/systemd/system/{unit}.d/test-netns.conf"])  # fmt: skip
+    system.run(["systemctl", "daemon-reload"])
+
+    started = system.run(["systemctl", "start", "seng-fw.service"], check=False)
+    assert started.returncode == 0, started.stderr + system.journal("seng-fw*")
+    assert system.run(["systemctl", "is-active", "seng-fw-policy.service"]).stdout.strip() == (
+        "active"
+    )
+    # The ruleset is in the gateway's namespace, loaded by the policy unit.
+    assert "table inet seng" in lab.run(GATEWAY, ["nft", "list", "tables"]).stdout
+
+    show = system.run(["systemctl", "show", "seng-fw.service", "-p", "MainPID", "-p", "User"])
+    props = dict(line.split("=", 1) for line in show.stdout.split())
+    status = _process_status(system, int(props["MainPID"]))
+    uid = system.run(["id", "-u", "seng-fw"]).stdout.strip()
+    assert status["Uid"].split()[0] == uid != "0"
+    assert int(status["CapEff"], 16) == CAP_NET_ADMIN
+    assert int(status["CapBnd"], 16) == CAP_NET_ADMIN
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"
+
+    # The control socket answers root, with the gateway's configuration.
+    answer = system.run([str(PROGRAM), "status", "--json"])
+    gateway = json.loads(answer.stdout)
+    assert gateway["listen"] == [f"{lan}:12345", f"{lan}:12346"]
+    assert gateway["tun"]["name"] == "tunFA"
+    assert "tunFA" in lab.run(GATEWAY, ["ip", "-o", "link"]).stdout
+
+    # An enclave joins from client host A; revoking its app closes its tunnels.
+    enclave_dir = tmp_path / "enclave"
+    enclave_dir.mkdir()
+    issued = ca.issue_enclave_cert(mrenclave=DEMO_WEBAPP, mrsigner=bytes.fromhex(
+        "cca10cf28996a5eb229670e348fae1c738b116fb396593156ef0af019252bfde"))  # fmt: skip
+    (enclave_dir / "cert.pem").write_bytes(issued.cert_pem)
+    (enclave_dir / "key.pem").write_bytes(issued.key_pem)
+    server_pem = tmp_path / "etc-upper" / "seng-fw" / "server.pem"
+    state = enclave_dir / "state.json"
+    emulator = lab.popen(
+        CLIENT_A,
+        [sys.executable, "-m", "seng_fw", "lab", "enclave", "--server", f"{lan}:12345",
+         "--server-cert", str(server_pem), "--cert", str(enclave_dir / "cert.pem"),
+         "--key", str(enclave_dir / "key.pem"), "--tun", "se0", "--state-file", str(state)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert _wait(lambda: '"up"' in _read(state)), _read(state) + system.journal("seng-fw")
+        listed = json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout)
+        assert [(e["app"], e["host"]) for e in listed] == [
+            ("webapp", str(lab.address(CLIENT_A, "lan")))
+        ]
+        revoked = system.run([str(PROGRAM), "revoke", "--app", "webapp"])
+        assert "1 enclaves disconnected" in revoked.stdout
+        assert json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout) == []
+    finally:
+        emulator.terminate()
+        emulator.wait(10)
+
+    # systemctl reload goes through the control socket; stop removes the TUN device.
+    system.run(["systemctl", "reload", "seng-fw.service"])
+    system.run(["systemctl", "stop", "seng-fw.service"])
+    assert "tunFA" not in lab.run(GATEWAY, ["ip", "-o", "link"]).stdout
+    journal = system.journal("seng-fw.service")
+    assert "revoked app webapp" in journal
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _wait(condition: object, timeout: float = 20.0) -> bool:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False

@@ -1,0 +1,430 @@
+"""GatewayControl (status, enclaves, revoke, reload over a GatewayCore) and the
+control socket's server and client."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import grp
+import json
+import os
+import socket
+import stat
+from datetime import UTC, datetime
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seng_fw.admission import Admission, AdmissionRejected
+from seng_fw.attest.identity import EnclaveIdentity
+from seng_fw.config import ControlConfig, GatewayConfig
+from seng_fw.control import (
+    REVOKED_CHECK,
+    ControlClient,
+    ControlError,
+    ControlRequestFailed,
+    ControlServer,
+    ControlUnavailable,
+    GatewayControl,
+    policy_digest,
+)
+from seng_fw.gateway.core import Enclave, GatewayCore
+from seng_fw.policy.models import Policy
+
+WEBAPP, NGINX, OTHER = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
+SIGNER = bytes([9]) * 32
+POLICY = {
+    "apps": [
+        {"name": "webapp", "mrenclave": WEBAPP.hex(), "hosts": ["10.0.0.0/24"],
+         "subnet": {"subnet": "192.168.29.0/24"}},
+        {"name": "nginx", "mrenclave": NGINX.hex(), "hosts": ["10.0.0.0/24"],
+         "subnet": {"subnet": "192.168.30.0/24"}},
+    ]
+}  # fmt: skip
+
+
+class FakeSession:
+    """What GatewayCore touches of a DTLS session when it ends an enclave."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def datagrams_to_send(self) -> list[bytes]:
+        return []
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def identity(mrenclave: bytes, nonce: int = 0) -> EnclaveIdentity:
+    return EnclaveIdentity(
+        mrenclave=mrenclave, mrsigner=SIGNER, isv_prod_id=0, isv_svn=0, debug=False,
+        quote_status="OK", timestamp=datetime(2026, 1, 1, tzinfo=UTC),
+        report_data=nonce.to_bytes(64, "big"),
+    )  # fmt: skip
+
+
+def config(tmp_path: Path) -> GatewayConfig:
+    return GatewayConfig.model_validate(
+        {
+            "listen": {"address": "10.0.0.1", "port": 12345},
+            "tls": {"certificate": "s.pem", "key": "s.key"},
+            "attestation": {"roots": ["r.pem"]},
+            "policy": str(tmp_path / "policy.yaml"),
+            "control": {"socket": str(tmp_path / "ctl" / "control.sock")},
+        }
+    )
+
+
+class Gateway:
+    """A GatewayCore with enclaves put in place directly (no DTLS), and its control."""
+
+    def __init__(self, tmp_path: Path, policy: dict[str, Any] = POLICY) -> None:
+        self.policy = Policy.model_validate(policy)
+        self.clock = Clock()
+        self.core = GatewayCore(Admission(self.policy), None, {}, config(tmp_path).timeouts)  # type: ignore[arg-type]
+        self.changes = 0
+        self.control = GatewayControl(
+            self.core, config(tmp_path), load_policy=lambda: self.policy,
+            after_change=self.changed, clock=self.clock, wall_clock=lambda: 1_800_000_000.0,
+        )  # fmt: skip
+
+    def changed(self) -> None:
+        self.changes += 1
+
+    def add(self, app: str, mrenclave: bytes, host: str = "10.0.0.10", nonce: int = 0) -> Enclave:
+        policy_app = self.policy.app(app)
+        address = self.core.ipam.lease(self.policy.subnet_of(policy_app).subnet, app)
+        now = self.clock()
+        enclave = Enclave(
+            identity=identity(mrenclave, nonce), app=policy_app, host=IPv4Address(host),
+            address=address, uplink_peer=(host, 40000 + nonce), uplink=FakeSession(),  # type: ignore[arg-type]
+            setup=None, pairing_deadline=now + 30, admitted_at=now, last_activity=now,  # type: ignore[arg-type]
+            downlink_peer=(host, 50000 + nonce), downlink=FakeSession(),  # type: ignore[arg-type]
+        )  # fmt: skip
+        self.core._enclave_by_address[address.packed] = enclave
+        return enclave
+
+    def admit(self, mrenclave: bytes, host: str = "10.0.0.10", nonce: int = 0) -> str:
+        try:
+            return self.core.admission.admit(identity(mrenclave, nonce), IPv4Address(host)).name
+        except AdmissionRejected as refusal:
+            return refusal.check
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Gateway:
+    return Gateway(tmp_path)
+
+
+# ----- status and enclaves -------------------------------------------------------------
+
+
+def test_status_counts_enclaves_traffic_and_rejections(gateway: Gateway) -> None:
+    web = gateway.add("webapp", WEBAPP)
+    web.counters.update(packets_in=3, bytes_in=300, packets_out=2, bytes_out=200)
+    gateway.add("webapp", WEBAPP, host="10.0.0.20", nonce=1).counters["dropped_spoofed"] = 4
+    # Ended enclaves' traffic, as GatewayCore keeps it per app.
+    gateway.core.counters.update({"app.webapp.bytes_in": 1000, "app.webapp.packets_in": 10,
+                                  "rejected.unknown_mrenclave": 2, "dropped.no_enclave": 5,
+                                  "ended.idle_timeout": 1, "admitted": 3})  # fmt: skip
+    gateway.clock.now += 90
+    status = gateway.control.status()
+    assert status["listen"] == ["10.0.0.1:12345", "10.0.0.1:12346"]
+    assert status["mode"] == "per_app" and status["tun"] == {"name": "tunFA", "mtu": 1432}
+    assert status["uptime_seconds"] == 90
+    assert status["enclaves"] == 2 and status["admitted"] == 3
+    apps = {app["name"]: app for app in status["apps"]}
+    assert apps["webapp"]["enclaves"] == 2
+    assert apps["webapp"]["subnet"] == "192.168.29.0/24"
+    assert (apps["webapp"]["packets_in"], apps["webapp"]["bytes_in"]) == (13, 1300)
+    assert apps["webapp"]["dropped_spoofed"] == 4
+    assert apps["nginx"]["enclaves"] == 0 and apps["nginx"]["bytes_out"] == 0
+    assert status["rejected"] == {"unknown_mrenclave": 2}
+    assert status["dropped"] == {"no_enclave": 5}
+    assert status["ended"] == {"idle_timeout": 1}
+    assert status["policy"]["digest"] == policy_digest(gateway.policy)
+    assert status["policy"]["applied_at"] == "2027-01-15T08:00:00Z"
+    json.dumps(status)  # what the socket sends
+
+
+def test_status_shows_firewall_counters_and_survives_their_failure(gateway: Gateway) -> None:
+    gateway.control.firewall_counters = lambda: {"tx_webapp": (5, 500), "rx_webapp": (6, 600)}
+    apps = {a["name"]: a for a in gateway.control.status()["apps"]}
+    assert apps["webapp"]["firewall_tx"] == {"packets": 5, "bytes": 500}
+    assert apps["nginx"]["firewall_rx"] is None
+
+    def broken() -> dict[str, tuple[int, int]]:
+        raise OSError("no libnftables")
+
+    gateway.control.firewall_counters = broken
+    assert gateway.control.status()["apps"][0]["firewall_tx"] is None
+
+
+def test_enclaves_lists_every_tunnel(gateway: Gateway) -> None:
+    gateway.add("nginx", NGINX)
+    web = gateway.add("webapp", WEBAPP, host="10.0.0.20")
+    web.counters.update(bytes_in=10, bytes_out=20)
+    gateway.clock.now += 5
+    records = gateway.control.enclaves()
+    assert [(r["app"], r["address"], r["host"]) for r in records] == [
+        ("nginx", "192.168.30.2", "10.0.0.10"),
+        ("webapp", "192.168.29.2", "10.0.0.20"),
+    ]
+    assert records[1]["mrenclave"] == WEBAPP.hex()
+    assert (records[1]["bytes_in"], records[1]["bytes_out"]) == (10, 20)
+    assert records[1]["seconds"] == 5 and records[1]["since"] == "2027-01-15T07:59:55Z"
+    assert records[1]["paired"] is True
+
+
+# ----- revoke --------------------------------------------------------------------------
+
+
+def test_revoke_app_closes_its_tunnels_and_refuses_it(gateway: Gateway) -> None:
+    gateway.add("webapp", WEBAPP)
+    gateway.add("webapp", WEBAPP, host="10.0.0.20", nonce=1)
+    nginx = gateway.add("nginx", NGINX)
+    result = gateway.control.revoke(app="webapp")
+    assert result["revoked"] == "app webapp"
+    assert sorted(e["host"] for e in result["ended"]) == ["10.0.0.10", "10.0.0.20"]
+    assert gateway.core.enclaves == [nginx]
+    assert gateway.core.counters[f"ended.revoked.{REVOKED_CHECK}"] == 2
+    assert gateway.changes == 1  # the adapter sends close_notify and flushes conntrack
+    assert gateway.admit(WEBAPP) == REVOKED_CHECK
+    assert gateway.admit(NGINX) == "nginx"
+    assert gateway.control.status()["revocations"] == ["app webapp"]
+    # A policy reload keeps the revocation; --clear lifts it.
+    gateway.control.reload()
+    assert gateway.admit(WEBAPP) == REVOKED_CHECK
+    assert gateway.control.revoke(clear=True) == {"cleared": 1, "ended": []}
+    assert gateway.admit(WEBAPP) == "webapp"
+
+
+def test_revoke_one_enclave_by_address(gateway: Gateway) -> None:
+    first = gateway.add("webapp", WEBAPP)
+    second = gateway.add("webapp", WEBAPP, host="10.0.0.20", nonce=1)
+    result = gateway.control.revoke(address=str(first.address))
+    assert [e["address"] for e in result["ended"]] == [str(first.address)]
+    assert gateway.core.enclaves == [second]
+    # That enclave's evidence is refused; the same build elsewhere, or restarted, is not.
+    assert gateway.admit(WEBAPP, "10.0.0.10", nonce=0) == REVOKED_CHECK
+    assert gateway.admit(WEBAPP, "10.0.0.10", nonce=7) == "webapp"
+
+
+def test_revoke_mrenclave(gateway: Gateway) -> None:
+    gateway.add("webapp", WEBAPP)
+    result = gateway.control.revoke(mrenclave="0x" + WEBAPP.hex().upper())
+    assert len(result["ended"]) == 1
+    assert gateway.admit(WEBAPP) == REVOKED_CHECK
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ({}, "exactly one"),
+        ({"app": "webapp", "mrenclave": WEBAPP.hex()}, "exactly one"),
+        ({"app": "webapp", "clear": True}, "exactly one"),
+        ({"app": "ghost"}, "no app 'ghost'"),
+        ({"mrenclave": "abcd"}, "64 hex digits"),
+        ({"address": "192.168.29.77"}, "no enclave has address"),
+        ({"address": "nonsense"}, "not an IPv4 address"),
+    ],
+)
+def test_revoke_refuses_bad_requests(gateway: Gateway, args: dict[str, Any], words: str) -> None:
+    gateway.add("webapp", WEBAPP)
+    with pytest.raises(ControlError, match=words):
+        gateway.control.revoke(**args)
+    assert len(gateway.core.enclaves) == 1
+
+
+# ----- reload --------------------------------------------------------------------------
+
+
+def test_reload_applies_the_new_policy(gateway: Gateway) -> None:
+    gateway.add("webapp", WEBAPP)
+    gateway.add("nginx", NGINX)
+    old_digest = gateway.control.policy_digest()
+    gateway.clock.now += 60
+    gateway.policy = Policy.model_validate({"apps": [POLICY["apps"][1]]})
+    result = gateway.control.reload()
+    assert (result["apps"], result["enclaves"], result["closed"]) == (1, 1, 1)
+    assert result["digest"] != old_digest == policy_digest(Policy.model_validate(POLICY))
+    assert gateway.admit(WEBAPP) == "unknown_mrenclave"
+    assert gateway.changes == 1
+
+
+def test_a_failed_reload_keeps_the_running_policy(gateway: Gateway) -> None:
+    gateway.add("webapp", WEBAPP)
+
+    def broken() -> Policy:
+        raise ValueError("policy.yaml:3: apps[0].name: bad")
+
+    gateway.control.load_policy = broken
+    with pytest.raises(ControlError, match="running one is kept"):
+        gateway.control.reload()
+    assert len(gateway.core.enclaves) == 1 and gateway.admit(WEBAPP) == "webapp"
+    assert gateway.changes == 0
+
+
+def test_revocations_survive_a_reload_by_sighup_path(gateway: Gateway) -> None:
+    """The adapter's SIGHUP reload goes through reload_admission too."""
+    gateway.control.revoke(app="nginx")
+    gateway.control.reload_admission()
+    assert gateway.admit(NGINX) == REVOKED_CHECK
+
+
+# ----- the socket ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def socket_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o750)
+    return directory
+
+
+def serve(handler: Any, server: ControlServer, *requests: tuple[str, dict[str, Any]]) -> list[Any]:
+    """Start `server`, send each request from a blocking client in a thread, stop."""
+
+    async def main() -> list[Any]:
+        await server.start()
+        try:
+            loop = asyncio.get_running_loop()
+            client = ControlClient(server.path, timeout=5)
+            answers = []
+            for command, args in requests:
+                try:
+                    call = functools.partial(client.request, command, **args)
+                    result = await loop.run_in_executor(None, call)
+                except ControlRequestFailed as exc:
+                    result = exc
+                answers.append(result)
+            return answers
+        finally:
+            await server.close()
+
+    return asyncio.run(main())
+
+
+def test_client_and_server_talk_json_lines(gateway: Gateway, socket_dir: Path) -> None:
+    gateway.add("webapp", WEBAPP)
+    server = ControlServer(gateway.control, socket_dir / "control.sock")
+    status, enclaves, revoked, bad = serve(
+        gateway.control, server,
+        ("status", {}), ("enclaves", {}), ("revoke", {"app": "webapp"}), ("revoke", {"app": "x"}),
+    )  # fmt: skip
+    assert status["enclaves"] == 1
+    assert enclaves[0]["app"] == "webapp"
+    assert len(revoked["ended"]) == 1
+    assert isinstance(bad, ControlRequestFailed) and "no app 'x'" in str(bad)
+    assert not (socket_dir / "control.sock").exists()  # removed on close
+
+
+def test_socket_gets_exactly_the_configured_mode_and_group(
+    gateway: Gateway, socket_dir: Path
+) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name
+    config = ControlConfig(socket=socket_dir / "c.sock", mode=0o620, group=group)
+    server = ControlServer.from_config(gateway.control, config)
+    seen: list[os.stat_result] = []
+
+    async def main() -> None:
+        await server.start()
+        seen.append(os.stat(server.path))
+        await server.close()
+
+    asyncio.run(main())
+    assert stat.S_ISSOCK(seen[0].st_mode)
+    assert stat.S_IMODE(seen[0].st_mode) == 0o620
+    assert seen[0].st_gid == os.getgid()
+    assert sorted(p.name for p in socket_dir.iterdir()) == []  # no temporary left
+
+
+def test_start_refuses_unsafe_or_busy_places(gateway: Gateway, socket_dir: Path) -> None:
+    def start(path: Path, group: str | None = None) -> str:
+        server = ControlServer(gateway.control, path, group=group)
+        with pytest.raises(ControlError) as caught:
+            asyncio.run(server.start())
+        return str(caught.value)
+
+    shared = socket_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert "writable by group or others" in start(shared / "c.sock")
+    assert "does not exist" in start(socket_dir / "c.sock", group="no-such-group-xyz")
+    (socket_dir / "file").write_text("")
+    assert "not a socket" in start(socket_dir / "file")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as busy:
+        busy.bind(str(socket_dir / "busy.sock"))
+        busy.listen()
+        assert "another gateway is listening" in start(socket_dir / "busy.sock")
+
+
+def test_a_stale_socket_is_replaced(gateway: Gateway, socket_dir: Path) -> None:
+    path = socket_dir / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # bound, never listening: what a killed gateway leaves
+    (status,) = serve(gateway.control, ControlServer(gateway.control, path), ("status", {}))
+    assert status["enclaves"] == 0
+
+
+def test_missing_directory_is_created_private(gateway: Gateway, tmp_path: Path) -> None:
+    path = tmp_path / "new" / "control.sock"
+    serve(gateway.control, ControlServer(gateway.control, path), ("status", {}))
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) & 0o027 == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        (b"not json\n", "not a JSON request"),
+        (b"[1, 2]\n", "a request is a JSON object"),
+        (b'{"command": "launch"}\n', "unknown command 'launch'"),
+        (b'{"command": "revoke", "args": {"app": 3}}\n', "are strings"),
+        (b'{"command": "revoke", "args": {"force": true}}\n', "unknown arguments"),
+        (b'{"command": "status", "args": []}\n', "args must be"),
+    ],
+)
+def test_bad_requests_get_an_error_answer(gateway: Gateway, line: bytes, words: str) -> None:
+    answer = ControlServer(gateway.control, Path("/unused")).respond(line)
+    assert answer["ok"] is False and words in answer["error"]
+
+
+def test_an_internal_error_is_an_answer_not_a_crash(gateway: Gateway) -> None:
+    class Broken:
+        def status(self) -> dict[str, Any]:
+            raise RuntimeError("boom")
+
+    answer = ControlServer(Broken(), Path("/unused")).respond(b'{"command": "status"}')  # type: ignore[arg-type]
+    assert answer == {"ok": False, "error": "internal error: RuntimeError: boom"}
+
+
+def test_oversized_request_is_refused(gateway: Gateway, socket_dir: Path) -> None:
+    server = ControlServer(gateway.control, socket_dir / "c.sock")
+
+    async def main() -> bytes:
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(server.path))
+            writer.write(b"x" * 200_000 + b"\n")
+            answer = await reader.readline()
+            writer.close()
+            return answer
+        finally:
+            await server.close()
+
+    assert json.loads(asyncio.run(main())) == {"ok": False, "error": "request too long"}
+
+
+def test_client_without_gateway(tmp_path: Path) -> None:
+    with pytest.raises(ControlUnavailable, match="no gateway is listening"):
+        ControlClient(tmp_path / "none.sock").request("status")
