@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from seng_fw.label.config import LabelConfig
 from seng_fw.policy.models import StrictModel
 from seng_fw.yamlfile import load_model
 
@@ -139,6 +140,7 @@ class GatewayConfig(StrictModel):
     # per_app: every app has its own enclave subnet (told apart by address);
     # shared: apps share one subnet and the labeller marks their connections.
     mode: Literal["per_app", "shared"] = "per_app"
+    label: LabelConfig = LabelConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
     # text: "LEVEL logger: message"; json: one JSON object per line. One event per line.
@@ -158,6 +160,7 @@ class GatewayConfig(StrictModel):
                 ),
                 "policy": fix(self.policy),
                 "control": self.control.model_copy(update={"socket": fix(self.control.socket)}),
+                "label": self.label.model_copy(update={"socket": fix(self.label.socket)}),
             }
         )
 

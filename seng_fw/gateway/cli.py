@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
-import time
 from datetime import timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,15 @@ from seng_fw.admission import Admission
 from seng_fw.attest.policy import AttestationPolicy, load_root_certificates
 from seng_fw.attest.verifier import IasVerifier
 from seng_fw.cli import EXIT_OK, EXIT_USAGE, UsageError
+from seng_fw.compile.live import Nft, counters, set_exposure_target
 from seng_fw.config import GatewayConfig, load_gateway_config
 from seng_fw.conntrack import flush_address
-from seng_fw.gateway.core import GatewayCore, Port
+from seng_fw.control import ControlError, ControlServer, GatewayControl
+from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.server import GatewayServer, bind_udp
+from seng_fw.label.labelling import Labelling
+from seng_fw.logging_setup import setup_logging
+from seng_fw.metrics import GatewayMetrics, MetricsServer
 from seng_fw.policy.loader import load_policy
 from seng_fw.tunnel.dtls import make_server_config
 from seng_fw.tunnel.tun import TunDevice, TunError
@@ -30,6 +36,10 @@ log = logging.getLogger("seng_fw.gateway")
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     serve = sub.add_parser("serve", help="run the gateway (DTLS tunnels, TUN forwarding)")
     serve.add_argument("--config", type=Path, required=True, help="gateway.yaml")
+    serve.add_argument("--log-format", choices=("text", "json"), help="default: from config")
+    serve.add_argument(
+        "--pid-file", type=Path, help="default: gateway.pid beside the control socket"
+    )
     serve.set_defaults(func=_serve)
 
 
@@ -59,36 +69,119 @@ def build_verifier(config: GatewayConfig) -> IasVerifier:
 
 
 def build_server(config: GatewayConfig) -> GatewayServer:
-    admission = Admission(load_policy(config.policy))
+    """Everything the gateway runs, set up but not started (sockets bound, TUN up)."""
+    policy = load_policy(config.policy)
     try:
         dtls = make_server_config(_read(config.tls.certificate), _read(config.tls.key))
     except ValueError as exc:
         raise UsageError(f"server certificate/key: {exc}") from exc
     core = GatewayCore(
-        admission,
+        Admission(policy),
         build_verifier(config),
         {Port.SETUP: dtls, Port.DOWNLINK: dtls},
         config.timeouts,
     )
+    labelling = None
+    if config.mode == "shared":
+        gateways = [subnet.gateway_address for subnet in policy.enclave_subnets()]
+        labelling = Labelling(config.label, policy, gateway_addresses=gateways)
     sockets = {
         Port.SETUP: bind_udp(config.listen.address, config.listen.port),
         Port.DOWNLINK: bind_udp(config.listen.address, config.listen.port + 1),
     }
     tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu)
-
-    def reload_admission() -> None:
-        core.reload(Admission(load_policy(config.policy)), time.monotonic())
-
-    server = GatewayServer(core, sockets, tun, flush_address, reload_admission)
+    server = GatewayServer(core, sockets, tun, flush_address, labelling=labelling)
+    control = GatewayControl(
+        core,
+        config,
+        load_policy=lambda: load_policy(config.policy),
+        after_change=server.after_change,
+        queue_mode=lambda: _queue_mode(labelling),
+        firewall_counters=_firewall_counters,
+        labeller_counters=None if labelling is None else lambda: _labeller_counters(labelling),
+    )
+    # SIGHUP and `seng-fw reload` both go through the control object, which keeps
+    # operator revocations across policy reloads.
+    server.set_reload(control.reload_admission)
+    server.services.append(ControlServer.from_config(control, config.control))
+    core.observers.append(_ExposureFeed(core))
+    if config.metrics.address is not None:
+        metrics = GatewayMetrics(control.snapshot)
+        core.observers.append(_HandshakeMetrics(core, metrics))
+        server.services.append(MetricsServer(metrics, *config.metrics.address))
     server.sync_tun_addresses()
     return server
 
 
+def _queue_mode(labelling: Labelling | None) -> str:
+    if labelling is None:
+        return "none (per-app subnets)"
+    return str(labelling.status().get("queue_mode", "starting"))
+
+
+def _labeller_counters(labelling: Labelling) -> dict[str, int]:
+    counters = labelling.status().get("counters", {})
+    return {key: int(value) for key, value in counters.items()}
+
+
+def _firewall_counters() -> dict[str, tuple[int, int]]:
+    return counters(Nft(), "seng")
+
+
+class _ExposureFeed:
+    """Points an app's declared exposures (DNAT on a gateway address) at one of its live
+    enclaves, and withdraws them when the last one leaves."""
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    def _target(self, app: str, enclave: IPv4Address | None) -> None:
+        try:
+            set_exposure_target(Nft(), self.core.admission.policy, app, enclave)
+        except Exception as exc:  # no ruleset applied yet, or the app left the policy
+            log.warning("exposure of app %s not updated: %s", app, exc)
+
+    def enclave_admitted(self, enclave: Enclave) -> None:
+        if enclave.app.expose:
+            self._target(enclave.app.name, enclave.address)
+
+    def enclave_ended(self, enclave: Enclave, reason: str) -> None:
+        if not enclave.app.expose:
+            return
+        others = [e for e in self.core.enclaves if e.app.name == enclave.app.name]
+        self._target(enclave.app.name, others[0].address if others else None)
+
+
+class _HandshakeMetrics:
+    """Feeds handshake durations to the histogram as enclaves are admitted."""
+
+    def __init__(self, core: GatewayCore, metrics: GatewayMetrics) -> None:
+        self.core = core
+        self.metrics = metrics
+
+    def enclave_admitted(self, enclave: Enclave) -> None:
+        durations, self.core.handshake_seconds = self.core.handshake_seconds, []
+        for seconds in durations:
+            self.metrics.observe_handshake(seconds)
+
+    def enclave_ended(self, enclave: Enclave, reason: str) -> None:
+        pass
+
+
+def _write_pid_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+
+
 def _serve(args: argparse.Namespace) -> int:
-    if args.verbose == 0:
-        logging.getLogger("seng_fw").setLevel(logging.INFO)
     try:
         config = load_gateway_config(args.config)
+    except ConfigError as exc:
+        print(f"seng-fw serve: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    level = logging.DEBUG if args.verbose else logging.INFO
+    setup_logging(args.log_format or config.log_format, level)
+    try:
         server = build_server(config)
     except ConfigError as exc:
         print(f"seng-fw serve: invalid configuration:\n{exc}", file=sys.stderr)
@@ -96,14 +189,14 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, TunError) as exc:
         print(f"seng-fw serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    log.info(
-        "listening on %s:%d/%d, TUN %s (MTU %d), %d apps",
-        config.listen.address,
-        config.listen.port,
-        config.listen.port + 1,
-        config.tun.name,
-        config.tun.mtu,
-        len(server.core.admission.policy.apps),
-    )
-    asyncio.run(server.run())
+    # `seng-fw apply` finds the gateway to reload here (next to the control socket).
+    pid_file = args.pid_file or config.control.socket.parent / "gateway.pid"
+    _write_pid_file(pid_file)
+    try:
+        asyncio.run(server.run())
+    except ControlError as exc:
+        print(f"seng-fw serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        pid_file.unlink(missing_ok=True)
     return EXIT_OK

@@ -448,6 +448,9 @@ class GatewayCore:
             if peer is not None and peer.session is session:
                 self._forget(peer)
         self._to_flush.append(self.ipam.release(enclave.address))
+        for key, value in enclave.counters.items():
+            # Per-app totals outlive the enclave, so status and metrics never go back.
+            self.counters[f"app.{enclave.app.name}.{key}"] += value
         for observer in self.observers:
             observer.enclave_ended(enclave, reason)
         self.counters[f"ended.{reason}"] += 1

@@ -15,8 +15,11 @@ import socket
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Interface
+from typing import Protocol
 
-from seng_fw.gateway.core import GatewayCore, Port
+from seng_fw import sdnotify
+from seng_fw.gateway.core import Enclave, GatewayCore, Port
+from seng_fw.label.labelling import Labelling
 from seng_fw.tunnel.tun import TunDevice
 
 log = logging.getLogger("seng_fw.gateway")
@@ -34,8 +37,13 @@ class GatewayServer:
         tun: TunDevice,
         flush_conntrack: Callable[[IPv4Address], int],
         reload_admission: Callable[[], object] | None = None,
+        labelling: Labelling | None = None,
     ) -> None:
         self.core = core
+        # Shared-subnet mode: the NFQUEUE labeller's registry follows the leases.
+        self.labelling = labelling
+        if labelling is not None:
+            core.observers.append(_RegistryFeed(labelling))
         self.sockets = sockets
         self.tun = tun
         self._flush_conntrack = flush_conntrack
@@ -44,6 +52,9 @@ class GatewayServer:
         self._wake_timers = asyncio.Event()
         self._flush_tasks: set[asyncio.Task[None]] = set()
         self._tun_addresses: set[IPv4Interface] = set()
+        # Started once sockets and TUN are up, closed first at shutdown (control socket,
+        # metrics endpoint).
+        self.services: list[Service] = []
 
     # ----- event handlers ------------------------------------------------------------
 
@@ -128,6 +139,9 @@ class GatewayServer:
     def stop(self) -> None:
         self._stopping.set()
 
+    def set_reload(self, reload_admission: Callable[[], object]) -> None:
+        self._reload_admission = reload_admission
+
     def reload(self) -> None:
         if self._reload_admission is None:
             return
@@ -137,9 +151,22 @@ class GatewayServer:
             detail = str(exc).replace("\n", "; ")  # one log line per event
             log.error("policy reload failed, keeping the running policy: %s", detail)
             return
-        self.sync_tun_addresses()
-        self._flush()
+        self.after_change()
         log.info("policy reloaded: %d enclaves remain", len(self.core.enclaves))
+
+    def after_change(self) -> None:
+        """After tunnels were closed or subnets changed outside a datagram (reload,
+        revoke): send the queued alerts, start conntrack flushes, sync the TUN device."""
+        self.sync_tun_addresses()
+        if self.labelling is not None:
+            self.labelling.policy_changed(self.core.admission.policy)
+        self._flush()
+
+    def describe(self) -> str:
+        ports = "/".join(str(sock.getsockname()[1]) for sock in self.sockets.values())
+        address = next(iter(self.sockets.values())).getsockname()[0]
+        subnets = ", ".join(str(subnet.network) for subnet in self.core.enclave_subnets())
+        return f"{address}:{ports}, TUN {self.tun.name} ({subnets})"
 
     def sync_tun_addresses(self) -> None:
         """One gateway address per enclave subnet on the TUN device (routes follow)."""
@@ -159,17 +186,33 @@ class GatewayServer:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.labelling is not None:
+            await self.labelling.start()
+            log.info("labeller: %s", self.labelling.status())
+        for service in self.services:
+            await service.start()
         timers = loop.create_task(self._timers())
+        watchdog = loop.create_task(sdnotify.watchdog_loop())
+        log.info("listening on %s", self.describe())
+        sdnotify.ready(f"listening on {self.describe()}")
         try:
             await self._stopping.wait()
         finally:
+            sdnotify.stopping()
             timers.cancel()
+            watchdog.cancel()
+            for service in self.services:
+                await service.close()
             for sock in self.sockets.values():
                 loop.remove_reader(sock.fileno())
             loop.remove_reader(self.tun.fileno())
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             self._shutdown()
+            if self.labelling is not None:
+                # The queue rules stay: new shared-subnet connections are dropped, not
+                # passed unlabelled, until a labeller runs again (fail closed).
+                await self.labelling.stop()
 
     def _shutdown(self) -> None:
         self.core.shutdown(time.monotonic())
@@ -185,6 +228,27 @@ class GatewayServer:
         for sock in self.sockets.values():
             sock.close()
         log.info("gateway stopped: %s", dict(self.core.counters))
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _RegistryFeed:
+    """Keeps the labeller's registry in step with leases. An address leaves the registry
+    when its enclave ends, before its conntrack entries are flushed (the flush runs
+    later, from `_flush`), so no new connection can pick up the old label."""
+
+    def __init__(self, labelling: Labelling) -> None:
+        self.labelling = labelling
+
+    def enclave_admitted(self, enclave: Enclave) -> None:
+        self.labelling.admitted(enclave)
+
+    def enclave_ended(self, enclave: Enclave, reason: str) -> None:
+        self.labelling.released(enclave.address)
 
 
 def bind_udp(address: IPv4Address, port: int) -> socket.socket:

@@ -68,32 +68,50 @@ def refusal(lab: Lab, enclave: RunningEnclave) -> str:
     return reason or str(enclave.state.get("reason", "no tunnel"))
 
 
+# What policies/lab/demo.yaml allows, per app and flow (the demo checks it holds).
+DEMO_EXPECTED = {
+    "webapp": {"tcp": True, "udp": False, "icmp": True, "ingress icmp": True},
+    "nginx": {"tcp": False, "udp": True, "icmp": False, "ingress icmp": False},
+}
+
+
+def _why(passed: bool, expected: bool | None) -> str:
+    if expected is None:
+        return "answered" if passed else "no answer"
+    if passed != expected:
+        return "UNEXPECTED: the policy says " + ("allow" if expected else "refuse")
+    return "policy allows it" if passed else "policy refuses it: dropped at the gateway"
+
+
 def try_flows(lab: Lab, enclaves: list[RunningEnclave]) -> list[Outcome]:
     ext = str(lab.external)
+    expected = DEMO_EXPECTED if lab.policy == DEMO_POLICY else {}
     outcomes = []
+    first_of_app: dict[str, RunningEnclave] = {}
     for enclave in enclaves:
         name = enclave.spec.name
         if enclave.state.get("status") != "up" or enclave.address is None:
             outcomes.append(Outcome(name, "-", "tunnel setup", False, refusal(lab, enclave)))
             continue
+        app = str(enclave.state.get("app") or name.split("@")[0])
+        first_of_app.setdefault(app, enclave)
         ns, source = lab.ns(enclave.spec.host), enclave.address
-        for flow, passed in (
-            (f"tcp {ext}:{ECHO_PORT}", probe_tcp(ns, source, ext, ECHO_PORT)),
-            (f"udp {ext}:{ECHO_PORT}", probe_udp(ns, source, ext, ECHO_PORT)),
-            (f"icmp {ext}", probe_icmp(ns, source, ext)),
+        for kind, flow, passed in (
+            ("tcp", f"tcp {ext}:{ECHO_PORT}", probe_tcp(ns, source, ext, ECHO_PORT)),
+            ("udp", f"udp {ext}:{ECHO_PORT}", probe_udp(ns, source, ext, ECHO_PORT)),
+            ("icmp", f"icmp {ext}", probe_icmp(ns, source, ext)),
         ):
-            why = "through tunnels #1/#2" if passed else "no answer"
+            why = _why(passed, expected.get(app, {}).get(kind))
             outcomes.append(Outcome(name, str(source), flow, passed, why))
-    up = [e.address for e in enclaves if e.address is not None]
-    if up:
-        target = up[0]
-        passed = probe_icmp(lab.ns(EXTERNAL), None, str(target))
-        outcomes.append(
-            Outcome("ext host", ext, f"icmp {target}", passed, "to an admitted enclave")
-        )
-        unleased = _unleased_neighbour(target, set(up))
+    for app, enclave in first_of_app.items():
+        passed = probe_icmp(lab.ns(EXTERNAL), None, str(enclave.address))
+        why = _why(passed, expected.get(app, {}).get("ingress icmp"))
+        outcomes.append(Outcome("ext host", ext, f"icmp {enclave.address} ({app})", passed, why))
+    leased = {e.address for e in enclaves if e.address is not None}
+    if leased:
+        unleased = _unleased_neighbour(min(leased), leased)
         passed = probe_icmp(lab.ns(EXTERNAL), None, str(unleased))
-        why = "gateway: no enclave holds it" if not passed else "unexpected answer"
+        why = "unexpected answer" if passed else "no enclave holds it: dropped"
         outcomes.append(Outcome("ext host", ext, f"icmp {unleased}", passed, why))
     return outcomes
 

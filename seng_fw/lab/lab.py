@@ -148,6 +148,7 @@ class Lab:
             self.topology.up(replace=True)
             self._write_credentials()
             self.write_gateway_config()
+            self.apply_policy()  # rules first: enclave subnets are never reachable without
             self.start_gateway()
             self.start_services()
         except BaseException as exc:
@@ -181,12 +182,29 @@ class Lab:
             "tls": {"certificate": "server.pem", "key": "server.key"},
             "attestation": {"roots": [f"ca/{ROOT_CERT_FILE}"]},
             "policy": str(self.policy),
+            "control": {"socket": "control.sock"},  # state dir: labs do not share /run
             **self.gateway_settings,
             **overrides,
         }
         path = self.state_dir / "gateway.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
+
+    def seng_fw(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run `seng-fw ARGS` inside `host` (same interpreter); never raises on failure."""
+        argv = ["ip", "netns", "exec", self.ns(host), sys.executable, "-m", "seng_fw", *args]
+        return subprocess.run(argv, capture_output=True, text=True)
+
+    def apply_policy(self, policy: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """`seng-fw apply` in the gateway (it reloads a running gateway); raises LabError
+        if the policy is refused."""
+        result = self.seng_fw(
+            GATEWAY, "apply", str(policy or self.policy),
+            "--gateway-pid-file", str(self.state_dir / "gateway.pid"),
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise LabError(f"seng-fw apply failed:\n{result.stdout}{result.stderr}")
+        return result
 
     def start_gateway(self) -> None:
         log = self.gateway_log.open("ab")
@@ -196,7 +214,7 @@ class Lab:
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
-        while "listening on" not in self.gateway_log.read_text(errors="replace"):
+        while "listening on" not in self.gateway_log.read_text(errors="replace"):  # ready
             if self.gateway.poll() is not None or time.monotonic() > deadline:
                 raise LabError(f"gateway did not start:\n{self.gateway_log.read_text()[-2000:]}")
             time.sleep(0.05)

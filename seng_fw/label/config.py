@@ -1,4 +1,5 @@
-"""The `label:` section of the gateway configuration (the lead adds it to GatewayConfig)."""
+"""The `label:` section of the gateway configuration: how the NFQUEUE labeller runs when
+the gateway's `mode` is `shared`."""
 
 from __future__ import annotations
 
@@ -15,10 +16,6 @@ from seng_fw.policy.models import StrictModel
 
 
 class LabelConfig(StrictModel):
-    # per_app: every app has its own enclave subnet and rules match addresses (default).
-    # shared: apps without a subnet share the policy's shared_subnet and are told apart
-    # by the labeller's conntrack marks.
-    mode: Literal["per_app", "shared"] = "per_app"
     # in_process: the gateway runs the NFQUEUE hook itself; service: a separate
     # `python -m seng_fw.label` process follows the registry over `socket`.
     hook: Literal["in_process", "service"] = "in_process"

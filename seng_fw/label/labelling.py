@@ -94,7 +94,7 @@ class Labelling:
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "mode": self.config.mode,
+            "mode": "shared",
             "hook": self.config.hook,
             "enclaves": len(self.registry),
             "label_ids": len(self.table),

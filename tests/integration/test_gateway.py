@@ -22,7 +22,6 @@ import pytest
 from seng_fw import conntrack
 from seng_fw.lab.lab import (
     DEMO_NGINX,
-    DEMO_POLICY,
     DEMO_UNKNOWN,
     DEMO_WEBAPP,
     ECHO_PORT,
@@ -43,15 +42,28 @@ WEBAPP_NET = IPv4Network("192.168.29.0/24")
 NGINX_NET = IPv4Network("192.168.30.0/24")
 TINY_NET = IPv4Network("192.168.31.0/30")  # exactly one leasable address (.2)
 DEMO_TINY = bytes.fromhex("7" * 64)
-TEST_POLICY = (
-    DEMO_POLICY.read_text()
-    + f"""\
-  - name: tiny
+# The tunnel tests need a policy that lets everything through (the firewall's own
+# end-to-end tests are in test_policy_tunnels.py): the demo apps plus "tiny".
+OPEN_RULES = """\
+    egress: [{to: 0.0.0.0/0, protocol: any}]
+    ingress: [{from: 0.0.0.0/0, protocol: any}]
+"""
+TEST_POLICY = f"""\
+gateway_networks: [10.77.1.0/24, 10.77.2.0/24]
+apps:
+  - name: webapp
+    mrenclave: {DEMO_WEBAPP.hex()}
+    hosts: [10.77.1.0/24]
+    subnet: {{subnet: {WEBAPP_NET}}}
+{OPEN_RULES}  - name: nginx
+    mrenclave: {DEMO_NGINX.hex()}
+    hosts: [10.77.1.20/32]
+    subnet: {{subnet: {NGINX_NET}}}
+{OPEN_RULES}  - name: tiny
     mrenclave: {DEMO_TINY.hex()}
     hosts: [10.77.1.0/24]
     subnet: {{subnet: {TINY_NET}}}
-"""
-)
+{OPEN_RULES}"""
 FAST_TIMEOUTS = {"pairing": 3.0, "assignment_resend": 0.5, "assignment_attempts": 6}
 
 

@@ -94,7 +94,7 @@ def mark_of_connection(topo: Topology) -> int:
 
 def test_in_process_hook_points(lab: tuple[Topology, LoopThread]) -> None:
     topo, loop = lab
-    config = LabelConfig(mode="shared", hook="in_process", queues=2)
+    config = LabelConfig(hook="in_process", queues=2)
     labelling = Labelling(config, policy("web"), netns=topo.ns(GATEWAY))
     loop.run(labelling.start())
     try:
@@ -122,7 +122,7 @@ def test_service_mode_serves_the_registry(
     lab: tuple[Topology, LoopThread], tmp_path: Path
 ) -> None:
     topo, loop = lab
-    config = LabelConfig(mode="shared", hook="service", socket=tmp_path / "label.sock")
+    config = LabelConfig(hook="service", socket=tmp_path / "label.sock")
     labelling = Labelling(config, policy("web"), netns=topo.ns(GATEWAY))
     loop.run(labelling.start())
     try:

@@ -102,9 +102,11 @@ def test_status_json() -> None:
 
 def test_config_defaults_and_rules() -> None:
     config = LabelConfig()
-    assert (config.mode, config.hook, config.forced_mode()) == ("per_app", "in_process", None)
-    shared = LabelConfig.model_validate({"mode": "shared", "queues": 4, "queue_mode": "xtables"})
+    assert (config.hook, config.forced_mode()) == ("in_process", None)
+    shared = LabelConfig.model_validate({"queues": 4, "queue_mode": "xtables"})
     assert shared.queue_rules(SHARED).queues == [0, 1, 2, 3]
     assert shared.forced_mode() is QueueMode.XTABLES
     with pytest.raises(ValueError):
-        LabelConfig.model_validate({"mode": "labelled"})
+        LabelConfig.model_validate({"queue_mode": "labelled"})
+    with pytest.raises(ValueError):  # the mode is the gateway's (GatewayConfig.mode)
+        LabelConfig.model_validate({"mode": "shared"})
