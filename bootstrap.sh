@@ -12,6 +12,7 @@ DEBIAN_PACKAGES=(
     conntrack iproute2 procps                      # kernel state, namespaces, sysctl
     libnetfilter-queue-dev libnfnetlink-dev        # NetfilterQueue build
     iperf3 netcat-openbsd curl iputils-ping        # lab traffic and benchmarks
+    systemd vagrant                                # unit tests (systemd-analyze), vagrant validate
 )
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then

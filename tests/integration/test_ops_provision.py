@@ -50,7 +50,10 @@ def wait(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
 def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path) -> None:
     etc, shared, state = tmp_path / "etc", tmp_path / "shared", tmp_path / "clienta"
     policy = tmp_path / "demo.yaml"
-    policy.write_text(DEMO_POLICY.read_text())
+    # The demo policy without webapp's category: its TCP echo flow is refused at first.
+    grant = "    categories: [echo-tcp]\n"
+    assert grant in DEMO_POLICY.read_text()
+    policy.write_text(DEMO_POLICY.read_text().replace(grant, ""))
     lan = lab.address(GATEWAY, "lan")
     out = provision(
         lab, GATEWAY, "gateway.sh", SENG_FW=SENG_FW, SENG_FW_ETC=str(etc),
@@ -91,12 +94,11 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
         def flow() -> bool:
             return probe_tcp(lab.ns(CLIENT_A), address, external, 7, timeout=1.0)
 
-        # The demo policy gives webapp no egress rule: the ruleset drops the flow.
+        # No rule gives webapp the TCP echo service yet: the ruleset drops the flow.
         assert not flow()
         policy_file = etc / "policies" / "demo.yaml"
-        rule = f"    egress: [{{to: {external}, protocol: tcp, ports: 7}}]\n"
         text = policy_file.read_text()
-        policy_file.write_text(re.sub(r"(  - name: webapp\n)", lambda m: m.group(1) + rule, text))
+        policy_file.write_text(re.sub(r"(  - name: webapp\n)", lambda m: m.group(1) + grant, text))
         assert seng_fw("check", str(etc / "policies")).returncode == 0
         seng_fw("apply", str(etc / "policies"), "--tun", "tunFA")
         assert wait(flow, 10), "the flow still fails after apply"
