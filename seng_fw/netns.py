@@ -383,8 +383,9 @@ class Topology:
                 with contextlib.suppress(FileNotFoundError):
                     write_sysctl(netns, key, 1)
         ip("link", "set", "dev", "lo", "up", netns=netns)
-        if host.forwarding:
-            write_sysctl(netns, "net.ipv4.ip_forward", 1)
+        # Always written: a new namespace inherits IPv4 settings from the host's
+        # (net.core.devconf_inherit_init_net=0), so a forwarding host would leak in.
+        write_sysctl(netns, "net.ipv4.ip_forward", 1 if host.forwarding else 0)
         for key, value in host.sysctls.items():
             write_sysctl(netns, key, value)
 
