@@ -27,6 +27,7 @@ Which addresses are never leased:
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -204,6 +205,9 @@ class Ipam(Generic[OwnerT]):
     def __init__(self, subnets: Iterable[EnclaveSubnet] = ()) -> None:
         self._pools: dict[IPv4Network, AddressPool[OwnerT]] = {}
         self._prefixlens: list[int] = []  # distinct prefix lengths, longest first
+        # (first, last) address of every pool, sorted: overlap checks by bisection, so
+        # loading 10,000 app subnets is not 50 million pairwise comparisons.
+        self._ranges: list[tuple[int, int]] = []
         for subnet in subnets:
             self.add_subnet(subnet)
 
@@ -212,9 +216,15 @@ class Ipam(Generic[OwnerT]):
         return cls([EnclaveSubnet.default()])
 
     def add_subnet(self, subnet: EnclaveSubnet) -> AddressPool[OwnerT]:
-        for other in self._pools:
-            if subnet.network.overlaps(other):
+        first = int(subnet.network.network_address)
+        last = int(subnet.network.broadcast_address)
+        index = bisect.bisect_left(self._ranges, (first, last))
+        # Pools never overlap, so only the neighbours in address order can.
+        for other_first, other_last in self._ranges[max(0, index - 1) : index + 1]:
+            if other_first <= last and first <= other_last:
+                other = IPv4Network((other_first, 32 - (other_last - other_first).bit_length()))
                 raise ValueError(f"subnet {subnet.network} overlaps {other}")
+        self._ranges.insert(index, (first, last))
         pool: AddressPool[OwnerT] = AddressPool(subnet)
         self._pools[subnet.network] = pool
         if subnet.prefixlen not in self._prefixlens:
@@ -228,6 +238,8 @@ class Ipam(Generic[OwnerT]):
         if pool.leases or pool.quarantined:
             raise IpamError(f"subnet {pool.network} still has leased or quarantined addresses")
         del self._pools[pool.network]
+        network = pool.network
+        self._ranges.remove((int(network.network_address), int(network.broadcast_address)))
         if all(n.prefixlen != pool.network.prefixlen for n in self._pools):
             self._prefixlens.remove(pool.network.prefixlen)
 

@@ -468,4 +468,4 @@ class GatewayCore:
 
 
 def _ipam_subnets(admission: Admission) -> list[EnclaveSubnet]:
-    return [EnclaveSubnet(s.subnet, s.gateway_address) for s in admission.policy.enclave_subnets()]
+    return [subnet.to_ipam() for subnet in admission.policy.enclave_subnets()]

@@ -245,3 +245,18 @@ def test_pool_invariants(subnet: EnclaveSubnet, ops: list[tuple[str, int]]) -> N
         assert pool.quarantined == frozenset(quarantined)
         assert pool.available == pool.capacity - len(leased) - len(quarantined)
     assert pool.capacity == net.num_addresses - len(forbidden)
+
+
+@pytest.mark.parametrize(
+    "candidate", ["10.0.0.0/8", "10.1.2.0/24", "10.1.2.128/25", "10.1.3.0/24", "10.1.5.7/32"]
+)
+def test_overlap_found_among_many_subnets(candidate: str) -> None:
+    ipam: Ipam[str] = Ipam(
+        [EnclaveSubnet.parse(f"10.1.{i}.0/24") for i in range(0, 200, 2)]
+        + [EnclaveSubnet.parse("10.1.3.0/28"), EnclaveSubnet.parse("10.1.5.0/29")]
+    )
+    with pytest.raises(ValueError, match="overlaps"):
+        ipam.add_subnet(EnclaveSubnet.parse(candidate))
+    ipam.add_subnet(EnclaveSubnet.parse("10.1.3.16/28"))  # the gap next to 10.1.3.0/28
+    ipam.remove_subnet("10.1.3.16/28")
+    ipam.add_subnet(EnclaveSubnet.parse("10.1.3.16/28"))
