@@ -158,13 +158,49 @@ def join_many(lab: Lab, count: int) -> tuple[list[float], float]:
     return times, wall
 
 
+def write_policy(path: Path, apps: int) -> None:
+    """webapp (the measured enclave, allowed iperf3 and ping to the external host) and
+    `apps - 1` more apps with their own subnets and 20 destinations each."""
+    lines = [
+        "gateway_networks: [10.77.1.0/24, 10.77.2.0/24]",
+        "apps:",
+        "  - name: webapp",
+        f"    mrenclave: {DEMO_WEBAPP.hex()}",
+        "    hosts: [10.77.1.0/24]",
+        "    subnet: {subnet: 192.168.29.0/24}",
+        "    egress:",
+        f"      - {{to: 10.77.2.2, protocol: tcp, ports: {IPERF_PORT}}}",
+        "      - {to: 10.77.2.2, protocol: icmp}",
+    ]
+    for i in range(1, apps):
+        net = 0x64400000 + i * 16  # 100.64.0.0/10, one /28 per app
+        subnet = f"{net >> 24}.{net >> 16 & 255}.{net >> 8 & 255}.{net & 255}/28"
+        lines += [
+            f"  - name: filler{i}",
+            f"    mrenclave: {i:064x}",
+            "    hosts: [10.77.1.0/24]",
+            f"    subnet: {{subnet: {subnet}}}",
+            "    egress:",
+            *(
+                f"      - {{to: 198.18.{i % 250}.{j}, protocol: tcp, ports: {1000 + j}}}"
+                for j in range(20)
+            ),
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 duration")
     parser.add_argument("--joiners", type=int, default=200)
+    parser.add_argument(
+        "--many-apps", type=int, default=10000, help="apps loaded for the second throughput run"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        lab = Lab("sfwbench-", Path(tmp) / "state")
+        policy = Path(tmp) / "policy.yaml"
+        write_policy(policy, 10)
+        lab = Lab("sfwbench-", Path(tmp) / "state", policy)
         with lab:
             # Plain routing between the client LAN and the external side, for the baseline.
             ip("route", "add", "10.77.2.0/24", "via", str(lab.gateway_lan), netns=lab.ns(CLIENT_A))
@@ -187,6 +223,14 @@ def main() -> None:
             per_packet_us = (cpu1 - cpu0) / max(1, packets1 - packets0) * 1e6
 
             times, wall = join_many(lab, args.joiners)
+
+            # The same tunnel with many more apps in the ruleset and the gateway's policy.
+            write_policy(policy, args.many_apps)
+            started = time.monotonic()
+            lab.apply_policy(policy)
+            apply_seconds = time.monotonic() - started
+            assert lab.wait_for_log(r"policy reloaded", timeout=600)
+            many = iperf(lab, CLIENT_A, state["address"], args.seconds)
             server.terminate()
 
     print("seng-fw tunnel benchmark (namespace lab, one machine, 2 cores shared)")
@@ -195,6 +239,9 @@ def main() -> None:
     print(f"  ratio tunnel / plain            : {tunnelled / plain:9.3f}")
     print(f"  gateway CPU per forwarded packet: {per_packet_us:9.1f} us "
           f"({packets1 - packets0} packets on the TUN device)")  # fmt: skip
+    ratio = many / tunnelled
+    print(f"  iperf3 TCP, tunnel, {args.many_apps} apps: {many:9.1f} Mbit/s "
+          f"(ratio to 10 apps {ratio:.3f}; apply took {apply_seconds:.1f} s)")  # fmt: skip
     print(f"  join time, one enclave          : {one_join * 1000:9.1f} ms")
     if times:
         times.sort()
