@@ -1,9 +1,10 @@
 """Compile and apply time of policies with 10, 1,000 and 10,000 apps, 20 destinations each.
 
     python3 bench/bench_compile.py [--apps 10,1000,10000] [--no-apply] [--yaml]
-                                   [--forwarding 10,10000]
+                                   [--forwarding 10,10000] [--shared]
 
-Each app has its own /24 enclave subnet and 20 destinations: 16 prefixes or addresses
+Each app has its own /24 enclave subnet (with --shared: all apps are on one shared
+subnet, told apart by their labels) and 20 destinations: 16 prefixes or addresses
 with TCP ports (some overlapping, so the compiler has to split boxes), 2 resolvers on
 UDP 53, an ICMP prefix and the next app (whose ingress admits it). Figures:
 
@@ -22,7 +23,8 @@ an external one, and the run reports (in the same run, so the ratio is meaningfu
 
 - new flows/s: UDP packets from app0, each from a new source port, so each is a new
   conntrack entry that goes through the egress lookups (sent through a raw socket
-  by Python, which is most of the cost: compare the two rows, not with line rate);
+  by Python, which is most of the cost: compare the two rows, not with line rate;
+  with --shared a stand-in labeller rule gives app0's connections its label);
 - TCP Mbit/s: one iperf3 stream (established packets: counters and ct state only).
 """
 
@@ -56,7 +58,10 @@ from seng_fw.policy.models import Policy
 T = TypeVar("T")
 
 
-def policy_data(apps: int, seed: int = 1) -> dict[str, Any]:
+SHARED_SUBNET = "10.0.0.0/9"  # holds APP0, and the /24s the apps have without --shared
+
+
+def policy_data(apps: int, seed: int = 1, *, shared: bool = False) -> dict[str, Any]:
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
     for i in range(apps):
@@ -74,19 +79,20 @@ def policy_data(apps: int, seed: int = 1) -> dict[str, Any]:
         egress[0] = {"to": "100.64.0.0/16", "protocol": "tcp", "ports": 5201}  # for iperf3
         neighbour = f"app{(i + 1) % apps}"
         egress.append({"to": {"app": neighbour}, "protocol": "tcp", "ports": 443})
-        out.append(
-            {
-                "name": f"app{i}",
-                "mrenclave": f"{i:064x}",
-                "hosts": "10.250.0.0/16",
-                "subnet": {"subnet": f"10.{i // 256}.{i % 256}.0/24"},
-                "egress": egress,
-                "ingress": [
-                    {"from": {"app": f"app{(i - 1) % apps}"}, "protocol": "tcp", "ports": 443}
-                ],
-            }
-        )
-    return {"gateway_networks": ["10.250.0.0/16"], "apps": out}
+        app: dict[str, Any] = {
+            "name": f"app{i}",
+            "mrenclave": f"{i:064x}",
+            "hosts": "10.250.0.0/16",
+            "egress": egress,
+            "ingress": [{"from": {"app": f"app{(i - 1) % apps}"}, "protocol": "tcp", "ports": 443}],
+        }
+        if not shared:
+            app["subnet"] = {"subnet": f"10.{i // 256}.{i % 256}.0/24"}
+        out.append(app)
+    policy: dict[str, Any] = {"gateway_networks": ["10.250.0.0/16"], "apps": out}
+    if shared:
+        policy["shared_subnet"] = {"subnet": SHARED_SUBNET}
+    return policy
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -115,7 +121,7 @@ APP0, TARGET = "10.0.0.10", "100.64.0.53"
 
 def _forwarding_topology() -> Topology:
     topo = Topology(
-        "sfwbench-",
+        f"sfwbc{os.getpid()}-",  # its own namespaces: other benchmarks may be running
         [
             Host("enc", routes=(Route.parse("0.0.0.0/0", "10.250.1.1"),)),
             Host("gw", forwarding=True, routes=(Route.parse("10.0.0.0/8", "10.250.1.2"),)),
@@ -190,12 +196,22 @@ def _iperf(topo: Topology, seconds: int) -> float:
         server.wait(timeout=10)
 
 
-def forwarding(counts: list[int], seconds: float) -> None:
+def forwarding(counts: list[int], seconds: float, *, shared: bool = False) -> None:
     topo = _forwarding_topology()
     try:
+        if shared:  # the labeller's part: app0 (label 1) opens the connections
+            topo.run(
+                "gw",
+                [
+                    "nft",
+                    "add table ip labeller; add chain ip labeller label { type filter hook "
+                    "forward priority mangle; }; add rule ip labeller label ct state new "
+                    f"ip saddr {APP0} ct mark set 1",
+                ],
+            )
         print(f"{'apps':>6} {'new flows/s':>12} {'TCP Mbit/s':>11}")
         for count in counts:
-            policy = Policy.model_validate(policy_data(count))
+            policy = Policy.model_validate(policy_data(count, shared=shared))
             table = compile_policy(policy, Options(tun="lan"))
             topo.call("gw", lambda t=table, p=policy: live.apply(t, p, live.Nft()))  # type: ignore[misc]
             topo.run("gw", ["conntrack", "-F"], check=False)
@@ -218,6 +234,9 @@ def main() -> int:
         "--forwarding", metavar="COUNTS", help="also measure forwarding, e.g. 10,10000 (root)"
     )
     parser.add_argument("--seconds", type=float, default=2.0, help="per forwarding figure")
+    parser.add_argument(
+        "--shared", action="store_true", help="apps on the shared subnet (by label)"
+    )
     args = parser.parse_args()
     do_apply = not args.no_apply and os.geteuid() == 0
     if not do_apply and not args.no_apply:
@@ -226,7 +245,7 @@ def main() -> int:
     header += f" {'render':>7} {'apply':>7} {'re-apply':>8}   (seconds)"
     print(header)
     for count in (int(n) for n in args.apps.split(",")):
-        data = policy_data(count)
+        data = policy_data(count, shared=args.shared)
         policy, validate_s = timed(lambda d=data: Policy.model_validate(d))  # type: ignore[misc]
         yaml_s = float("nan")
         if args.yaml:
@@ -246,7 +265,7 @@ def main() -> int:
             flush=True,
         )
     if args.forwarding:
-        forwarding([int(n) for n in args.forwarding.split(",")], args.seconds)
+        forwarding([int(n) for n in args.forwarding.split(",")], args.seconds, shared=args.shared)
     return 0
 
 

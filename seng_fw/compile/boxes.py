@@ -39,8 +39,8 @@ def disjoint(boxes: Iterable[Box]) -> list[Box]:
     only their own slice.
     """
     boxes = list(boxes)
-    if not boxes:
-        return []
+    if len(boxes) <= 1:
+        return boxes  # the common case deep in the recursion: nothing to split
     if len(boxes[0]) == 1:
         return [(interval,) for interval in merge_intervals(box[0] for box in boxes)]
     starts = sorted(boxes, key=lambda box: box[0][0])

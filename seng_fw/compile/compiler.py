@@ -7,37 +7,50 @@ policy without apps):
   an enclave subnet that no rule allows are dropped. A flow between two enclaves
   needs both the source's egress and the destination's ingress to allow it.
 - The cost per packet does not depend on the number of apps or rules. A new
-  connection from an enclave takes one lookup in a verdict map from app subnets to
-  the app's chain (`ip saddr vmap @egress_apps` -> `goto out_APP`), then one lookup
-  in the app's set, whose key concatenates the fields that matter:
-  `meta l4proto . th dport . ip daddr @allowed_out_APP`, elements like
-  `tcp . 8000-8080 . 10.1.0.0/16` (sets have `flags interval`, so prefixes and port
-  ranges are single elements). Ingress is the same with `in_APP`. One big set keyed
-  by app and destination would also be one lookup, but the kernel's concatenated
-  interval sets (pipapo) scan bitmaps as wide as the set: with 10,000 apps new
-  connections were 3 times slower; per-app sets keep each lookup small.
-- Per-app subnets identify the app by source (egress) or destination (ingress)
-  address. Apps on the shared subnet are identified by the connection's conntrack
-  mark instead (`ct mark & 0xffff vmap @egress_labels`), which the labeller sets (see
-  MARK LAYOUT); until it does, their new connections are dropped (fail closed).
+  connection from an enclave takes one lookup in a verdict map to the app's chain,
+  then one lookup in a set of rules, whose key concatenates the fields that matter:
+  the app, protocol, port, the peer's address and the peer's label (below), e.g.
+  `ip saddr . meta l4proto . th dport . ip daddr . ct mark >> 16 @allowed_out_0`,
+  elements like `10.0.3.0/24 . tcp . 8000-8080 . 10.1.0.0/16 . 0x00000000-0x0000ffff`
+  (sets have `flags interval`, so prefixes and ranges are single elements). Ingress
+  is the same with `in_APP` and the ends swapped.
+- Apps share a rule set in groups of GROUP_SIZE (`allowed_out_0` holds the egress
+  rules of the first 64 apps). One set per app made large policies slow to load (the
+  kernel finds sets by name in a list: quadratic in the number of sets); one set for
+  all apps made new connections slow (the kernel's concatenated interval sets, pipapo,
+  scan bitmaps as wide as the set). A group keeps both bounded.
+- Apps with their own subnet are identified by source (egress) or destination
+  (ingress) address: `ip saddr vmap @egress_apps`. Apps on the shared subnet are
+  identified by the label ids in the connection's conntrack mark, which the labeller
+  sets (see MARK LAYOUT): `ct mark & 0x0000ffff vmap @egress_labels`; their rule sets
+  (`allowed_out_shared_0`) start with the label instead of the address. Until the
+  labeller marks a connection, its new connections are dropped (fail closed).
+- Rules may name enclaves of the shared subnet as peers (`{app: X}`, `{category: C}`,
+  `{host: PREFIX}`, combined): the element then holds the shared subnet and their
+  label ids; a peer known by its address has every label (0x0000-0xffff).
 - Refused packets of an app end in its own chain: optionally logged, rate-limited,
   with the prefix "seng-fw APP: ", then dropped.
-- Per-app packet and byte counters are named counters (`tx_APP`, `rx_APP`) chosen by
-  an interval map on the address: one lookup each, for every forwarded packet.
+- Per-app packet and byte counters are named counters (`tx_APP`, `rx_APP`), chosen by
+  an interval map on the address (own subnet) or on the sender's and receiver's label
+  (shared subnet): one lookup each, for every forwarded packet.
 
 MARK LAYOUT (conntrack mark, set by the labeller on new connections of the shared
-subnet): bits 0-15 hold the app id of the enclave that opened the connection, bits
-16-31 the app id of the enclave that accepted it; 0 means "not an enclave". App ids
-are `app_ids(policy)`: the position of the app in the policy, from 1.
+subnet; `seng_fw.label.marks`): bits 0-15 hold the label id of the end that opened the
+connection (`ct mark & 0x0000ffff`), bits 16-31 that of the end that accepted it
+(`ct mark >> 16`); 0 means "not an enclave", 0xffff an address no enclave holds.
+Label ids are those of `label_table(policy)`: one per app and class of client hosts,
+where the classes are cut by the host prefixes the rules name; without host prefixes
+the id of an app is its position in the policy, from 1 (`app_ids`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from typing import Final, Literal
 
-from seng_fw.compile.boxes import Box, Interval, disjoint
+from seng_fw.compile.boxes import Box, Interval, disjoint, merge_intervals
 from seng_fw.compile.nft import (
     And,
     Chain,
@@ -53,6 +66,7 @@ from seng_fw.compile.nft import (
     Meta,
     NamedSet,
     Payload,
+    Shift,
     Table,
     Verdict,
     Vmap,
@@ -60,28 +74,25 @@ from seng_fw.compile.nft import (
     network_interval,
 )
 from seng_fw.compile.nft import CounterMap as CounterMapExpr
+from seng_fw.label.marks import LabelInfo, LabelTable
 from seng_fw.policy.models import App, EgressRule, IngressRule, Peer, Policy, Ref
 
 TABLE = "seng"
 DEFAULT_TUN = "tunFA"
-ORIGINATOR_MASK = 0x0000FFFF
-RESPONDER_MASK = 0xFFFF0000
 PROTOCOLS: dict[str, Interval] = {"icmp": (1, 1), "tcp": (6, 6), "udp": (17, 17), "any": (0, 255)}
 ALL_PORTS: Interval = (0, 0xFFFF)
+ANY_LABEL: Interval = (0, 0xFFFF)  # a peer known by address: whatever its label
 LOG_PREFIX = "seng-fw"
+# Apps per rule set: large enough that a 10,000-app policy has few sets, small enough
+# that a lookup scans little (bench/bench_compile.py).
+GROUP_SIZE = 64
 
 SADDR, DADDR = Payload("ip", "saddr"), Payload("ip", "daddr")
 L4PROTO, DPORT = Meta("l4proto"), Payload("th", "dport")
-ORIGINATOR = And(Ct("mark"), ORIGINATOR_MASK)
-RESPONDER = And(Ct("mark"), RESPONDER_MASK)
+ORIGINATOR: Final = And(Ct("mark"), 0x0000FFFF)  # label id of the connection's opener
+RESPONDER: Final = Shift(Ct("mark"), 16)  # label id of the end that accepted it
 
-
-# Key of the per-app sets: protocol and port first, as rules have few of them, so the
-# disjoint elements split along the addresses less often. A rule without ports (icmp,
-# any, tcp/udp to every port) covers every port: `th dport` then reads whatever the
-# transport header has there (the ICMP checksum...); a packet too short to have those
-# two bytes matches nothing and is dropped.
-PEER_KEY: tuple[Datatype, ...] = ("inet_proto", "inet_service", "ipv4_addr")
+Direction = Literal["out", "in"]
 
 
 @dataclass(frozen=True)
@@ -90,14 +101,16 @@ class Options:
     table: str = TABLE
 
 
+def label_table(policy: Policy) -> LabelTable:
+    """The label ids of `policy`, for the ruleset and for the labeller's registry (the
+    gateway builds its registry with this, so both agree)."""
+    return LabelTable.from_policy(policy, policy.host_prefixes())
+
+
 def app_ids(policy: Policy) -> dict[str, int]:
-    """The id of each app in conntrack marks: its position in the policy, from 1."""
+    """The position of each app in the policy, from 1: its label id when the rules name
+    no host prefix."""
     return {app.name: index for index, app in enumerate(policy.apps, start=1)}
-
-
-def label(originator: int, responder: int = 0) -> int:
-    """The conntrack mark of a connection between two apps (0: not an enclave)."""
-    return (responder << 16) | originator
 
 
 def counter_names(app: str) -> tuple[str, str]:
@@ -105,46 +118,129 @@ def counter_names(app: str) -> tuple[str, str]:
     return f"tx_{app}", f"rx_{app}"
 
 
-def log_chain(app: str) -> str:
-    return f"log_{app}"
-
-
 # --- from rules to boxes -----------------------------------------------------------
 
 
+def rule_key(direction: Direction, shared: bool) -> tuple[Expr, ...]:
+    """What a rule set is keyed on: the app (address, or label on the shared subnet),
+    protocol, port, the peer's address and label. Protocol and port come before the peer,
+    as rules have few of them: the disjoint elements split along addresses less often.
+    A rule without ports (icmp, any, tcp/udp to every port) covers every port: `th dport`
+    then reads whatever the transport header has there (the ICMP checksum...); a packet
+    too short to have those two bytes matches nothing and is dropped."""
+    if direction == "out":
+        return (ORIGINATOR if shared else SADDR, L4PROTO, DPORT, DADDR, RESPONDER)
+    return (RESPONDER if shared else DADDR, L4PROTO, DPORT, SADDR, ORIGINATOR)
+
+
+def _key_types(shared: bool) -> tuple[Datatype, ...]:
+    return ("mark" if shared else "ipv4_addr", "inet_proto", "inet_service", "ipv4_addr", "mark")
+
+
+def rule_set_name(direction: Direction, shared: bool, group: int) -> str:
+    return f"allowed_{direction}_shared_{group}" if shared else f"allowed_{direction}_{group}"
+
+
+class _Labels:
+    """The label ids of each app, from the labeller's table, indexed by app: the compiler
+    asks once per app and rule, so a scan of every app per question (as
+    `LabelTable.select` does) would make large policies quadratic."""
+
+    def __init__(self, table: LabelTable) -> None:
+        self.by_app: dict[str, list[LabelInfo]] = {}
+        for label in range(1, len(table) + 1):
+            info = table.info(label)
+            assert info is not None
+            self.by_app.setdefault(info.app, []).append(info)
+
+    def select(self, apps: Iterable[str], host: IPv4Network | None = None) -> list[Interval]:
+        """Ranges of the ids of `apps`' enclaves on client hosts in `host` (None: any);
+        the same as `LabelTable.select(apps=apps, host=host)`."""
+        low, high = (0, 0xFFFFFFFF) if host is None else network_interval(host)
+        return merge_intervals(
+            (info.id, info.id)
+            for app in apps
+            for info in self.by_app.get(app, [])
+            if low <= info.hosts[0] and info.hosts[1] <= high
+        )
+
+
 class _Resolver:
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, labels: LabelTable) -> None:
         self.policy = policy
+        self.labels = _Labels(labels)
+        self.shared = network_interval(policy.shared_subnet.subnet)
+        self.apps = {app.name: app for app in policy.apps}
+        self.members: dict[str, list[App]] = {name: [] for name in policy.categories}
+        for app in policy.apps:
+            for category in app.categories:
+                self.members[category].append(app)
         self.subnets = {
-            app.name: network_interval(policy.subnet_of(app).subnet) for app in policy.apps
+            app.name: network_interval(app.subnet.subnet)
+            for app in policy.apps
+            if app.subnet is not None
         }
 
-    def peers(self, peers: Iterable[Peer]) -> list[Interval]:
-        out: list[Interval] = []
+    def selected(self, ref: Ref) -> list[App]:
+        """The apps whose enclaves `ref` names (its host prefix aside)."""
+        if ref.kind == "app":
+            return [self.apps[ref.name]]
+        return self.members[ref.name] if ref.kind == "category" else self.policy.apps
+
+    def peers(self, peers: Iterable[Peer]) -> list[tuple[Interval, Interval]]:
+        """(address, label ids) of each peer."""
+        out: list[tuple[Interval, Interval]] = []
         for peer in peers:
-            if not isinstance(peer, Ref):
-                out.append(network_interval(peer))
-            elif peer.kind == "app":
-                out.append(self.subnets[peer.name])
-            else:
-                out += [self.subnets[app.name] for app in self.policy.members(peer.name)]
+            if not isinstance(peer, Ref):  # an address or prefix
+                out.append((network_interval(peer), ANY_LABEL))
+                continue
+            apps = self.selected(peer)
+            if peer.host is None:  # apps with their own subnet: by address
+                out += [(self.subnets[a.name], ANY_LABEL) for a in apps if a.subnet is not None]
+            shared = [a.name for a in apps if a.subnet is None]
+            out += [(self.shared, ids) for ids in self.labels.select(shared, peer.host)]
         return out
 
-    def egress(self, app: App) -> Iterator[EgressRule]:
-        yield from app.egress
+    def owner(self, app: App, rule: EgressRule | IngressRule) -> list[Interval]:
+        """The app's enclaves that `rule` is for: its subnet, or on the shared subnet its
+        label ids (those on `on_hosts`, if given). Host restrictions cannot apply to an
+        own subnet: a category's rule with `on_hosts` does not reach such an app."""
+        if app.subnet is not None:
+            return [] if rule.on_hosts else [self.subnets[app.name]]
+        hosts: list[IPv4Network | None] = [*rule.on_hosts] or [None]
+        return merge_intervals(
+            ids for host in hosts for ids in self.labels.select([app.name], host)
+        )
+
+    def rules(self, app: App, direction: Direction) -> Iterator[EgressRule | IngressRule]:
+        yield from app.egress if direction == "out" else app.ingress
         for category in app.categories:
-            yield from self.policy.categories[category].egress
+            owner = self.policy.categories[category]
+            yield from owner.egress if direction == "out" else owner.ingress
 
-    def ingress(self, app: App) -> Iterator[IngressRule]:
-        yield from app.ingress
-        for category in app.categories:
-            yield from self.policy.categories[category].ingress
+    def boxes(self, app: App, direction: Direction) -> list[Box]:
+        """Elements (app . protocol . port . peer address . peer label) of the app's rules."""
+        out: list[Box] = []
+        for rule in self.rules(app, direction):
+            peers = self.peers(rule.to if isinstance(rule, EgressRule) else rule.from_)
+            proto = PROTOCOLS[rule.protocol]
+            out += [
+                (owner, proto, port, address, ids)
+                for owner in self.owner(app, rule)
+                for address, ids in peers
+                for port in rule.ports or [ALL_PORTS]
+            ]
+        return out
 
 
-def _rule_boxes(peers: list[Interval], protocol: str, ports: list[tuple[int, int]]) -> list[Box]:
-    """Elements (proto . port . peer) of one rule."""
-    proto = PROTOCOLS[protocol]
-    return [(proto, port, peer) for peer in peers for port in ports or [ALL_PORTS]]
+@dataclass
+class _RuleSet:
+    """The boxes of a group of apps for one rule set, and who they are (for the heading)."""
+
+    direction: Direction
+    shared: bool
+    apps: list[str] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
 
 
 # --- the table ------------------------------------------------------------------------
@@ -153,70 +249,103 @@ def _rule_boxes(peers: list[Interval], protocol: str, ports: list[tuple[int, int
 def compile_policy(policy: Policy, options: Options | None = None) -> Table:
     """The whole table for `policy`; `Table.transaction()` / `Table.text()` render it."""
     opts = options or Options()
-    resolve = _Resolver(policy)
-    ids = app_ids(policy)
+    labels = label_table(policy)
+    resolve = _Resolver(policy, labels)
     table = Table(opts.table)
     sets = _declare_sets(table)
 
     sets["enclave_nets"].elements = [
         (i,) for (i,) in disjoint((network_interval(s.subnet),) for s in policy.enclave_subnets())
     ]
-    sets["shared_net"].add((network_interval(policy.shared_subnet.subnet),))
+    sets["shared_net"].add((resolve.shared,))
+    rule_sets: dict[str, _RuleSet] = {}
+    seen = {False: 0, True: 0}  # apps so far with their own subnet, on the shared subnet
     expose_from: list[Box] = []
     for app in policy.apps:
-        own = app.subnet is not None
-        subnet = resolve.subnets[app.name]
-        group = f"app {app.name} (id {ids[app.name]}, {policy.subnet_of(app).subnet})"
-        egress = [(resolve.peers(rule.to), rule) for rule in resolve.egress(app)]
-        ingress = [(resolve.peers(rule.from_), rule) for rule in resolve.ingress(app)]
-        out_verdict = _app_chain(table, policy, app, "out", egress, group)
-        in_verdict = _app_chain(table, policy, app, "in", ingress, group)
-        if own:
-            sets["egress_apps"].add((subnet,), out_verdict)
-            sets["ingress_apps"].add((subnet,), in_verdict)
-            tx, rx = counter_names(app.name)
-            table.counters += [Counter(tx, group=group), Counter(rx, group=group)]
+        shared = app.subnet is None
+        group_index = seen[shared] // GROUP_SIZE
+        seen[shared] += 1
+        ids = resolve.labels.select([app.name]) if shared else []
+        where = _describe(ids) if shared else str(policy.subnet_of(app).subnet)
+        group = f"app {app.name} ({where})"
+        verdicts: dict[Direction, str] = {}
+        for direction in ("out", "in"):
+            boxes = resolve.boxes(app, direction)
+            name = rule_set_name(direction, shared, group_index)
+            if boxes:
+                rule_set = rule_sets.setdefault(name, _RuleSet(direction, shared))
+                rule_set.apps.append(app.name)
+                rule_set.boxes += boxes
+            verdicts[direction] = _app_chain(
+                table, policy, app, direction, name if boxes else None, group
+            )
+        tx, rx = counter_names(app.name)
+        table.counters += [Counter(tx, group=group), Counter(rx, group=group)]
+        if shared:
+            for interval in ids:
+                sets["egress_labels"].add((interval,), verdicts["out"])
+                sets["ingress_labels"].add((interval,), verdicts["in"])
+                sets["tx_labels"].add((interval,), tx)
+                sets["rx_labels"].add((interval,), rx)
+        else:
+            subnet = resolve.subnets[app.name]
+            sets["egress_apps"].add((subnet,), verdicts["out"])
+            sets["ingress_apps"].add((subnet,), verdicts["in"])
             sets["tx_counters"].add((subnet,), tx)
             sets["rx_counters"].add((subnet,), rx)
-        else:
-            origin, responder = label(ids[app.name]), label(0, ids[app.name])
-            sets["egress_labels"].add(((origin, origin),), out_verdict)
-            sets["ingress_labels"].add(((responder, responder),), in_verdict)
         for exposure in app.expose:
-            where = (int(exposure.address), int(exposure.address))
+            address = (int(exposure.address), int(exposure.address))
             proto = PROTOCOLS[exposure.protocol]
             port = (exposure.target_port, exposure.target_port)
-            expose_from += [(peer, where, proto, port) for peer in resolve.peers(exposure.from_)]
+            expose_from += [
+                (peer, peer_ids, address, proto, port)
+                for peer, peer_ids in resolve.peers(exposure.from_)
+            ]
             sets["expose_port"].add(
-                (where, proto, (exposure.port, exposure.port)), exposure.target_port
+                (address, proto, (exposure.port, exposure.port)), exposure.target_port
             )
     sets["expose_from"].elements = disjoint(expose_from)
+    for name, rule_set in rule_sets.items():
+        table.sets.append(_rule_set(name, rule_set))
     _add_chains(table, policy, opts)
     return table
+
+
+def _describe(ids: list[Interval]) -> str:
+    text = ", ".join(str(low) if low == high else f"{low}-{high}" for low, high in ids)
+    return f"shared subnet, label {text}"
+
+
+def _rule_set(name: str, rule_set: _RuleSet) -> NamedSet:
+    ends = "sources" if rule_set.direction == "out" else "destinations"
+    by = "label" if rule_set.shared else "address"
+    first, last = rule_set.apps[0], rule_set.apps[-1]
+    apps = f"app {first}" if first == last else f"apps {first} .. {last}"
+    named = NamedSet(
+        name,
+        _key_types(rule_set.shared),
+        group=f"{'egress' if rule_set.direction == 'out' else 'ingress'} rules of {apps}",
+        comment=f"{ends} by {by} . protocol . port . peer address . peer label",
+    )
+    named.elements = disjoint(rule_set.boxes)
+    return named
 
 
 def _app_chain(
     table: Table,
     policy: Policy,
     app: App,
-    direction: str,
-    rules: Sequence[tuple[list[Interval], EgressRule | IngressRule]],
+    direction: Direction,
+    rule_set: str | None,
     group: str,
 ) -> str:
-    """The app's chain for one direction (`out_APP`: to peers, `in_APP`: from peers) and
-    its sets; returns the verdict that leads to it. Allowed packets `return` (to the
-    base chain that jumped to `egress`/`ingress`); the others are dropped, logged first
-    if the app logs refusals."""
-    boxes = [box for peers, rule in rules for box in _rule_boxes(peers, rule.protocol, rule.ports)]
+    """The app's chain for one direction (`out_APP`: to peers, `in_APP`: from peers);
+    returns the verdict that leads to it. Allowed packets `return` (to the base chain
+    that jumped to `egress`/`ingress`); the others are dropped, logged first if the app
+    logs refusals."""
     chain = Chain(f"{direction}_{app.name}", group=group)
-    if boxes:
-        # One set per app and direction: the kernel looks sets up by name in a list,
-        # so their number is what makes a large policy slow to load.
-        allowed = NamedSet(f"allowed_{direction}_{app.name}", PEER_KEY, group=group)
-        allowed.elements = disjoint(boxes)
-        table.sets.append(allowed)
-        peer = DADDR if direction == "out" else SADDR
-        chain.add(_lookup((L4PROTO, DPORT, peer), allowed.name), Verdict("return"))
+    if rule_set is not None:
+        chain.add(_lookup(rule_key(direction, app.subnet is None), rule_set), Verdict("return"))
     if policy.logs_refused(app):
         chain.add(_limit(policy), Log(f"{LOG_PREFIX} {app.name}: "))
     elif not chain.rules:
@@ -244,18 +373,19 @@ def _declare_sets(table: Table) -> dict[str, NamedSet]:
             "egress_labels",
             (mark,),
             data="verdict",
-            comment="shared subnet: originator app id (ct mark bits 0-15) -> out_ chain",
+            comment="shared subnet: originator label (ct mark bits 0-15) -> out_ chain",
         ),
         NamedSet(
             "ingress_labels",
             (mark,),
             data="verdict",
-            comment="shared subnet: responder app id << 16 (ct mark bits 16-31) -> in_ chain",
+            comment="shared subnet: responder label (ct mark bits 16-31) -> in_ chain",
         ),
         NamedSet(
             "expose_from",
-            (addr, addr, proto, port),
-            comment="exposed services: source . gateway address . protocol . enclave port",
+            (addr, mark, addr, proto, port),
+            comment="exposed services: source . its label . gateway address . protocol . "
+            "enclave port",
         ),
         NamedSet(
             "expose_addr",
@@ -273,6 +403,15 @@ def _declare_sets(table: Table) -> dict[str, NamedSet]:
         ),
         NamedSet("tx_counters", (addr,), data="counter", comment="app subnet -> its tx counter"),
         NamedSet("rx_counters", (addr,), data="counter", comment="app subnet -> its rx counter"),
+        NamedSet(
+            "tx_labels", (mark,), data="counter", comment="sender's label -> its app's tx counter"
+        ),
+        NamedSet(
+            "rx_labels",
+            (mark,),
+            data="counter",
+            comment="receiver's label -> its app's rx counter",
+        ),
     ]
     table.sets += declared
     return {named.name: named for named in declared}
@@ -293,6 +432,7 @@ def _add_chains(table: Table, policy: Policy, opts: Options) -> None:
     from_tun = Match(Meta("iifname"), opts.tun)
     not_from_tun = Match(Meta("iifname"), opts.tun, "!=")
     established = Match(Ct("state"), ("established", "related"), "in")
+    labelled = Match(Ct("mark"), 0, "!=")
     anti_spoof = [
         (
             (from_tun, Match(SADDR, "@enclave_nets", "!="), Verdict("drop")),
@@ -308,11 +448,27 @@ def _add_chains(table: Table, policy: Policy, opts: Options) -> None:
         comment="per-app counters first (a miss ends only this rule)",
     )
     forward.add(CounterMapExpr(DADDR, "rx_counters"))
+    forward.add(
+        labelled,
+        Match(Ct("direction"), "original"),
+        Verdict("jump", "count_original"),
+        comment="shared subnet: per-app counters by the labels of the packet's ends",
+    )
+    forward.add(labelled, Match(Ct("direction"), "reply"), Verdict("jump", "count_reply"))
     for exprs, why in anti_spoof:
         forward.add(*exprs, comment=why)
     forward.add(established, Verdict("accept"), comment="allowed connections go on")
     forward.add(enclave_src, Verdict("jump", "egress"))
     forward.add(enclave_dst, Verdict("jump", "ingress"), comment="enclave to enclave: both sides")
+
+    count_original = Chain(
+        "count_original", comment="shared subnet: the opener sends, the acceptor receives"
+    )
+    count_original.add(CounterMapExpr(ORIGINATOR, "tx_labels"))
+    count_original.add(CounterMapExpr(RESPONDER, "rx_labels"))
+    count_reply = Chain("count_reply", comment="and the other way round")
+    count_reply.add(CounterMapExpr(RESPONDER, "tx_labels"))
+    count_reply.add(CounterMapExpr(ORIGINATOR, "rx_labels"))
 
     inbound = Chain("input", hook=Hook("filter", "input", filter_prio, "filter"))
     for exprs, why in anti_spoof:
@@ -346,7 +502,7 @@ def _add_chains(table: Table, policy: Policy, opts: Options) -> None:
     )
     ingress.add(
         Match(Ct("status"), "dnat", "in"),
-        _lookup((SADDR, Ct("ip daddr", "original"), L4PROTO, DPORT), "expose_from"),
+        _lookup((SADDR, ORIGINATOR, Ct("ip daddr", "original"), L4PROTO, DPORT), "expose_from"),
         Verdict("return"),
         comment="connections to an exposed service, by their original destination",
     )
@@ -360,4 +516,14 @@ def _add_chains(table: Table, policy: Policy, opts: Options) -> None:
     refused.add(Verdict("drop"))
 
     # Base chains first, then the chains they use, then the apps' chains.
-    table.chains[:0] = [forward, inbound, outbound, expose, egress, ingress, refused]
+    table.chains[:0] = [
+        forward,
+        count_original,
+        count_reply,
+        inbound,
+        outbound,
+        expose,
+        egress,
+        ingress,
+        refused,
+    ]

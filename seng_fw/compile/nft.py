@@ -131,6 +131,20 @@ class And(Expr):
 
 
 @dataclass(frozen=True)
+class Shift(Expr):
+    """`expr >> bits` (bits 16-31 of the conntrack mark as a label id)."""
+
+    expr: Expr
+    bits: int
+
+    def json(self) -> Json:
+        return {">>": [self.expr.json(), self.bits]}
+
+    def text(self) -> str:
+        return f"{self.expr.text()} >> {self.bits}"
+
+
+@dataclass(frozen=True)
 class Concat(Expr):
     exprs: tuple[Expr, ...]
 
@@ -148,10 +162,10 @@ def key(*exprs: Expr) -> Expr:
 @dataclass(frozen=True)
 class Match(Expr):
     """`left right` (==), `left != right` or a flag test (`ct state established,related`).
-    `right` is a set reference (`@name`), a string or a list of flags."""
+    `right` is a set reference (`@name`), a string, a number or a list of flags."""
 
     left: Expr
-    right: str | tuple[str, ...]
+    right: str | int | tuple[str, ...]
     op: Literal["==", "!=", "in"] = "=="
 
     def json(self) -> Json:
@@ -161,10 +175,12 @@ class Match(Expr):
     def text(self) -> str:
         if isinstance(self.right, tuple):
             right = ",".join(self.right)
-        elif self.right.startswith("@") or self.op == "in":
-            right = self.right
+        elif isinstance(self.right, int):
+            right = str(self.right)
+        elif isinstance(self.left, Meta) and self.left.key in ("iifname", "oifname"):
+            right = json.dumps(self.right)  # interface names are quoted strings
         else:
-            right = json.dumps(self.right)  # a quoted string, e.g. an interface name
+            right = self.right  # a set reference, a symbol (`original`)
         return (
             f"{self.left.text()} != {right}" if self.op == "!=" else f"{self.left.text()} {right}"
         )

@@ -25,13 +25,14 @@ from pydantic import (
 )
 
 from seng_fw import ipam
+from seng_fw.label.marks import MAX_ID, LabelTable
 from seng_fw.yamlfile import Path_, format_path
 
 _HEX32 = re.compile(r"^[0-9a-f]{64}$")
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,30}$"
-# App ids go into 16 bits of the conntrack mark (see seng_fw.compile.compiler); 0 and
-# 0xFFFF are reserved ("not an enclave", "unknown address": seng_fw.label.marks).
-MAX_APPS = 0xFFFE
+# Label ids (at least one per app) go into 16 bits of the conntrack mark; 0 and 0xFFFF
+# are reserved ("not an enclave", "unknown address"): seng_fw.label.marks.
+MAX_APPS = MAX_ID
 
 
 def _measurement(value: object) -> bytes:
@@ -95,34 +96,61 @@ DEFAULT_SHARED_SUBNET = EnclaveSubnet(subnet=ipam.DEFAULT_SUBNET, gateway=ipam.D
 
 @dataclass(frozen=True)
 class Ref:
-    """A reference to an app (`{app: NAME}`) or a category (`{category: NAME}`)."""
+    """Enclaves named by a rule: those of an app (`{app: NAME}`) or of a category's apps
+    (`{category: NAME}`). With `host: PREFIX` (alone: of any app) only enclaves on the
+    shared subnet whose client host is in PREFIX: the labeller's marks tell their hosts
+    apart, while an app with its own subnet is known by address only (never by host)."""
 
-    kind: Literal["app", "category"]
-    name: str
+    kind: Literal["app", "category"] | None  # None: any app (`{host: PREFIX}`)
+    name: str = ""
+    host: IPv4Network | None = None
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.name!r}"
+        what = f"{self.kind} {self.name!r}" if self.kind else "enclaves"
+        return what if self.host is None else f"{what} on hosts {self.host}"
 
 
 Peer = IPv4Network | Ref
-_PEER_HELP = "must be an IPv4 address or prefix, {app: NAME} or {category: NAME}"
+_PEER_HELP = (
+    "must be an IPv4 address or prefix, {app: NAME}, {category: NAME} or {host: PREFIX} "
+    "(host alone or with app or category)"
+)
+
+
+def _network(value: object, what: str) -> IPv4Network:
+    if isinstance(value, str):
+        try:
+            return IPv4Network(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IPv4 {what}: {exc}") from None
+    raise ValueError(f"{value!r} is not an IPv4 {what}")
 
 
 def _peer(value: object) -> Peer:
     if isinstance(value, IPv4Network | Ref):
         return value
     if isinstance(value, str):
-        try:
-            return IPv4Network(value.strip())
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not an IPv4 address or prefix: {exc}") from None
-    if isinstance(value, dict) and len(value) == 1:
-        ((kind, name),) = value.items()
-        if kind in ("app", "category") and isinstance(name, str):
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"{name!r} is not a valid {kind} name")
-            return Ref(kind, name)
+        return _network(value, "address or prefix")
+    if isinstance(value, dict):
+        return _selector(value)
     raise ValueError(f"{_PEER_HELP}, got {value!r}")
+
+
+def _selector(value: dict[object, object]) -> Ref:
+    keys = set(value)
+    named = keys & {"app", "category"}
+    if not keys or keys - {"app", "category", "host"} or len(named) > 1:
+        raise ValueError(f"{_PEER_HELP}, got {value!r}")
+    kind: Literal["app", "category"] | None = None
+    name = ""
+    if named:
+        kind = "app" if "app" in named else "category"
+        name_value = value[kind]
+        if not isinstance(name_value, str) or not re.match(NAME_PATTERN, name_value):
+            raise ValueError(f"{name_value!r} is not a valid {kind} name")
+        name = name_value
+    host = _network(value["host"], "host prefix") if "host" in value else None
+    return Ref(kind, name, host)
 
 
 PeerSpec = Annotated[Peer, PlainValidator(_peer)]
@@ -150,10 +178,18 @@ Port = Annotated[int, Field(ge=1, le=0xFFFF)]
 Protocol = Literal["tcp", "udp", "icmp", "any"]
 
 
+Networks = Annotated[list[IPv4Network], BeforeValidator(_one_or_many)]
+
+
 class _Rule(StrictModel):
     protocol: Protocol
     # Empty: every port. Only tcp and udp have ports.
     ports: Annotated[list[PortRange], BeforeValidator(_one_or_many)] = Field(default_factory=list)
+    # Only the enclaves (of the rule's app, or of each app of the category) whose client
+    # host is in one of these prefixes; empty: all. Like `host` selectors, this needs
+    # apps on the shared subnet: a category's apps with their own subnet do not get the
+    # rule, and an app with its own subnet cannot have it.
+    on_hosts: Networks = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _ports_need_tcp_or_udp(self) -> _Rule:
@@ -206,7 +242,7 @@ class App(StrictModel):
     allow_debug: bool = False
     categories: Annotated[list[Name], BeforeValidator(_one_or_many)] = Field(default_factory=list)
     # Client-host subnets the app may run from (the DTLS peer's address).
-    hosts: Annotated[list[IPv4Network], BeforeValidator(_one_or_many)] = Field(min_length=1)
+    hosts: Networks = Field(min_length=1)
     # The app's own enclave subnet; without one, its enclaves share `shared_subnet`.
     subnet: EnclaveSubnet | None = None
     egress: list[EgressRule] = Field(default_factory=list)
@@ -224,9 +260,7 @@ class Defaults(StrictModel):
 
 class Policy(StrictModel):
     # The gateway's own networks (LAN, external side): no enclave subnet may overlap them.
-    gateway_networks: Annotated[list[IPv4Network], BeforeValidator(_one_or_many)] = Field(
-        default_factory=list
-    )
+    gateway_networks: Networks = Field(default_factory=list)
     shared_subnet: EnclaveSubnet = DEFAULT_SHARED_SUBNET
     defaults: Defaults = Defaults()
     # Names are checked by cross_check, so that the error points at the name's line.
@@ -250,6 +284,13 @@ class Policy(StrictModel):
     def members(self, category: str) -> list[App]:
         return [app for app in self.apps if category in app.categories]
 
+    def host_prefixes(self) -> list[IPv4Network]:
+        """The client-host prefixes that rules name (`host` selectors, `on_hosts`):
+        label ids tell these hosts apart (`seng_fw.label.marks.LabelTable`)."""
+        found = {p.host for _, p in _rule_peers(self) if isinstance(p, Ref) and p.host is not None}
+        found.update(prefix for _, rule in _rules(self) for prefix in rule.on_hosts)
+        return sorted(found)
+
     def logs_refused(self, app: App) -> bool:
         return self.defaults.log_refused if app.log_refused is None else app.log_refused
 
@@ -259,23 +300,29 @@ class Policy(StrictModel):
 Problem = tuple[Path_, str]
 
 
-def _rule_peers(policy: Policy) -> Iterator[tuple[Path_, Peer, bool]]:
-    """Every peer named by a rule: (path, peer, is it an ingress source)."""
+def _rules(policy: Policy) -> Iterator[tuple[Path_, EgressRule | IngressRule]]:
+    """Every egress and ingress rule, of categories and of apps, with its path."""
     owners: list[tuple[Path_, Category | App]] = [
         (("categories", name), category) for name, category in policy.categories.items()
     ]
     owners += [(("apps", index), app) for index, app in enumerate(policy.apps)]
     for path, owner in owners:
         for r_index, egress in enumerate(owner.egress):
-            for p_index, peer in enumerate(egress.to):
-                yield (*path, "egress", r_index, "to", p_index), peer, False
+            yield (*path, "egress", r_index), egress
         for r_index, ingress in enumerate(owner.ingress):
-            for p_index, peer in enumerate(ingress.from_):
-                yield (*path, "ingress", r_index, "from", p_index), peer, True
-        if isinstance(owner, App):
-            for e_index, exposure in enumerate(owner.expose):
-                for p_index, peer in enumerate(exposure.from_):
-                    yield (*path, "expose", e_index, "from", p_index), peer, True
+            yield (*path, "ingress", r_index), ingress
+
+
+def _rule_peers(policy: Policy) -> Iterator[tuple[Path_, Peer]]:
+    """Every peer named by a rule or an exposure, with its path."""
+    for path, rule in _rules(policy):
+        field, peers = ("to", rule.to) if isinstance(rule, EgressRule) else ("from", rule.from_)
+        for p_index, peer in enumerate(peers):
+            yield (*path, field, p_index), peer
+    for index, app in enumerate(policy.apps):
+        for e_index, exposure in enumerate(app.expose):
+            for p_index, peer in enumerate(exposure.from_):
+                yield ("apps", index, "expose", e_index, "from", p_index), peer
 
 
 def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> list[Problem]:
@@ -342,6 +389,7 @@ def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> 
                     )
             subnets.append((app.subnet.subnet, f"app {app.name!r}"))
     problems += _check_peers(policy)
+    problems += _check_labels(policy)
     problems += _check_exposures(policy, describe)
     return problems
 
@@ -349,28 +397,37 @@ def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> 
 def _check_peers(policy: Policy) -> list[Problem]:
     problems: list[Problem] = []
     app_names = {app.name for app in policy.apps}
-    for path, peer, is_source in _rule_peers(policy):
-        if not isinstance(peer, Ref):
+    for path, peer in _rule_peers(policy):
+        if not isinstance(peer, Ref) or peer.kind is None:
             continue
         known = app_names if peer.kind == "app" else policy.categories
         if peer.name not in known:
             problems.append((path, f"unknown {peer.kind} {peer.name!r}"))
             continue
-        if not is_source:
+        if peer.host is None or peer.kind != "app":
             continue
-        # A source is matched by address; enclaves on the shared subnet cannot be told
-        # apart that way (that needs the conntrack labels of the labeller).
-        members = [policy.app(peer.name)] if peer.kind == "app" else policy.members(peer.name)
-        shared = [app.name for app in members if app.subnet is None]
-        if shared:
-            problems.append(
-                (
-                    path,
-                    f"{peer} includes app {shared[0]!r}, which has no subnet of its own: "
-                    "a source must be told apart by address; give the app a `subnet`",
-                )
-            )
+        if policy.app(peer.name).subnet is not None:
+            problems.append((path, f"{peer} never matches: {_OWN_SUBNET}; remove `host`"))
+    for path, rule in _rules(policy):
+        if rule.on_hosts and path[0] == "apps" and policy.apps[int(path[1])].subnet is not None:
+            problems.append(((*path, "on_hosts"), f"{_OWN_SUBNET}; remove `on_hosts`"))
     return problems
+
+
+_OWN_SUBNET = (
+    "the app has its own subnet, where enclaves are told apart by address, not by client host"
+)
+
+
+def _check_labels(policy: Policy) -> list[Problem]:
+    """The label ids (apps x host classes) must fit in 16 bits of the conntrack mark."""
+    if len({app.name for app in policy.apps}) != len(policy.apps) or len(policy.apps) > MAX_APPS:
+        return []  # reported as duplicate names, or too many apps
+    try:
+        LabelTable.from_policy(policy, policy.host_prefixes())
+    except ValueError as exc:
+        return [(("apps",), str(exc))]
+    return []
 
 
 def _check_exposures(policy: Policy, describe: Callable[[Path_], str]) -> list[Problem]:

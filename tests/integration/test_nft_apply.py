@@ -20,7 +20,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,12 @@ import pytest
 
 from seng_fw import netns
 from seng_fw.compile import live
-from seng_fw.compile.compiler import Options, compile_policy
+from seng_fw.compile.compiler import Options, compile_policy, label_table
 from seng_fw.compile.nft import Rule, Table, Verdict
 from seng_fw.netns import Host, Route, Segment, Topology, ip
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
+from tests.unit import test_compile_shared as shared
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "policies/example.yaml"
@@ -108,10 +110,12 @@ def listening(topo: Topology, host: str, address: str, port: int) -> Iterator[so
         server.close()
 
 
-def connects(topo: Topology, host: str, src: str, dst: str, port: int) -> bool:
+def connects(
+    topo: Topology, host: str, src: str, dst: str, port: int, timeout: float = SHORT
+) -> bool:
     client = topo.socket(host, socket.AF_INET, socket.SOCK_STREAM)
     client.bind((src, 0))
-    client.settimeout(SHORT)
+    client.settimeout(timeout)
     try:
         client.connect((dst, port))
     except OSError:
@@ -219,12 +223,13 @@ def test_flows_of_the_example_policy(topo: Topology) -> None:
     assert udp(topo, "ext", EXT, "enc1", ENC1_LAN, 9999)
 
     # A stand-in labeller (an administrator's table before seng's chains) marks the
-    # worker's connections with its app id: the shared-subnet rules now apply.
+    # worker's connections with its label: the shared-subnet rules now apply.
+    worker = label_table(policy).label_id("batch-worker", IPv4Address(ENC1_LAN))
     nft(
         topo,
         "add table ip labeller; add chain ip labeller label "
         "{ type filter hook forward priority mangle; }; "
-        f"add rule ip labeller label ct state new ip saddr {WORKER} ct mark set 3",
+        f"add rule ip labeller label ct state new ip saddr {WORKER} ct mark set {worker}",
     )
     assert tcp(topo, "enc1", WORKER, "ext", BATCH, 5005)
     assert not tcp(topo, "enc1", WORKER, "ext", BATCH, 5011)
@@ -233,6 +238,63 @@ def test_flows_of_the_example_policy(topo: Topology) -> None:
     # per-app counters saw the traffic
     counts = topo.call("gw", lambda: live.counters(live.Nft(), "seng"))
     assert counts["tx_demo-enclave"][0] > 0 and counts["rx_sdk-nginx"][0] > 0
+
+
+def _stand_in_labeller(topo: Topology) -> None:
+    """Mark new connections as the labeller would for tests/unit/test_compile_shared.py's
+    enclaves: a map from (source, destination) to the mark, in a table before seng's."""
+    addresses = [*shared.ENCLAVES, shared.FREE_A, EXT]
+    marks = [
+        f"{src} . {dst} : {shared.mark(src, dst)}"
+        for src in addresses
+        for dst in addresses
+        if src != dst and shared.mark(src, dst)
+    ]
+    nft(
+        topo,
+        "add table ip labeller; add chain ip labeller label "
+        "{ type filter hook forward priority mangle; }; "
+        "add rule ip labeller label ct state new ct mark set ip saddr . ip daddr map "
+        f"{{ {', '.join(marks)} }}",
+    )
+
+
+def test_shared_subnet_rules_by_label(topo: Topology) -> None:
+    """Rules by source and destination app, category and client host on the shared
+    subnet (SENG's `-m seng` matches) allow exactly what they name, with real packets.
+    Client host A is enc1, B is enc2; the flows are those of test_compile_shared that
+    cross the gateway (enclaves of one host talk to each other without it)."""
+    ns_of = {EXT: "ext"}
+    for address, (_, host) in shared.ENCLAVES.items():
+        ns_of[address] = "enc1" if host == shared.HOST_A else "enc2"
+    ns_of[shared.FREE_A] = "enc1"
+    for address, host in ns_of.items():
+        if address not in (EXT, DEMO, WORKER):  # the fixture placed those
+            ip("addr", "add", f"{address}/32", "dev", "lo", netns=topo.ns(host))
+    for address in (shared.WEB_B, shared.DB_B):
+        ip("route", "add", f"{address}/32", "via", "10.77.1.20", netns=topo.ns("gw"))
+    flows = [flow for flow in shared.FLOWS if ns_of[flow[0]] != ns_of[flow[1]]]
+    assert len(flows) >= 30
+    policy = shared.POLICY
+    apply_in(topo, policy)
+    _stand_in_labeller(topo)
+
+    with ExitStack() as stack:
+        for dst, port in {(dst, port) for _, dst, port, _ in flows}:
+            stack.enter_context(listening(topo, ns_of[dst], dst, port))
+
+        def attempt(flow: tuple[str, str, int, bool]) -> bool:
+            src, dst, port, _ = flow
+            return connects(topo, ns_of[src], src, dst, port, timeout=1.0)
+
+        with ThreadPoolExecutor(len(flows)) as pool:
+            results = list(pool.map(attempt, flows))
+    wrong = [f for f, got in zip(flows, results, strict=True) if got is not f[3]]
+    assert not wrong, f"flows not as the policy says (src, dst, port, expected): {wrong}"
+    # per-app counters of shared-subnet apps count by label, both ways
+    counts = topo.call("gw", lambda: live.counters(live.Nft(), "seng"))
+    assert all(counts[f"{way}_{app}"][0] > 0 for way in ("tx", "rx") for app in ("web", "db"))
+    assert counts["tx_own"][0] > 0
 
 
 def test_exposed_service(topo: Topology) -> None:

@@ -28,7 +28,7 @@ def test_registered_in_the_main_cli() -> None:
 
 def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(EXAMPLE)]) == 0
-    assert "ok (3 apps, 2 categories)" in capsys.readouterr().out
+    assert "ok (4 apps, 2 categories)" in capsys.readouterr().out
 
 
 def test_check_reports_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

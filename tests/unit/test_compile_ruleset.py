@@ -1,13 +1,14 @@
 """What the compiler puts in the table: the sets decide each flow as the policy says.
 
 `decide()` follows the chains of the table (egress for packets from an enclave subnet,
-ingress for packets to one) with the set contents; the integration tests check the same
-with real packets and the kernel.
+ingress for packets to one) with the set contents, evaluating the expressions of the
+rules on a packet; the integration tests check the same with real packets and the kernel.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,19 @@ import pytest
 
 from seng_fw.compile.boxes import covers
 from seng_fw.compile.compiler import (
+    DADDR,
+    DPORT,
+    L4PROTO,
+    ORIGINATOR,
     PROTOCOLS,
+    RESPONDER,
+    SADDR,
     Options,
-    app_ids,
     compile_policy,
-    label,
+    label_table,
 )
-from seng_fw.compile.nft import Table
+from seng_fw.compile.nft import Concat, Expr, Match, Table, Verdict
+from seng_fw.label.marks import NONE, encode
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
 
@@ -42,6 +49,28 @@ def in_set(table: Table, name: str, *point: int) -> bool:
     return covers(table.set(name).elements, point)
 
 
+@dataclass
+class Packet:
+    """The first packet of a new connection and its conntrack mark."""
+
+    src: int
+    dst: int
+    proto: int
+    port: int
+    mark: int
+
+    def value(self, expr: Expr) -> int:
+        values = {
+            SADDR: self.src,
+            DADDR: self.dst,
+            L4PROTO: self.proto,
+            DPORT: self.port,
+            ORIGINATOR: self.mark & 0xFFFF,
+            RESPONDER: self.mark >> 16,
+        }
+        return values[expr]
+
+
 def verdict(table: Table, name: str, point: int) -> str | None:
     """What a verdict map says for `point` (None: no element)."""
     named = table.set(name)
@@ -51,33 +80,42 @@ def verdict(table: Table, name: str, point: int) -> str | None:
     return None
 
 
-def app_allows(table: Table, chain_verdict: str | None, proto: int, port: int, peer: int) -> bool:
-    """Whether the app chain a verdict leads to returns (allows) the packet."""
+def app_allows(table: Table, chain_verdict: str | None, packet: Packet) -> bool:
+    """Whether the app chain a verdict leads to returns (allows) the packet: its first
+    rule, if it is a set lookup, is the only one that can."""
     if chain_verdict is None or not chain_verdict.startswith("goto "):
         return False
-    allowed = "allowed_" + chain_verdict.removeprefix("goto ")
-    names = {named.name for named in table.sets}
-    return allowed in names and in_set(table, allowed, proto, port, peer)
+    rule = table.chain(chain_verdict.removeprefix("goto ")).rules[0]
+    lookup = rule.exprs[0]
+    if not isinstance(lookup, Match) or not isinstance(lookup.right, str):
+        return False
+    assert rule.exprs[-1] == Verdict("return") and lookup.right.startswith("@")
+    assert isinstance(lookup.left, Concat)
+    point = tuple(packet.value(expr) for expr in lookup.left.exprs)
+    return in_set(table, lookup.right[1:], *point)
 
 
 def decide(
     table: Table, src: str, dst: str, proto: str, port: int = 0, mark: int = 0, dnat_from: str = ""
 ) -> bool:
     """Whether a new connection is accepted, as the egress and ingress chains decide."""
-    s, d, p = ip(src), ip(dst), PROTOCOLS[proto][0]
+    packet = Packet(ip(src), ip(dst), PROTOCOLS[proto][0], port, mark)
+    s, d = packet.src, packet.dst
     if in_set(table, "enclave_nets", s):
         chosen = verdict(table, "egress_apps", s)
         if chosen is None and in_set(table, "shared_net", s):
             chosen = verdict(table, "egress_labels", mark & 0xFFFF)
-        if not app_allows(table, chosen, p, port, d):
+        if not app_allows(table, chosen, packet):
             return False
     if in_set(table, "enclave_nets", d):
-        if dnat_from and in_set(table, "expose_from", s, ip(dnat_from), p, port):
+        if dnat_from and in_set(
+            table, "expose_from", s, mark & 0xFFFF, ip(dnat_from), packet.proto, port
+        ):
             return True
         chosen = verdict(table, "ingress_apps", d)
         if chosen is None and in_set(table, "shared_net", d):
-            chosen = verdict(table, "ingress_labels", mark & 0xFFFF0000)
-        if not app_allows(table, chosen, p, port, s):
+            chosen = verdict(table, "ingress_labels", mark >> 16)
+        if not app_allows(table, chosen, packet):
             return False
     return True
 
@@ -128,15 +166,27 @@ def test_flows_of_the_example(
 
 
 def test_shared_subnet_apps_are_matched_by_label(policy: Policy, table: Table) -> None:
-    worker = app_ids(policy)["batch-worker"]
-    assert worker == 3
-    assert decide(table, SHARED, "10.77.2.10", "tcp", 5005, mark=label(worker))
-    assert decide(table, SHARED, "10.77.2.10", "tcp", 5010, mark=label(worker))
-    assert not decide(table, SHARED, "10.77.2.10", "tcp", 5011, mark=label(worker))
-    assert not decide(table, SHARED, "10.77.2.10", "tcp", 5005, mark=label(1))  # another app
-    assert decide(table, SHARED, "10.77.2.53", "udp", 53, mark=label(worker))  # category dns
+    labels = label_table(policy)
+    low, high = IPv4Address("10.77.1.10"), IPv4Address("10.77.1.200")  # rules name .0/25
+    worker, worker_high = (labels.label_id("batch-worker", host) for host in (low, high))
+    report, report_high = (labels.label_id("report-builder", host) for host in (low, high))
+    assert (worker, worker_high, report, report_high) == (5, 6, 7, 8)
+    out = encode(worker, NONE)
+    assert decide(table, SHARED, "10.77.2.10", "tcp", 5005, mark=out)
+    assert decide(table, SHARED, "10.77.2.10", "tcp", 5010, mark=out)
+    assert not decide(table, SHARED, "10.77.2.10", "tcp", 5011, mark=out)
+    assert not decide(table, SHARED, "10.77.2.10", "tcp", 5005, mark=encode(report, NONE))
+    assert decide(table, SHARED, "10.77.2.53", "udp", 53, mark=out)  # category dns
     # a per-app subnet cannot borrow a label
-    assert not decide(table, DEMO, "10.77.2.10", "tcp", 5005, mark=label(worker))
+    assert not decide(table, DEMO, "10.77.2.10", "tcp", 5005, mark=out)
+    # on_hosts: report-builder's enclaves on 10.77.1.0/25 only
+    assert decide(table, SHARED, "10.77.2.10", "tcp", 443, mark=encode(report, NONE))
+    assert not decide(table, SHARED, "10.77.2.10", "tcp", 443, mark=encode(report_high, NONE))
+    # to {app: batch-worker, host: 10.77.1.0/25}, which admits report-builder
+    other = "192.168.29.11"
+    assert decide(table, SHARED, other, "tcp", 7000, mark=encode(report_high, worker))
+    assert not decide(table, SHARED, other, "tcp", 7000, mark=encode(report, worker_high))
+    assert not decide(table, SHARED, other, "tcp", 7000, mark=encode(worker_high, worker))
 
 
 def test_exposure(table: Table) -> None:
@@ -154,10 +204,17 @@ def test_counters_and_logging(policy: Policy, table: Table) -> None:
         "rx_demo-enclave",
         "tx_sdk-nginx",
         "rx_sdk-nginx",
+        "tx_batch-worker",
+        "rx_batch-worker",
+        "tx_report-builder",
+        "rx_report-builder",
     ]
     assert table.set("tx_counters").values == ["tx_demo-enclave", "tx_sdk-nginx"]
+    # shared-subnet apps by their labels (one per host class: the rules name 10.77.1.0/25)
+    assert table.set("tx_labels").elements == [((5, 6),), ((7, 8),)]
+    assert table.set("tx_labels").values == ["tx_batch-worker", "tx_report-builder"]
     assert table.set("egress_apps").values == ["goto out_demo-enclave", "goto out_sdk-nginx"]
-    assert table.set("egress_labels").values == ["goto out_batch-worker"]
+    assert table.set("egress_labels").values == ["goto out_batch-worker", "goto out_report-builder"]
     assert [r.text() for r in table.chain("in_demo-enclave").rules] == [
         'limit rate 10/minute log prefix "seng-fw demo-enclave: "',
         "drop",

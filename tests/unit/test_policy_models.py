@@ -10,6 +10,7 @@ import pydantic
 import pytest
 
 from seng_fw import ipam
+from seng_fw.label import marks
 from seng_fw.policy import models
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import (
@@ -141,3 +142,76 @@ def test_example_has_the_seng_demo_apps() -> None:
     assert nginx.mrenclave[0].hex().startswith("7c6ca940")
     assert demo.subnet is not None and str(demo.subnet.subnet) == "192.168.28.0/24"
     assert nginx.subnet is not None and str(nginx.subnet.subnet) == "172.16.28.0/26"
+
+
+def test_host_selectors() -> None:
+    rule = EgressRule.model_validate(
+        {
+            "to": [
+                {"host": "10.77.1.20/32"},
+                {"app": "web", "host": "10.77.1.0/25"},
+                {"category": "db", "host": " 10.77.1.20 "},
+            ],
+            "protocol": "tcp",
+            "on_hosts": "10.77.1.0/24",
+        }
+    )
+    a20, low_half = IPv4Network("10.77.1.20/32"), IPv4Network("10.77.1.0/25")
+    assert rule.to == [Ref(None, "", a20), Ref("app", "web", low_half), Ref("category", "db", a20)]
+    assert [str(peer) for peer in rule.to] == [
+        "enclaves on hosts 10.77.1.20/32",
+        "app 'web' on hosts 10.77.1.0/25",
+        "category 'db' on hosts 10.77.1.20/32",
+    ]
+    assert rule.on_hosts == [IPv4Network("10.77.1.0/24")]
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        {"app": "a", "category": "b", "host": "10.0.0.0/8"},
+        {"host": "10.0.0.1/8"},  # host bits set
+        {"host": 5},
+        {"host": "web"},
+        {},
+    ],
+)
+def test_bad_host_selectors(peer: dict[str, Any]) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        EgressRule.model_validate({"to": peer, "protocol": "tcp"})
+
+
+def test_shared_subnet_apps_as_sources_and_host_prefixes() -> None:
+    """With the labeller's marks, shared-subnet apps can be sources; the host prefixes
+    that rules name (selectors, on_hosts, exposures) make the label table's classes."""
+    policy = Policy.model_validate(
+        {
+            "categories": {"web": {"egress": [{"to": "0.0.0.0/0", "protocol": "tcp",
+                                               "on_hosts": "10.77.1.0/25"}]}},
+            "apps": [
+                app("a", "a", subnet={"subnet": "10.9.0.0/24"},
+                    ingress=[{"from": [{"app": "b"}, {"category": "web", "host": "10.77.1.8/29"}],
+                              "protocol": "tcp"}],
+                    expose=[{"address": "10.77.2.1", "port": 80,
+                             "from": {"host": "10.77.1.20/32"}}]),
+                app("b", "b", categories="web"),
+            ],
+        }
+    )  # fmt: skip
+    assert cross_check(policy) == []
+    assert policy.host_prefixes() == [
+        IPv4Network("10.77.1.0/25"),
+        IPv4Network("10.77.1.8/29"),
+        IPv4Network("10.77.1.20/32"),
+    ]
+
+
+def test_too_many_label_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each app has a label id per class of client hosts that the rules' prefixes cut."""
+    monkeypatch.setattr(marks, "MAX_ID", 3)
+    rule = {"from": {"host": "10.77.1.0/25"}, "protocol": "tcp"}
+    policy = Policy.model_validate(
+        {"apps": [app("a", "a", ingress=[rule]), app("b", "b")]}  # 2 apps x 2 classes
+    )
+    assert cross_check(policy) == [(("apps",), "more than 3 label ids (apps x host classes): "
+                                    "name fewer client-host prefixes in rules")]  # fmt: skip
