@@ -84,7 +84,10 @@ def build_server(config: GatewayConfig) -> GatewayServer:
     labelling = None
     if config.mode == "shared":
         gateways = [subnet.gateway_address for subnet in policy.enclave_subnets()]
-        labelling = Labelling(config.label, policy, gateway_addresses=gateways)
+        # The same label ids as the compiled ruleset (seng_fw.compile.label_table).
+        labelling = Labelling(
+            config.label, policy, gateway_addresses=gateways, host_prefixes=policy.host_prefixes()
+        )
     sockets = {
         Port.SETUP: bind_udp(config.listen.address, config.listen.port),
         Port.DOWNLINK: bind_udp(config.listen.address, config.listen.port + 1),

@@ -159,7 +159,8 @@ class GatewayServer:
         revoke): send the queued alerts, start conntrack flushes, sync the TUN device."""
         self.sync_tun_addresses()
         if self.labelling is not None:
-            self.labelling.policy_changed(self.core.admission.policy)
+            policy = self.core.admission.policy
+            self.labelling.policy_changed(policy, policy.host_prefixes())
         self._flush()
 
     def describe(self) -> str:
