@@ -25,6 +25,8 @@ an external one, and the run reports (in the same run, so the ratio is meaningfu
   conntrack entry that goes through the egress lookups (sent through a raw socket
   by Python, which is most of the cost: compare the two rows, not with line rate;
   with --shared a stand-in labeller rule gives app0's connections its label);
+- sys us/flow: system CPU time of the sending thread per packet, which includes the
+  gateway's forwarding (a steadier figure than the rate on a busy machine);
 - TCP Mbit/s: one iperf3 stream (established packets: counters and ct state only).
 """
 
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import socket
 import struct
@@ -167,10 +170,14 @@ def _arrived(topo: Topology) -> int:
     raise RuntimeError("no counter")
 
 
-def _flood(seconds: float) -> int:
-    """UDP packets from APP0 with ever new source ports, as fast as Python sends them."""
+def _flood(seconds: float) -> tuple[int, float]:
+    """UDP packets from APP0 with ever new source ports, as fast as Python sends them;
+    returns how many, and the system CPU seconds of the sending thread (the gateway
+    namespace forwards each packet in that thread's softirq, so this is the kernel's
+    cost per new connection, less disturbed by other load than the rate)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     src, dst = socket.inet_aton(APP0), socket.inet_aton(TARGET)
+    cpu = resource.getrusage(resource.RUSAGE_THREAD).ru_stime
     sent, port, end = 0, 1024, time.perf_counter() + seconds
     while time.perf_counter() < end:
         for _ in range(256):
@@ -179,7 +186,7 @@ def _flood(seconds: float) -> int:
             sock.sendto(header + struct.pack("!HHHH", port, 53, 8, 0), (TARGET, 0))
             sent += 1
     sock.close()
-    return sent
+    return sent, resource.getrusage(resource.RUSAGE_THREAD).ru_stime - cpu
 
 
 def _iperf(topo: Topology, seconds: int) -> float:
@@ -209,18 +216,22 @@ def forwarding(counts: list[int], seconds: float, *, shared: bool = False) -> No
                     f"ip saddr {APP0} ct mark set 1",
                 ],
             )
-        print(f"{'apps':>6} {'new flows/s':>12} {'TCP Mbit/s':>11}")
+        print(f"{'apps':>6} {'new flows/s':>12} {'sys us/flow':>12} {'TCP Mbit/s':>11}")
         for count in counts:
             policy = Policy.model_validate(policy_data(count, shared=shared))
             table = compile_policy(policy, Options(tun="lan"))
             topo.call("gw", lambda t=table, p=policy: live.apply(t, p, live.Nft()))  # type: ignore[misc]
             topo.run("gw", ["conntrack", "-F"], check=False)
             before = _arrived(topo)
-            sent = topo.call("enc", _flood, seconds)
+            sent, cpu = topo.call("enc", _flood, seconds)
             arrived = _arrived(topo) - before
             lost = f" ({sent - arrived} lost)" if arrived < sent else ""
             mbits = _iperf(topo, int(seconds) + 1)
-            print(f"{count:>6} {arrived / seconds:>12.0f} {mbits:>11.0f}{lost}", flush=True)
+            per_flow = cpu / sent * 1e6
+            print(
+                f"{count:>6} {arrived / seconds:>12.0f} {per_flow:>12.2f} {mbits:>11.0f}{lost}",
+                flush=True,
+            )
     finally:
         topo.down()
 

@@ -9,11 +9,12 @@ policy without apps):
 - The cost per packet does not depend on the number of apps or rules. A new
   connection from an enclave takes one lookup in a verdict map to the app's chain,
   then one lookup in a set of rules, whose key concatenates the fields that matter:
-  the app, protocol, port, the peer's address and the peer's label (below), e.g.
-  `ip saddr . meta l4proto . th dport . ip daddr . ct mark >> 16 @allowed_out_0`,
-  elements like `10.0.3.0/24 . tcp . 8000-8080 . 10.1.0.0/16 . 0x00000000-0x0000ffff`
-  (sets have `flags interval`, so prefixes and ranges are single elements). Ingress
-  is the same with `in_APP` and the ends swapped.
+  the app, protocol, port and the peer's address, e.g.
+  `ip saddr . meta l4proto . th dport . ip daddr @allowed_out_0`, elements like
+  `10.0.3.0/24 . tcp . 8000-8080 . 10.1.0.0/16` (sets have `flags interval`, so
+  prefixes and ranges are single elements); and the peer's label (below) where a rule
+  of the set names enclaves of the shared subnet. Ingress is the same with `in_APP`
+  and the ends swapped.
 - Apps share a rule set in groups of GROUP_SIZE (`allowed_out_0` holds the egress
   rules of the first 64 apps). One set per app made large policies slow to load (the
   kernel finds sets by name in a list: quadratic in the number of sets); one set for
@@ -27,7 +28,8 @@ policy without apps):
   labeller marks a connection, its new connections are dropped (fail closed).
 - Rules may name enclaves of the shared subnet as peers (`{app: X}`, `{category: C}`,
   `{host: PREFIX}`, combined): the element then holds the shared subnet and their
-  label ids; a peer known by its address has every label (0x0000-0xffff).
+  label ids (`... . 192.168.28.0/24 . 0x00000007-0x0000000b`); a peer known by its
+  address has every label (0x0000-0xffff).
 - Refused packets of an app end in its own chain: optionally logged, rate-limited,
   with the prefix "seng-fw APP: ", then dropped.
 - Per-app packet and byte counters are named counters (`tx_APP`, `rx_APP`), chosen by
@@ -70,6 +72,7 @@ from seng_fw.compile.nft import (
     Table,
     Verdict,
     Vmap,
+    gc_paused,
     key,
     network_interval,
 )
@@ -235,22 +238,49 @@ class _Resolver:
 
 @dataclass
 class _RuleSet:
-    """The boxes of a group of apps for one rule set, and who they are (for the heading)."""
+    """One set of rules: those of a group of apps in one direction."""
 
+    name: str
     direction: Direction
-    shared: bool
+    shared: bool  # of apps on the shared subnet (keyed by their label)
     apps: list[str] = field(default_factory=list)
     boxes: list[Box] = field(default_factory=list)
+    # Whether a rule names enclaves of the shared subnet as peers: without such rules the
+    # peer label field (always "any") is left out, as it makes loading slower.
+    by_peer_label: bool = False
+
+    def key(self) -> tuple[Expr, ...]:
+        key = rule_key(self.direction, self.shared)
+        return key if self.by_peer_label else key[:-1]
+
+    def named_set(self) -> NamedSet:
+        self.by_peer_label = any(box[-1] != ANY_LABEL for box in self.boxes)
+        boxes = self.boxes if self.by_peer_label else [box[:-1] for box in self.boxes]
+        types = _key_types(self.shared)
+        first, last = self.apps[0], self.apps[-1]
+        apps = f"app {first}" if first == last else f"apps {first} .. {last}"
+        fields = ["sources" if self.direction == "out" else "destinations"]
+        fields[0] += " by label" if self.shared else " by address"
+        fields += ["protocol", "port", "peer address"]
+        fields += ["peer label"] if self.by_peer_label else []
+        named = NamedSet(
+            self.name,
+            types if self.by_peer_label else types[:-1],
+            group=f"{'egress' if self.direction == 'out' else 'ingress'} rules of {apps}",
+            comment=" . ".join(fields),
+        )
+        named.elements = disjoint(boxes)
+        return named
 
 
 # --- the table ------------------------------------------------------------------------
 
 
+@gc_paused()
 def compile_policy(policy: Policy, options: Options | None = None) -> Table:
     """The whole table for `policy`; `Table.transaction()` / `Table.text()` render it."""
     opts = options or Options()
-    labels = label_table(policy)
-    resolve = _Resolver(policy, labels)
+    resolve = _Resolver(policy, label_table(policy))
     table = Table(opts.table)
     sets = _declare_sets(table)
 
@@ -258,39 +288,46 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
         (i,) for (i,) in disjoint((network_interval(s.subnet),) for s in policy.enclave_subnets())
     ]
     sets["shared_net"].add((resolve.shared,))
+    # First the rule sets: whether one needs the peer label decides its key.
     rule_sets: dict[str, _RuleSet] = {}
+    uses: list[dict[Direction, _RuleSet | None]] = []  # per app
     seen = {False: 0, True: 0}  # apps so far with their own subnet, on the shared subnet
-    expose_from: list[Box] = []
     for app in policy.apps:
         shared = app.subnet is None
         group_index = seen[shared] // GROUP_SIZE
         seen[shared] += 1
+        used: dict[Direction, _RuleSet | None] = {"out": None, "in": None}
+        for direction in used:
+            boxes = resolve.boxes(app, direction)
+            if boxes:
+                name = rule_set_name(direction, shared, group_index)
+                rule_set = rule_sets.setdefault(name, _RuleSet(name, direction, shared))
+                rule_set.apps.append(app.name)
+                rule_set.boxes += boxes
+                used[direction] = rule_set
+        uses.append(used)
+    rule_set_objects = [rule_set.named_set() for rule_set in rule_sets.values()]
+
+    expose_from: list[Box] = []
+    for app, used in zip(policy.apps, uses, strict=True):
+        shared = app.subnet is None
         ids = resolve.labels.select([app.name]) if shared else []
         where = _describe(ids) if shared else str(policy.subnet_of(app).subnet)
         group = f"app {app.name} ({where})"
-        verdicts: dict[Direction, str] = {}
-        for direction in ("out", "in"):
-            boxes = resolve.boxes(app, direction)
-            name = rule_set_name(direction, shared, group_index)
-            if boxes:
-                rule_set = rule_sets.setdefault(name, _RuleSet(direction, shared))
-                rule_set.apps.append(app.name)
-                rule_set.boxes += boxes
-            verdicts[direction] = _app_chain(
-                table, policy, app, direction, name if boxes else None, group
-            )
+        out_verdict = _app_chain(table, policy, app, "out", used["out"], group)
+        in_verdict = _app_chain(table, policy, app, "in", used["in"], group)
         tx, rx = counter_names(app.name)
         table.counters += [Counter(tx, group=group), Counter(rx, group=group)]
         if shared:
             for interval in ids:
-                sets["egress_labels"].add((interval,), verdicts["out"])
-                sets["ingress_labels"].add((interval,), verdicts["in"])
+                sets["egress_labels"].add((interval,), out_verdict)
+                sets["ingress_labels"].add((interval,), in_verdict)
                 sets["tx_labels"].add((interval,), tx)
                 sets["rx_labels"].add((interval,), rx)
         else:
             subnet = resolve.subnets[app.name]
-            sets["egress_apps"].add((subnet,), verdicts["out"])
-            sets["ingress_apps"].add((subnet,), verdicts["in"])
+            sets["egress_apps"].add((subnet,), out_verdict)
+            sets["ingress_apps"].add((subnet,), in_verdict)
             sets["tx_counters"].add((subnet,), tx)
             sets["rx_counters"].add((subnet,), rx)
         for exposure in app.expose:
@@ -305,8 +342,7 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
                 (address, proto, (exposure.port, exposure.port)), exposure.target_port
             )
     sets["expose_from"].elements = disjoint(expose_from)
-    for name, rule_set in rule_sets.items():
-        table.sets.append(_rule_set(name, rule_set))
+    table.sets += rule_set_objects
     _add_chains(table, policy, opts)
     return table
 
@@ -316,27 +352,12 @@ def _describe(ids: list[Interval]) -> str:
     return f"shared subnet, label {text}"
 
 
-def _rule_set(name: str, rule_set: _RuleSet) -> NamedSet:
-    ends = "sources" if rule_set.direction == "out" else "destinations"
-    by = "label" if rule_set.shared else "address"
-    first, last = rule_set.apps[0], rule_set.apps[-1]
-    apps = f"app {first}" if first == last else f"apps {first} .. {last}"
-    named = NamedSet(
-        name,
-        _key_types(rule_set.shared),
-        group=f"{'egress' if rule_set.direction == 'out' else 'ingress'} rules of {apps}",
-        comment=f"{ends} by {by} . protocol . port . peer address . peer label",
-    )
-    named.elements = disjoint(rule_set.boxes)
-    return named
-
-
 def _app_chain(
     table: Table,
     policy: Policy,
     app: App,
     direction: Direction,
-    rule_set: str | None,
+    rule_set: _RuleSet | None,
     group: str,
 ) -> str:
     """The app's chain for one direction (`out_APP`: to peers, `in_APP`: from peers);
@@ -345,7 +366,7 @@ def _app_chain(
     logs refusals."""
     chain = Chain(f"{direction}_{app.name}", group=group)
     if rule_set is not None:
-        chain.add(_lookup(rule_key(direction, app.subnet is None), rule_set), Verdict("return"))
+        chain.add(_lookup(rule_set.key(), rule_set.name), Verdict("return"))
     if policy.logs_refused(app):
         chain.add(_limit(policy), Log(f"{LOG_PREFIX} {app.name}: "))
     elif not chain.rules:

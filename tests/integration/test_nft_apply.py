@@ -8,7 +8,10 @@ hold enclave addresses and reach the gateway over a bridge, which plays the TUN
               batch-worker 192.168.29.10     +-- lan (bridge, the "TUN") gw .1 ext --- .2 ext
     enc2 .20: sdk-nginx 172.16.28.10 --------+   10.77.1.0/24             10.77.2.0/24  .53 .10
 
-The policy is policies/example.yaml (three apps, two categories).
+The policy is policies/example.yaml (four apps, two categories); the shared-subnet
+rules (by app, category and client host) have their own policy, from
+tests/unit/test_compile_shared.py, with enc1 and enc2 as its client hosts A and B and a
+stand-in for the labeller's marks.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ categories:
     egress:
       - {to: 10.77.2.2, protocol: tcp, ports: 7003, on_hosts: 10.77.1.10/32}  # --src-host A
       - {to: {category: backend, host: 10.77.1.20/32}, protocol: tcp, ports: 5433}
-      - {to: {app: own}, protocol: tcp, ports: 9001}
+      - {to: {app: own}, protocol: tcp, ports: [443, 9001]}
     ingress:
       - {from: 10.77.2.0/24, protocol: tcp, ports: 8082, on_hosts: 10.77.1.20/32}  # --dst-host B
 apps:
@@ -87,6 +87,8 @@ apps:
       - {to: {app: web}, protocol: tcp, ports: 9000}
     ingress:
       - {from: {category: backend}, protocol: tcp, ports: 9001}
+    expose:
+      - {address: 10.77.2.1, port: 8443, to_port: 443, from: {app: db, host: 10.77.1.20/32}}
 """
 
 
@@ -160,6 +162,13 @@ def test_unlabelled_connections_are_refused(
     assert not decide(table, src, dst, "tcp", port, mark=0)
 
 
+def test_exposure_from_shared_subnet_enclaves(table: Table) -> None:
+    """An exposed service admits sources by their label too (the originator's half)."""
+    for src, allowed in ((DB_B, True), (WEB_B, False), (API_A, False), (EXT, False)):
+        got = decide(table, src, OWN, "tcp", 443, mark=mark(src, OWN), dnat_from="10.77.2.1")
+        assert got is allowed, src
+
+
 def test_label_ids_follow_the_host_prefixes_the_rules_name() -> None:
     assert POLICY.host_prefixes() == [IPv4Network("10.77.1.10/32"), IPv4Network("10.77.1.20/32")]
     expected = LabelTable.from_policy(POLICY, POLICY.host_prefixes())
@@ -230,6 +239,16 @@ def test_apps_share_rule_sets_in_groups() -> None:
         "allowed_out_shared_0",
         "allowed_out_shared_1",
     ]
+    # no rule names enclaves of the shared subnet: no peer label in the key
+    assert table.set("allowed_out_0").key == (
+        "ipv4_addr",
+        "inet_proto",
+        "inet_service",
+        "ipv4_addr",
+    )
+    assert table.chain("out_o0").rules[0].text() == (
+        "ip saddr . meta l4proto . th dport . ip daddr @allowed_out_0 return"
+    )
     # each set holds the rules of its apps only: one element per app here
     assert len(table.set("allowed_out_0").elements) == GROUP_SIZE
     assert len(table.set("allowed_out_1").elements) == 1
