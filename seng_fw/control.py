@@ -670,6 +670,8 @@ class GatewayControl:
             "mode": config.mode,
             "tun": {"name": config.tun.name, "mtu": config.tun.mtu},
             "queue_mode": self.queue_mode(),
+            # shared mode: labelled, unknown_source, verdict_errors, queue drops...
+            "labeller": snap.labeller,
             "control_socket": str(config.control.socket),
             "metrics": config.metrics.listen,
             "policy": {

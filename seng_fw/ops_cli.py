@@ -293,6 +293,9 @@ def format_status(status: dict[str, Any]) -> str:
         ("enclaves", str(status["enclaves"])),
         ("admitted", str(status["admitted"])),
     ]  # fmt: skip
+    if status.get("labeller"):
+        labeller = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in status["labeller"].items())
+        fields.append(("labeller", labeller))
     if status["revocations"]:
         fields.append(("revoked", "; ".join(status["revocations"])))
     width = max(len(name) for name, _ in fields)
