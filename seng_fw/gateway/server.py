@@ -1,5 +1,6 @@
-"""asyncio adapter around `GatewayCore`: two UDP sockets, the TUN device, timers,
-conntrack flushes and signals. All protocol decisions live in the core.
+"""asyncio adapter around `GatewayCore`: two UDP sockets (and one per admitted enclave's
+tunnel #1, `peersockets`), the TUN device, timers, conntrack flushes and signals. All
+protocol decisions live in the core.
 
 Sockets and the TUN fd are read with `loop.add_reader` and drained in batches per wakeup
 (up to `BATCH` datagrams or packets): one event-loop iteration per datagram was about 3x
@@ -19,6 +20,7 @@ from typing import Protocol
 
 from seng_fw import sdnotify
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
+from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.label.labelling import Labelling
 from seng_fw.tunnel.tun import TunDevice
 
@@ -52,14 +54,16 @@ class GatewayServer:
         self._wake_timers = asyncio.Event()
         self._flush_tasks: set[asyncio.Task[None]] = set()
         self._tun_addresses: set[IPv4Interface] = set()
+        self.peer_sockets = PeerSockets(
+            sockets[Port.SETUP], lambda sock: self._on_datagrams(Port.SETUP, sock), core.counters
+        )
         # Started once sockets and TUN are up, closed first at shutdown (control socket,
         # metrics endpoint).
         self.services: list[Service] = []
 
     # ----- event handlers ------------------------------------------------------------
 
-    def _on_datagrams(self, port: Port) -> None:
-        sock = self.sockets[port]
+    def _on_datagrams(self, port: Port, sock: socket.socket) -> None:
         now = time.monotonic()
         for _ in range(BATCH):
             try:
@@ -182,7 +186,8 @@ class GatewayServer:
         """Serve until `stop()` (SIGTERM/SIGINT); SIGHUP reloads the admission policy."""
         loop = asyncio.get_running_loop()
         for port, sock in self.sockets.items():
-            loop.add_reader(sock.fileno(), self._on_datagrams, port)
+            loop.add_reader(sock.fileno(), self._on_datagrams, port, sock)
+        self.core.observers.append(self.peer_sockets)
         loop.add_reader(self.tun.fileno(), self._on_tun_readable)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
@@ -218,6 +223,7 @@ class GatewayServer:
     def _shutdown(self) -> None:
         self.core.shutdown(time.monotonic())
         self._flush()  # sends the close_notify alerts
+        self.peer_sockets.close()
         for task in self._flush_tasks:
             task.cancel()
         for address in self.core.addresses_to_flush():
@@ -254,6 +260,7 @@ class _RegistryFeed:
 
 def bind_udp(address: IPv4Address, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    reuse_port(sock)  # the enclaves' own sockets share the port (peersockets)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     sock.setblocking(False)
