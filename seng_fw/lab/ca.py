@@ -188,9 +188,7 @@ class LabCA:
     @classmethod
     def load(cls, directory: Path) -> LabCA:
         root_cert = x509.load_pem_x509_certificate((directory / ROOT_CERT_FILE).read_bytes())
-        signing_cert = x509.load_pem_x509_certificate(
-            (directory / SIGNING_CERT_FILE).read_bytes()
-        )
+        signing_cert = x509.load_pem_x509_certificate((directory / SIGNING_CERT_FILE).read_bytes())
         root_key = _load_rsa_key(directory / ROOT_KEY_FILE)
         signing_key = _load_rsa_key(directory / SIGNING_KEY_FILE)
         return cls(root_cert, root_key, signing_cert, signing_key)
@@ -479,4 +477,3 @@ def _load_rsa_key(path: Path) -> rsa.RSAPrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError(f"{path} is not an RSA private key")
     return key
-

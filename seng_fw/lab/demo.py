@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TextIO
@@ -16,6 +17,9 @@ from seng_fw.lab.lab import (
     DEMO_ENCLAVES,
     DEMO_POLICY,
     ECHO_PORT,
+    SHARED_DEMO_ENCLAVES,
+    SHARED_DEMO_POLICY,
+    EnclaveSpec,
     Lab,
     LabError,
     RunningEnclave,
@@ -33,6 +37,87 @@ class Outcome:
     why: str
 
 
+@dataclass(frozen=True)
+class DemoPlan:
+    """A demo: policy, gateway mode, enclaves, and what the policy says of each flow."""
+
+    policy: Path
+    enclaves: tuple[EnclaveSpec, ...]
+    gateway_settings: Mapping[str, Any]
+    # enclave name (or app) -> flow kind -> (allowed, the rule that decides it)
+    expected: Mapping[str, Mapping[str, tuple[bool, str]]]
+    # TCP echo from one enclave to another (on another client host) -> allowed, why
+    pairs: Mapping[tuple[str, str], tuple[bool, str]] = field(default_factory=dict)
+
+    def with_policy(self, policy: Path) -> DemoPlan:
+        """Another policy: the expectations are this plan's, so they are dropped."""
+        if policy == self.policy:
+            return self
+        return replace(self, policy=policy, expected={}, pairs={})
+
+
+ALLOWED, REFUSED = (True, "policy allows it"), (False, "policy refuses it")
+
+# What policies/lab/demo.yaml allows, per app and flow (the demo checks it holds).
+PER_APP_DEMO = DemoPlan(
+    DEMO_POLICY,
+    DEMO_ENCLAVES,
+    {},
+    {
+        "webapp": {"tcp": ALLOWED, "udp": REFUSED, "icmp": ALLOWED, "ingress icmp": ALLOWED},
+        "nginx": {"tcp": REFUSED, "udp": ALLOWED, "icmp": REFUSED, "ingress icmp": REFUSED},
+    },
+)
+
+
+# What policies/lab/demo-shared.yaml allows: the labeller's marks tell apps, their
+# categories and their client hosts apart on the one shared subnet.
+SHARED_DEMO = DemoPlan(
+    SHARED_DEMO_POLICY,
+    SHARED_DEMO_ENCLAVES,
+    {"mode": "shared"},
+    {
+        "webapp@clienta": {
+            "tcp": (True, "src-app webapp"),
+            "udp": (False, "no rule"),
+            "icmp": (True, "src-cat frontend on clienta"),
+            "ingress icmp": (True, "dst-cat frontend"),
+        },
+        "webapp@clientb": {
+            "tcp": (True, "src-app webapp"),
+            "udp": (False, "no rule"),
+            "icmp": (False, "frontend pings from clienta only"),
+            "ingress icmp": (True, "dst-cat frontend"),
+        },
+        "nginx@clienta": {
+            "tcp": (False, "webapp's rule, not nginx's"),
+            "udp": (True, "src-cat backend"),
+            "icmp": (True, "src-cat frontend on clienta"),
+            "ingress icmp": (True, "dst-cat frontend"),
+        },
+        "db@clienta": {
+            "tcp": (False, "no rule"),
+            "udp": (True, "src-cat backend"),
+            "icmp": (False, "db is not frontend"),
+            "ingress icmp": (False, "db is not frontend"),
+        },
+        "db@clientb": {
+            "tcp": (False, "no rule"),
+            "udp": (True, "src-cat backend"),
+            "icmp": (False, "db is not frontend"),
+            "ingress icmp": (False, "db is not frontend"),
+        },
+    },
+    {
+        ("webapp@clienta", "db@clientb"): (True, "webapp -> backend on clientb, db <- webapp"),
+        ("webapp@clientb", "db@clienta"): (False, "backend on clienta: wrong host"),
+        ("webapp@clientb", "nginx@clienta"): (False, "backend on clienta: wrong host"),
+        ("db@clientb", "nginx@clienta"): (False, "no rule for db"),
+        ("nginx@clienta", "webapp@clientb"): (False, "no rule for nginx"),
+    },
+)
+
+
 def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
     for name, help_text, func in (
         ("up", "build the namespace lab, start the gateway and the demo enclaves", _up),
@@ -43,18 +128,30 @@ def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
         parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace name prefix")
         parser.add_argument("--state-dir", type=Path, help="default /run/seng-fw-lab/PREFIX")
         if name != "down":
-            parser.add_argument("--policy", type=Path, default=DEMO_POLICY, help="policy file")
+            parser.add_argument(
+                "--shared",
+                action="store_true",
+                help="one shared enclave subnet: the gateway labels connections by identity "
+                "(policies/lab/demo-shared.yaml)",
+            )
+            parser.add_argument("--policy", type=Path, help="policy file (default: the demo's)")
         if name == "demo":
             parser.add_argument("--keep", action="store_true", help="leave the lab running")
         parser.set_defaults(func=func)
 
 
-def _lab(args: argparse.Namespace) -> Lab:
-    return Lab(args.prefix, args.state_dir, getattr(args, "policy", DEMO_POLICY))
+def demo_plan(args: argparse.Namespace) -> DemoPlan:
+    plan = SHARED_DEMO if getattr(args, "shared", False) else PER_APP_DEMO
+    policy = getattr(args, "policy", None)
+    return plan if policy is None else plan.with_policy(policy)
 
 
-def start_demo_enclaves(lab: Lab) -> list[RunningEnclave]:
-    enclaves = [lab.start_enclave(spec) for spec in DEMO_ENCLAVES]
+def plan_lab(plan: DemoPlan, prefix: str = DEFAULT_PREFIX, state_dir: Path | None = None) -> Lab:
+    return Lab(prefix, state_dir, plan.policy, dict(plan.gateway_settings))
+
+
+def start_demo_enclaves(lab: Lab, plan: DemoPlan = PER_APP_DEMO) -> list[RunningEnclave]:
+    enclaves = [lab.start_enclave(spec) for spec in plan.enclaves]
     for enclave in enclaves:
         enclave.wait_settled()
     return enclaves
@@ -68,46 +165,56 @@ def refusal(lab: Lab, enclave: RunningEnclave) -> str:
     return reason or str(enclave.state.get("reason", "no tunnel"))
 
 
-# What policies/lab/demo.yaml allows, per app and flow (the demo checks it holds).
-DEMO_EXPECTED = {
-    "webapp": {"tcp": True, "udp": False, "icmp": True, "ingress icmp": True},
-    "nginx": {"tcp": False, "udp": True, "icmp": False, "ingress icmp": False},
-}
-
-
-def _why(passed: bool, expected: bool | None) -> str:
+def _why(passed: bool, expected: tuple[bool, str] | None) -> str:
     if expected is None:
         return "answered" if passed else "no answer"
-    if passed != expected:
-        return "UNEXPECTED: the policy says " + ("allow" if expected else "refuse")
-    return "policy allows it" if passed else "policy refuses it: dropped at the gateway"
+    allowed, rule = expected
+    if passed != allowed:
+        return f"UNEXPECTED: the policy says {'allow' if allowed else 'refuse'} ({rule})"
+    return rule if passed else f"{rule}: dropped at the gateway"
 
 
-def try_flows(lab: Lab, enclaves: list[RunningEnclave]) -> list[Outcome]:
+def _expected(plan: DemoPlan, enclave: RunningEnclave) -> Mapping[str, tuple[bool, str]]:
+    name = enclave.spec.name
+    app = str(enclave.state.get("app") or name.split("@")[0])
+    return plan.expected.get(name) or plan.expected.get(app) or {}
+
+
+def try_flows(lab: Lab, enclaves: list[RunningEnclave], plan: DemoPlan) -> list[Outcome]:
     ext = str(lab.external)
-    expected = DEMO_EXPECTED if lab.policy == DEMO_POLICY else {}
     outcomes = []
-    first_of_app: dict[str, RunningEnclave] = {}
+    up: dict[str, RunningEnclave] = {}
     for enclave in enclaves:
         name = enclave.spec.name
         if enclave.state.get("status") != "up" or enclave.address is None:
             outcomes.append(Outcome(name, "-", "tunnel setup", False, refusal(lab, enclave)))
             continue
-        app = str(enclave.state.get("app") or name.split("@")[0])
-        first_of_app.setdefault(app, enclave)
+        up[name] = enclave
+        expected = _expected(plan, enclave)
         ns, source = lab.ns(enclave.spec.host), enclave.address
         for kind, flow, passed in (
             ("tcp", f"tcp {ext}:{ECHO_PORT}", probe_tcp(ns, source, ext, ECHO_PORT)),
             ("udp", f"udp {ext}:{ECHO_PORT}", probe_udp(ns, source, ext, ECHO_PORT)),
             ("icmp", f"icmp {ext}", probe_icmp(ns, source, ext)),
         ):
-            why = _why(passed, expected.get(app, {}).get(kind))
+            why = _why(passed, expected.get(kind))
             outcomes.append(Outcome(name, str(source), flow, passed, why))
-    for app, enclave in first_of_app.items():
+    for name, enclave in up.items():
         passed = probe_icmp(lab.ns(EXTERNAL), None, str(enclave.address))
-        why = _why(passed, expected.get(app, {}).get("ingress icmp"))
-        outcomes.append(Outcome("ext host", ext, f"icmp {enclave.address} ({app})", passed, why))
-    leased = {e.address for e in enclaves if e.address is not None}
+        why = _why(passed, _expected(plan, enclave).get("ingress icmp"))
+        outcomes.append(Outcome("ext host", ext, f"icmp {enclave.address} ({name})", passed, why))
+    serving: set[str] = set()
+    for (client, server), rule in plan.pairs.items():
+        if client not in up or server not in up:
+            continue
+        source_address, target = up[client].address, up[server].address
+        if server not in serving:
+            lab.start_echo(up[server])
+            serving.add(server)
+        passed = probe_tcp(lab.ns(up[client].spec.host), source_address, str(target), ECHO_PORT)
+        flow = f"tcp {target}:{ECHO_PORT} ({server})"
+        outcomes.append(Outcome(client, str(source_address), flow, passed, _why(passed, rule)))
+    leased = {address for e in enclaves if (address := e.address) is not None}
     if leased:
         unleased = _unleased_neighbour(min(leased), leased)
         passed = probe_icmp(lab.ns(EXTERNAL), None, str(unleased))
@@ -134,11 +241,16 @@ def print_table(outcomes: list[Outcome], out: TextIO = sys.stdout) -> None:
         print("  ".join([*cells, row[-1]]), file=out)
 
 
+def _lab(args: argparse.Namespace) -> Lab:
+    return plan_lab(demo_plan(args), args.prefix, args.state_dir)
+
+
 def _up(args: argparse.Namespace) -> int:
-    lab = _lab(args)
+    plan = demo_plan(args)
+    lab = plan_lab(plan, args.prefix, args.state_dir)
     try:
         lab.up()
-        enclaves = start_demo_enclaves(lab)
+        enclaves = start_demo_enclaves(lab, plan)
     except LabError as exc:
         print(f"seng-fw lab up: {exc}", file=sys.stderr)
         return EXIT_REJECTED
@@ -151,12 +263,15 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    lab = _lab(args)
+    plan = demo_plan(args)
+    lab = plan_lab(plan, args.prefix, args.state_dir)
     try:
         lab.up()
-        print(f"lab up: namespaces {lab.prefix}*, gateway on {lab.gateway_lan}:12345/12346")
-        enclaves = start_demo_enclaves(lab)
-        outcomes = try_flows(lab, enclaves)
+        mode = "one shared subnet, connections labelled" if args.shared else "a subnet per app"
+        print(f"lab up: namespaces {lab.prefix}*, gateway on {lab.gateway_lan}:12345/12346 "
+              f"({mode}), policy {plan.policy}")  # fmt: skip
+        enclaves = start_demo_enclaves(lab, plan)
+        outcomes = try_flows(lab, enclaves, plan)
         print_table(outcomes)
     except LabError as exc:
         print(f"seng-fw lab demo: {exc}", file=sys.stderr)
@@ -166,9 +281,14 @@ def _demo(args: argparse.Namespace) -> int:
             lab.down()
     if args.keep:
         print(f"lab left running (state in {lab.state_dir}); `seng-fw lab down` removes it")
+    unexpected = [o for o in outcomes if o.why.startswith("UNEXPECTED")]
+    if unexpected:
+        print(f"seng-fw lab demo: {len(unexpected)} flows did not go as the policy says",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_REJECTED
     return EXIT_OK
 
 
 def _down(args: argparse.Namespace) -> int:
-    _lab(args).down()
+    Lab(args.prefix, args.state_dir).down()
     return EXIT_OK

@@ -39,6 +39,7 @@ from seng_fw.servercert import generate_server_certificate
 
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 DEMO_POLICY = REPO_POLICIES / "lab" / "demo.yaml"
+SHARED_DEMO_POLICY = REPO_POLICIES / "lab" / "demo-shared.yaml"
 DEFAULT_PREFIX = LAB_PREFIX
 DEFAULT_STATE_ROOT = Path("/run/seng-fw-lab")
 GATEWAY_PORT = 12345
@@ -49,6 +50,7 @@ START_TIMEOUT = 20.0
 DEMO_SIGNER = bytes.fromhex("cca10cf28996a5eb229670e348fae1c738b116fb396593156ef0af019252bfde")
 DEMO_WEBAPP = bytes.fromhex("bfcb952ccc697d9fd928a0bfa1aea2c15ce85d41c0873968c8aae66695510de6")
 DEMO_NGINX = bytes.fromhex("12c74a7260c0236c2f8d618680a2f1cdd16010f3951b7c21d87217e877343089")
+DEMO_DB = bytes.fromhex("4617f3f7372856c6d428a061e6cb0591f920bf84da93000300b717c8b313d494")
 DEMO_UNKNOWN = bytes.fromhex("261ea6c6ef138b2d19ea0c0ddc7c5267077684f4787a83a9e8f6750f52ef4645")
 
 
@@ -118,6 +120,7 @@ class Lab:
         self.gateway: subprocess.Popen[bytes] | None = None
         self.enclaves: list[RunningEnclave] = []
         self._services: subprocess.Popen[bytes] | None = None
+        self._echoes: list[subprocess.Popen[bytes]] = []
         self._ca: LabCA | None = None
         self._rogue_ca: LabCA | None = None
 
@@ -162,10 +165,11 @@ class Lab:
         for enclave in self.enclaves:
             _terminate(enclave.process)
         self.enclaves.clear()
-        for process in (self._services, self.gateway):
+        for process in (*self._echoes, self._services, self.gateway):
             if process is not None:
                 _terminate(process)
         self._services = self.gateway = None
+        self._echoes.clear()
         cleanup(self.prefix)  # also ends processes still inside the namespaces
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -239,6 +243,23 @@ class Lab:
              "--tcp", str(ECHO_PORT), "--udp", str(ECHO_PORT)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+
+    def start_echo(self, enclave: RunningEnclave, port: int = ECHO_PORT) -> None:
+        """TCP and UDP echo at an enclave's address, on its client host (for flows that
+        end at an enclave); returns once it accepts connections."""
+        assert enclave.address is not None
+        ns, address = self.ns(enclave.spec.host), str(enclave.address)
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "seng_fw.lab.services",
+             "--bind", address, "--tcp", str(port), "--udp", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self._echoes.append(process)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _listening(ns, address, port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"echo service on {address}:{port} did not start")
+            time.sleep(0.05)
 
     def enclave_credentials(self, spec: EnclaveSpec) -> tuple[Path, Path]:
         ca = self._rogue_ca if spec.untrusted_ca else self._ca
@@ -315,6 +336,14 @@ def _write_private(path: Path, data: bytes) -> None:
         file.write(data)
 
 
+def _listening(ns: str, address: str, port: int) -> bool:
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "ss", "-Htln", f"src {address}:{port}"],
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return bool(out.strip())
+
+
 def _terminate(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
     if process.poll() is None:
         process.terminate()
@@ -333,4 +362,15 @@ DEMO_ENCLAVES = (
     EnclaveSpec("webapp-debug@clienta", CLIENT_A, DEMO_WEBAPP, debug=True),
     EnclaveSpec("unknown@clienta", CLIENT_A, DEMO_UNKNOWN),
     EnclaveSpec("webapp-fakeca@clientb", CLIENT_B, DEMO_WEBAPP, untrusted_ca=True),
+)
+
+# `seng-fw lab demo --shared` (policies/lab/demo-shared.yaml): one shared subnet.
+SHARED_DEMO_ENCLAVES = (
+    EnclaveSpec("webapp@clienta", CLIENT_A, DEMO_WEBAPP),
+    EnclaveSpec("webapp@clientb", CLIENT_B, DEMO_WEBAPP),
+    EnclaveSpec("nginx@clienta", CLIENT_A, DEMO_NGINX, key_type="rsa"),
+    EnclaveSpec("nginx@clientb", CLIENT_B, DEMO_NGINX),
+    EnclaveSpec("db@clienta", CLIENT_A, DEMO_DB),
+    EnclaveSpec("db@clientb", CLIENT_B, DEMO_DB),
+    EnclaveSpec("unknown@clientb", CLIENT_B, DEMO_UNKNOWN),
 )
