@@ -12,8 +12,9 @@ What differs from a real machine, and why:
   (NetworkNamespacePath=), standing in for the host's network;
 - /dev/net/tun gets mode 0666, which udev gives it on Debian (here it is 0600);
 - the units run /opt/seng-fw-test/bin/seng-fw, a launcher for the interpreter that
-  runs the tests, bound under /opt (as `make install` puts seng-fw in /opt/seng-fw):
-  the interpreter may live under /root, which ProtectHome= hides.
+  runs the tests, bound under /opt with the checkout (as `make install` puts seng-fw in
+  /opt/seng-fw): the interpreter may live under /root, which ProtectHome= hides, and
+  the checkout under /tmp, which PrivateTmp= hides.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pytest
 from seng_fw.lab.ca import ROOT_CERT_FILE, LabCA
 from seng_fw.lab.lab import DEMO_POLICY, DEMO_WEBAPP
 from seng_fw.netns import CLIENT_A, GATEWAY, Topology
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = Path("/lib/systemd/systemd")
@@ -72,8 +74,10 @@ for d in etc var opt; do
 done
 # The interpreter at a path the units can see (ProtectHome= hides /root and /home),
 # with a launcher like the one `make install` puts in /opt/seng-fw/bin.
-mkdir -p /opt/seng-fw-test/python /opt/seng-fw-test/bin
+mkdir -p /opt/seng-fw-test/python /opt/seng-fw-test/bin /opt/seng-fw-test/repo
 mount --bind "$PYTHON_BASE" /opt/seng-fw-test/python
+# The checkout too (and the venv in it): PrivateTmp= hides a checkout under /tmp.
+mount --bind "$REPO" /opt/seng-fw-test/repo
 install -m 0755 "$W/launcher" /opt/seng-fw-test/bin/seng-fw
 mknod "$W/tun" c 10 200
 chmod 0666 "$W/tun"
@@ -89,17 +93,23 @@ exec /lib/systemd/systemd --system --unit=seng-fw-test.target --log-level=warnin
 
 
 def _launcher() -> str:
-    """A seng-fw program for the bound interpreter, with this interpreter's packages."""
-    base = Path(sys.base_prefix)
-    bound = Path("/opt/seng-fw-test/python")
+    """A seng-fw program for the bound interpreter, with this interpreter's packages and
+    this checkout's seng_fw (an editable install points at the checkout's own path)."""
+    bounds = ((Path(sys.base_prefix), Path("/opt/seng-fw-test/python")),
+              (REPO, Path("/opt/seng-fw-test/repo")))  # fmt: skip
 
     def inside(path: Path) -> str:
-        return str(bound / path.relative_to(base)) if path.is_relative_to(base) else str(path)
+        for real, bound in bounds:
+            if path.is_relative_to(real):
+                return str(bound / path.relative_to(real))
+        return str(path)
 
+    base = Path(sys.base_prefix)
     python = inside(base / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
     sites = [inside(Path(p)) for p in sys.path if p.endswith("site-packages")]
     code = (
-        f"import site, sys\nfor path in {json.dumps(sites)}:\n    site.addsitedir(path)\n"
+        f"import site, sys\nsys.path.insert(0, {json.dumps(inside(REPO))})\n"
+        f"for path in {json.dumps(sites)}:\n    site.addsitedir(path)\n"
         "from seng_fw.cli import main\nsys.exit(main())\n"
     )
     # LD_LIBRARY_PATH: a shared-libpython build (pyenv) finds its libpython by an
@@ -137,7 +147,7 @@ class PrivateSystemd:
             "[Unit]\nDescription=seng-fw test system\nWants=systemd-journald.service\n"
         )
         (self.workdir / "launcher").write_text(_launcher())
-        env = {**os.environ, "PYTHON_BASE": sys.base_prefix}
+        env = {**os.environ, "PYTHON_BASE": sys.base_prefix, "REPO": str(REPO)}
         self.process = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--cgroup", "--uts", "--net",
              "bash", str(script), str(self.workdir)],
@@ -291,7 +301,7 @@ def test_gateway_runs_under_its_unit(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        assert _wait(lambda: '"up"' in _read(state)), _read(state) + system.journal("seng-fw")
+        assert wait_until(lambda: '"up"' in _read(state)), _read(state) + system.journal("seng-fw")
         listed = json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout)
         assert [(e["app"], e["host"]) for e in listed] == [
             ("webapp", str(lab.address(CLIENT_A, "lan")))
@@ -316,13 +326,3 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
-
-
-def _wait(condition: object, timeout: float = 20.0) -> bool:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
