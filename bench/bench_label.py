@@ -38,6 +38,7 @@ from seng_fw.label.testbed import (
     CLIENT_A,
     EXT_HOST,
     EXTERNAL,
+    FLOOD_SCRIPT,
     GATEWAY,
     HOST_A,
     SHARED,
@@ -77,27 +78,6 @@ while len(times) < count and time.monotonic() < end:
     times.append(time.perf_counter() - start)
     s.close()
 print(json.dumps(times))
-"""
-
-FLOOD = """
-import socket, sys, time
-end = time.monotonic() + float(sys.argv[1])
-socks = []
-for _ in range(8):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((sys.argv[2], 0))
-    s.setblocking(False)
-    socks.append(s)
-sent, port = 0, 1
-while time.monotonic() < end:
-    for s in socks:
-        try:
-            s.sendto(b"x", (sys.argv[3], port))
-            sent += 1
-        except OSError:
-            pass
-    port = port % 60000 + 1
-print(sent)
 """
 
 
@@ -212,7 +192,7 @@ def main() -> None:
                 throughput[name].append(iperf(topo, args.seconds))
         modes.hooked()
         before = loop.call(modes.hook.counters)
-        flood = python(topo, CLIENT_A, FLOOD, args.seconds, ENCLAVE, EXTERNAL)
+        flood = python(topo, CLIENT_A, FLOOD_SCRIPT, args.seconds, ENCLAVE, EXTERNAL)
         start = time.monotonic()
         flood.communicate(timeout=args.seconds + 30)
         elapsed = time.monotonic() - start

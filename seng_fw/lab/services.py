@@ -60,16 +60,25 @@ def probe_tcp(
             if source is not None:
                 sock.bind((str(source), 0))
             sock.connect((host, port))
-            sock.sendall(PROBE_PAYLOAD)
-            received = b""
-            while len(received) < len(PROBE_PAYLOAD):
-                chunk = sock.recv(len(PROBE_PAYLOAD) - len(received))
-                if not chunk:
-                    return False
-                received += chunk
         except OSError:
             return False
-        return received == PROBE_PAYLOAD
+        return echo_round_trip(sock)
+
+
+def echo_round_trip(sock: socket.socket, payload: bytes = PROBE_PAYLOAD) -> bool:
+    """Send `payload` on a connected TCP socket and read it back from an echo service
+    (within the socket's timeout)."""
+    try:
+        sock.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = sock.recv(len(payload) - len(received))
+            if not chunk:
+                return False
+            received += chunk
+    except OSError:
+        return False
+    return received == payload
 
 
 def probe_udp(

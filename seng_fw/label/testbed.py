@@ -41,6 +41,30 @@ NO_REDIRECTS = {
     "net.ipv4.conf.default.send_redirects": "0",
 }
 
+# A flood of new connections, as a script for `python -c` in a client namespace:
+# ARGV seconds, source address, destination. UDP datagrams from 8 sockets to ever new
+# ports; prints how many it sent. (Shared by the labeller's tests and benchmark.)
+FLOOD_SCRIPT = """
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[1])
+socks = []
+for _ in range(8):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((sys.argv[2], 0))
+    s.setblocking(False)
+    socks.append(s)
+sent, port = 0, 1
+while time.monotonic() < end:
+    for s in socks:
+        try:
+            s.sendto(b"x", (sys.argv[3], port))
+            sent += 1
+        except OSError:
+            pass
+    port = port % 60000 + 1
+print(sent)
+"""
+
 
 def label_topology(prefix: str) -> Topology:
     via_gw = (Route(SHARED, GW_LAN), Route(EXT, GW_LAN))

@@ -39,6 +39,7 @@ from seng_fw.label.testbed import (
     CLIENT_B,
     EXT_HOST,
     EXTERNAL,
+    FLOOD_SCRIPT,
     GATEWAY,
     GW_LAN,
     HOST_A,
@@ -378,28 +379,6 @@ def test_released_address_loses_its_label_and_connections(bed: Bed) -> None:
     inbound.close()
 
 
-FLOOD = """
-import socket, sys, time
-end = time.monotonic() + float(sys.argv[1])
-socks = []
-for _ in range(8):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((sys.argv[2], 0))
-    s.setblocking(False)
-    socks.append(s)
-sent, port = 0, 1
-while time.monotonic() < end:
-    for s in socks:
-        try:
-            s.sendto(b"x", (sys.argv[3], port))
-            sent += 1
-        except OSError:
-            pass
-    port = port % 60000 + 1
-print(sent)
-"""
-
-
 class TunnelEcho(asyncio.DatagramProtocol):
     """Stands for the gateway's tunnels: served by the loop the hook runs on."""
 
@@ -424,7 +403,7 @@ def test_a_flood_of_new_connections_does_not_starve_the_tunnels(bed: Bed) -> Non
     seconds = 2.0
     flood = bed.topo.popen(
         CLIENT_A,
-        [sys.executable, "-c", FLOOD, str(seconds), str(WEB_A), str(EXTERNAL)],
+        [sys.executable, "-c", FLOOD_SCRIPT, str(seconds), str(WEB_A), str(EXTERNAL)],
         stdout=subprocess.PIPE,
     )
     try:

@@ -13,8 +13,6 @@ import json
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pytest
 from seng_fw.lab.lab import DEMO_POLICY, DEMO_WEBAPP
 from seng_fw.lab.services import probe_tcp
 from seng_fw.netns import CLIENT_A, EXTERNAL, GATEWAY, Topology
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PROVISION = REPO / "vagrant" / "provision"
@@ -36,15 +35,6 @@ def provision(lab: Topology, host: str, script: str, **env: str) -> str:
     result = lab.run(host, ["env", *variables, "sh", str(PROVISION / script)], check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
-
-
-def wait(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path) -> None:
@@ -77,7 +67,7 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
         stdout=gateway_log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        assert wait(lambda: control.exists()), gateway_log.read_text()
+        assert wait_until(lambda: control.exists()), gateway_log.read_text()
         provision(lab, EXTERNAL, "external.sh", SENG_FW_PYTHON=sys.executable,
                   SENG_FW_VIA=str(lab.address(GATEWAY, "ext")),
                   SENG_FW_BIND=str(lab.address(EXTERNAL, "ext")))  # fmt: skip
@@ -87,7 +77,9 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
             SENG_FW_ENCLAVES=f"webapp:{DEMO_WEBAPP.hex()}",
         )  # fmt: skip
         state_file = state / "webapp" / "state.json"
-        assert wait(lambda: '"up"' in _read(state_file)), _read(state_file) + _read(gateway_log)
+        assert wait_until(lambda: '"up"' in _read(state_file)), _read(state_file) + _read(
+            gateway_log
+        )
         address = IPv4Address(json.loads(state_file.read_text())["address"])
         external = str(lab.address(EXTERNAL, "ext"))
 
@@ -101,13 +93,13 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
         policy_file.write_text(re.sub(r"(  - name: webapp\n)", lambda m: m.group(1) + grant, text))
         assert seng_fw("check", str(etc / "policies")).returncode == 0
         seng_fw("apply", str(etc / "policies"), "--tun", "tunFA")
-        assert wait(flow, 10), "the flow still fails after apply"
+        assert wait_until(flow, 10), "the flow still fails after apply"
 
         status = json.loads(seng_fw("status", "--socket", str(control), "--json").stdout)
         assert {a["name"]: a["enclaves"] for a in status["apps"]}["webapp"] == 1
         revoked = seng_fw("revoke", "--app", "webapp", "--socket", str(control))
         assert "1 enclaves disconnected" in revoked.stdout
-        assert wait(lambda: '"down"' in _read(state_file) or '"refused"' in _read(state_file))
+        assert wait_until(lambda: '"down"' in _read(state_file) or '"refused"' in _read(state_file))
         enclaves = seng_fw("enclaves", "--socket", str(control), "--json").stdout
         assert json.loads(enclaves) == []
     finally:

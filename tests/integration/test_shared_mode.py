@@ -10,12 +10,10 @@ test_label_nfqueue.py covers the same with stand-in enclaves and hand-written ru
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -35,10 +33,12 @@ from seng_fw.lab.lab import (
     Lab,
     RunningEnclave,
 )
-from seng_fw.lab.services import probe_tcp, probe_udp
+from seng_fw.lab.services import echo_round_trip, probe_tcp, probe_udp
 from seng_fw.label.marks import NONE, decode
+from seng_fw.label.testbed import FLOOD_SCRIPT
 from seng_fw.netns import CLIENT_A, CLIENT_B, GATEWAY, netns_socket, ping
 from seng_fw.policy.loader import load_policy
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -78,22 +78,8 @@ def _echo_connection(lab: Lab, enclave: RunningEnclave) -> socket.socket:
     sock.settimeout(3.0)
     sock.bind((str(enclave.address), 0))
     sock.connect((str(lab.external), ECHO_PORT))
-    assert _echoes(sock)
+    assert echo_round_trip(sock)
     return sock
-
-
-def _echoes(sock: socket.socket, payload: bytes = b"still here\n") -> bool:
-    try:
-        sock.sendall(payload)
-        received = b""
-        while len(received) < len(payload):
-            chunk = sock.recv(len(payload) - len(received))
-            if not chunk:
-                return False
-            received += chunk
-        return received == payload
-    except OSError:
-        return False
 
 
 def _tcp(lab: Lab, enclave: RunningEnclave, timeout: float = 2.0) -> bool:
@@ -166,15 +152,6 @@ def _start_labeller(lab: Lab) -> subprocess.Popen[bytes]:
     return process
 
 
-def _wait_until(condition: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_hook_stopped_drops_new_connections_and_established_ones_flow(
     service_lab: Lab,
 ) -> None:
@@ -186,7 +163,7 @@ def test_hook_stopped_drops_new_connections_and_established_ones_flow(
 
     labeller = _start_labeller(lab)
     try:
-        assert _wait_until(lambda: _tcp(lab, webapp, timeout=1.0)), (
+        assert wait_until(lambda: _tcp(lab, webapp, timeout=1.0)), (
             lab.state_dir / "labeller.log"
         ).read_text()
         established = _echo_connection(lab, webapp)
@@ -195,11 +172,11 @@ def test_hook_stopped_drops_new_connections_and_established_ones_flow(
         labeller.wait(5)
         assert not _tcp(lab, webapp, timeout=1.0)  # new: dropped, never passed unlabelled
         assert not probe_udp(lab.ns(CLIENT_A), webapp.address, str(lab.external), ECHO_PORT)
-        assert _echoes(established)  # established: still flowing, kernel only
+        assert echo_round_trip(established)  # established: still flowing, kernel only
 
         labeller = _start_labeller(lab)  # the gateway is not restarted
-        assert _wait_until(lambda: _tcp(lab, webapp, timeout=1.0))
-        assert _echoes(established)
+        assert wait_until(lambda: _tcp(lab, webapp, timeout=1.0))
+        assert echo_round_trip(established)
         established.close()
     finally:
         labeller.terminate()
@@ -231,7 +208,7 @@ def test_a_re_leased_address_inherits_neither_connections_nor_rights(
         assert db.address == address
         # The old connection's conntrack entry (with webapp's label) is gone: its packets
         # are a new connection of db now, and db may not use TCP echo.
-        assert not _echoes(established)
+        assert not echo_round_trip(established)
         established.close()
         assert not _tcp(lab, db, timeout=1.0)
         labels = {orig for orig, _ in _marks(lab, "-s", str(address))}
@@ -246,27 +223,6 @@ def test_a_re_leased_address_inherits_neither_connections_nor_rights(
 # --- a flood of new connections does not starve the tunnels ------------------------
 
 
-def _flood(lab: Lab, enclave: RunningEnclave, stop: threading.Event, sent: list[int]) -> None:
-    """UDP datagrams from `enclave`, each from a new source port: every one is a new
-    connection for the labeller (and most are refused by the policy)."""
-    sock = netns_socket(lab.ns(enclave.spec.host), socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((str(enclave.address), 0))
-    target = str(lab.external)
-    count = 0
-    with sock:
-        while not stop.is_set():
-            for port in range(20000, 20100):
-                try:
-                    sock.sendto(b"x", (target, port))
-                    count += 1
-                except OSError:
-                    time.sleep(0.001)  # TUN queue full: the tunnel pushes back
-            sock.close()
-            sock = netns_socket(lab.ns(enclave.spec.host), socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind((str(enclave.address), 0))
-    sent.append(count)
-
-
 def test_a_flood_of_new_connections_does_not_starve_other_tunnels(
     ns_prefix: str, tmp_path: Path
 ) -> None:
@@ -274,25 +230,26 @@ def test_a_flood_of_new_connections_does_not_starve_other_tunnels(
         flooder = _up(lab, DB_B)
         webapp = _up(lab, WEBAPP_A)
         established = _echo_connection(lab, webapp)
-        stop, sent = threading.Event(), []
-        threads = [
-            threading.Thread(target=_flood, args=(lab, flooder, stop, sent)) for _ in range(2)
-        ]
-        for thread in threads:
-            thread.start()
+        # UDP from the db enclave to ever new ports: each datagram a new connection for
+        # the labeller, most refused by the policy, all through db's tunnel.
+        flood = subprocess.Popen(
+            ["ip", "netns", "exec", lab.ns(flooder.spec.host), sys.executable, "-c",
+             FLOOD_SCRIPT, "8", str(flooder.address), str(lab.external)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        labelled_before = _status(lab)["labeller"]["labelled"]
         try:
             time.sleep(1.0)
-            echoes = new = 0
-            rounds = 20
-            for _ in range(rounds):
-                echoes += _echoes(established)
+            rounds = echoes = new = 0
+            end = time.monotonic() + 5.0
+            while time.monotonic() < end:  # one established round trip, one new connection
+                rounds += 1
+                echoes += echo_round_trip(established)
                 new += _tcp(lab, webapp, timeout=3.0)
         finally:
-            stop.set()
-            for thread in threads:
-                thread.join(10)
-        counters = _status(lab)
-        assert sum(sent) > 2000, sent  # it was a flood
-        assert echoes == rounds  # the established flow never stalled
-        assert new >= rounds - 1, (new, counters)  # new connections still got labelled
-        assert os.path.exists(lab.state_dir / "control.sock")
+            sent = int(flood.communicate(timeout=20)[0] or 0)
+        labelled = _status(lab)["labeller"]["labelled"] - labelled_before
+        assert sent > 20000 and labelled > 5000, (sent, labelled)  # it was a flood
+        assert rounds >= 10 and echoes == rounds  # the established flow never stalled
+        assert new >= rounds - 1, (new, rounds)  # new connections were still labelled
+        assert lab.gateway is not None and lab.gateway.poll() is None
