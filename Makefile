@@ -22,8 +22,9 @@ install:
 
 # Keeps /etc/seng-fw (configuration, keys, policies) and /var/lib/seng-fw.
 uninstall:
-	-systemctl disable --now seng-fw.service seng-fw-policy.service
-	rm -f /etc/systemd/system/seng-fw.service /etc/systemd/system/seng-fw-policy.service
+	-systemctl disable --now seng-fw-label.service seng-fw.service seng-fw-policy.service
+	rm -f /etc/systemd/system/seng-fw.service /etc/systemd/system/seng-fw-policy.service \
+		/etc/systemd/system/seng-fw-label.service
 	rm -f /etc/sysusers.d/seng-fw.conf /etc/sysctl.d/60-seng-fw.conf $(BINDIR)/seng-fw
 	rm -rf $(PREFIX)
 	-systemctl daemon-reload

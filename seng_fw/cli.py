@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "seng_fw.gateway.cli",
     "seng_fw.compile.cli",
     "seng_fw.ops_cli",
+    "seng_fw.label.service",
 )
 
 

@@ -43,7 +43,7 @@ ETC = Path("/etc/seng-fw")
 DEFAULT_CONFIG = ETC / "gateway.yaml"
 SERVICE_USER = "seng-fw"
 DEFAULT_BIN = Path("/usr/local/bin/seng-fw")
-UNITS = ("seng-fw.service", "seng-fw-policy.service")
+UNITS = ("seng-fw.service", "seng-fw-policy.service", "seng-fw-label.service")
 # The systemd/ directory of the source tree this package runs from (a checkout, or an
 # editable install); `make install` passes it explicitly.
 REPO_SYSTEMD = Path(__file__).resolve().parents[1] / "systemd"
@@ -112,6 +112,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     init.add_argument("--tun", default="tunFA", metavar="NAME", help="TUN device (tunFA)")
     init.add_argument("--metrics", metavar="ADDR:PORT", help="Prometheus listen address")
+    init.add_argument(
+        "--mode",
+        choices=("per_app", "shared"),
+        default="per_app",
+        help="per_app: a subnet per app (default); shared: one subnet, connections labelled",
+    )
+    init.add_argument(
+        "--label-hook",
+        choices=("in_process", "service"),
+        default="in_process",
+        help="with --mode shared: who labels, the gateway or seng-fw-label.service",
+    )
     init.set_defaults(func=_cmd_init)
 
     units = sub.add_parser(
@@ -365,7 +377,14 @@ tun:                        # `seng-fw apply --tun` must name the same device
 
 # per_app: every app its own enclave subnet; shared: one subnet, apps told apart by
 # the labeller's conntrack marks.
-mode: per_app
+mode: {mode}
+
+label:                      # mode shared: the NFQUEUE labeller
+  hook: {hook}     # in_process: the gateway labels; service: seng-fw-label.service
+  socket: /run/seng-fw/label.sock   # where the gateway serves seng-fw-label.service
+  first_queue: 0            # NFQUEUE numbers first_queue .. first_queue + queues - 1
+  queues: 1                 # (seng-fw-label.service --queues must name the same)
+  queue_mode: auto          # nft queue statement where the kernel has it, else iptables-nft
 
 timeouts:                   # seconds
   idle: 600                 # close a tunnel idle this long
@@ -397,7 +416,12 @@ ROOT_PLACEHOLDER = "roots/attestation-root.pem"
 
 
 def render_config(
-    listen: str, roots: Sequence[str], tun: str = "tunFA", metrics: str | None = None
+    listen: str,
+    roots: Sequence[str],
+    tun: str = "tunFA",
+    metrics: str | None = None,
+    mode: str = "per_app",
+    hook: str = "in_process",
 ) -> str:
     address, port = parse_host_port(listen)
     return CONFIG_TEMPLATE.format(
@@ -406,6 +430,8 @@ def render_config(
         roots="\n".join(f"    - {root}" for root in roots),
         tun=tun,
         metrics=metrics or "null",
+        mode=mode,
+        hook=hook.ljust(10),
     )
 
 
@@ -480,7 +506,9 @@ def _init_files(args: argparse.Namespace, directory: Path) -> list[str]:
         report.append(f"empty policy {directory / 'policies' / '00-apps.yaml'} (no apps)")
 
     config = directory / "gateway.yaml"
-    text = render_config(args.listen, roots or [ROOT_PLACEHOLDER], args.tun, args.metrics)
+    text = render_config(
+        args.listen, roots or [ROOT_PLACEHOLDER], args.tun, args.metrics, args.mode, args.label_hook
+    )
     if _write_new(config, text.encode(), 0o644):
         report.append(f"configuration {config}")
     else:

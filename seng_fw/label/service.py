@@ -2,16 +2,11 @@
 and labels the queues it is given. Several processes may share the work, each with its
 own queue numbers (the queue rules spread connections over all of them).
 
-    python -m seng_fw.label --socket /run/seng-fw/label.sock --queues 0-1
+    seng-fw label-hook --socket /run/seng-fw/label.sock --queues 0-1
+    python -m seng_fw.label ...            (the same)
 
-systemd unit (Type=notify: READY=1 is sent once the registry is synced and the queues
-are bound)::
-
-    [Service]
-    Type=notify
-    ExecStart=/usr/bin/python3 -m seng_fw.label --socket /run/seng-fw/label.sock --queues 0-1
-    Restart=always
-    RestartSec=1
+systemd/seng-fw-label.service runs it (Type=notify: READY=1 once the registry is synced
+and the queues are bound; watchdog pings from the event loop).
 
 The gateway installs the queue rules, not this service: while it is down the kernel
 drops new connections of the shared subnet, it never passes them.
@@ -23,30 +18,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from seng_fw import sdnotify
 from seng_fw.label.hook import DEFAULT_BATCH, DEFAULT_MAX_LEN, LabelHook, LabelHookError
 from seng_fw.label.registry import DEFAULT_SOCKET, LabelRegistryClient, Registry
 
 log = logging.getLogger("seng_fw.label")
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd about our state (no-op outside a Type=notify unit)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace
-    with (
-        contextlib.suppress(OSError),
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
-    ):
-        sock.sendto(state.encode(), address)
 
 
 def parse_queues(text: str) -> list[int]:
@@ -93,9 +74,11 @@ async def serve(
         if stop.is_set():
             return hook.labeller.counters()
         hook.start()
-        sd_notify("READY=1")
+        sdnotify.ready(f"labelling queues {','.join(map(str, queues))}")
+        watchdog = asyncio.create_task(sdnotify.watchdog_loop())
         await stop.wait()
-        sd_notify("STOPPING=1")
+        sdnotify.stopping()
+        watchdog.cancel()
         return hook.counters()
     finally:
         hook.stop()
@@ -104,21 +87,27 @@ async def serve(
             await follow
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m seng_fw.label", description="seng-fw NFQUEUE labeller service"
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="registry socket")
     parser.add_argument("--queues", type=parse_queues, default=[0], help="N or FIRST-LAST")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
     parser.add_argument("--stats-interval", type=float, default=5.0)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """`seng-fw label-hook`: the gateway's `label: {hook: service}`."""
+    parser = sub.add_parser(
+        "label-hook",
+        help="run the NFQUEUE labeller as its own service (gateway `label: {hook: service}`)",
     )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not getattr(args, "verbose", 0):
+        logging.getLogger("seng_fw").setLevel(logging.INFO)  # a service logs what it does
     try:
         counters = asyncio.run(
             serve(
@@ -134,3 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in counters.items()))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m seng_fw.label", description="seng-fw NFQUEUE labeller service"
+    )
+    add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    return run(args)

@@ -27,13 +27,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
 from seng_fw.lab.ca import ROOT_CERT_FILE, LabCA
-from seng_fw.lab.lab import DEMO_POLICY, DEMO_WEBAPP
-from seng_fw.netns import CLIENT_A, GATEWAY, Topology
+from seng_fw.lab.lab import (
+    DEMO_POLICY,
+    DEMO_SIGNER,
+    DEMO_WEBAPP,
+    ECHO_PORT,
+    SHARED_DEMO_POLICY,
+)
+from seng_fw.lab.services import probe_tcp
+from seng_fw.netns import CLIENT_A, EXTERNAL, GATEWAY, Topology
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,29 +243,65 @@ def _process_status(system: PrivateSystemd, pid: int) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
 
 
-def test_gateway_runs_under_its_unit(
-    lab: Topology, private_systemd: PrivateSystemd, tmp_path: Path
-) -> None:
-    # `lab` comes first: the private system sees the namespaces that exist when it boots.
-    system = private_systemd
+def _install(
+    system: PrivateSystemd, lab: Topology, tmp_path: Path, policy: Path, *init_options: str
+) -> LabCA:
+    """As the README says: install units and user, then init the configuration (with
+    `init_options`); returns the lab CA the gateway trusts."""
     gw_ns = lab.ns(GATEWAY)
     lan = lab.address(GATEWAY, "lan")
-
-    # As the README says: install units and user, then init the configuration.
     installed = system.run([str(PROGRAM), "install-units", "--bin", str(PROGRAM)], netns=gw_ns)
     assert "seng-fw.service" in installed.stdout
     ca = LabCA.create(tmp_path / "ca")
     system.run(
         [str(PROGRAM), "init", "--listen", f"{lan}:12345",
-         "--root", str(tmp_path / "ca" / ROOT_CERT_FILE), "--policy", str(DEMO_POLICY)],
+         "--root", str(tmp_path / "ca" / ROOT_CERT_FILE), "--policy", str(policy),
+         *init_options],
     )  # fmt: skip
-    for unit in ("seng-fw.service", "seng-fw-policy.service"):
+    for unit in ("seng-fw.service", "seng-fw-policy.service", "seng-fw-label.service"):
         # The private system reads units from /run/systemd/system only (see above).
         system.run(["cp", f"/etc/systemd/system/{unit}", "/run/systemd/system/"])
         system.run(["mkdir", "-p", f"/run/systemd/system/{unit}.d"])
         system.run(["sh", "-c", f"printf '[Service]\\nNetworkNamespacePath=/run/netns/{gw_ns}\\n'"
                     f" > /run/systemd/system/{unit}.d/test-netns.conf"])  # fmt: skip
     system.run(["systemctl", "daemon-reload"])
+    return ca
+
+
+def _start_emulator(
+    lab: Topology, ca: LabCA, tmp_path: Path, mrenclave: bytes
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """An emulated enclave on client host A; returns it and its state file."""
+    enclave_dir = tmp_path / "enclave"
+    enclave_dir.mkdir()
+    issued = ca.issue_enclave_cert(mrenclave=mrenclave, mrsigner=DEMO_SIGNER)
+    (enclave_dir / "cert.pem").write_bytes(issued.cert_pem)
+    (enclave_dir / "key.pem").write_bytes(issued.key_pem)
+    server_pem = tmp_path / "etc-upper" / "seng-fw" / "server.pem"
+    state = enclave_dir / "state.json"
+    lan = lab.address(GATEWAY, "lan")
+    emulator = lab.popen(
+        CLIENT_A,
+        [sys.executable, "-m", "seng_fw", "lab", "enclave", "--server", f"{lan}:12345",
+         "--server-cert", str(server_pem), "--cert", str(enclave_dir / "cert.pem"),
+         "--key", str(enclave_dir / "key.pem"), "--tun", "se0", "--state-file", str(state)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return emulator, state
+
+
+def _main_process(system: PrivateSystemd, unit: str) -> dict[str, str]:
+    show = system.run(["systemctl", "show", unit, "-p", "MainPID"])
+    return _process_status(system, int(show.stdout.strip().split("=", 1)[1]))
+
+
+def test_gateway_runs_under_its_unit(
+    lab: Topology, private_systemd: PrivateSystemd, tmp_path: Path
+) -> None:
+    # `lab` comes first: the private system sees the namespaces that exist when it boots.
+    system = private_systemd
+    lan = lab.address(GATEWAY, "lan")
+    ca = _install(system, lab, tmp_path, DEMO_POLICY)
 
     started = system.run(["systemctl", "start", "seng-fw.service"], check=False)
     assert started.returncode == 0, started.stderr + system.journal("seng-fw*")
@@ -267,9 +311,7 @@ def test_gateway_runs_under_its_unit(
     # The ruleset is in the gateway's namespace, loaded by the policy unit.
     assert "table inet seng" in lab.run(GATEWAY, ["nft", "list", "tables"]).stdout
 
-    show = system.run(["systemctl", "show", "seng-fw.service", "-p", "MainPID", "-p", "User"])
-    props = dict(line.split("=", 1) for line in show.stdout.split())
-    status = _process_status(system, int(props["MainPID"]))
+    status = _main_process(system, "seng-fw.service")
     uid = system.run(["id", "-u", "seng-fw"]).stdout.strip()
     assert status["Uid"].split()[0] == uid != "0"
     assert int(status["CapEff"], 16) == CAP_NET_ADMIN
@@ -285,21 +327,7 @@ def test_gateway_runs_under_its_unit(
     assert "tunFA" in lab.run(GATEWAY, ["ip", "-o", "link"]).stdout
 
     # An enclave joins from client host A; revoking its app closes its tunnels.
-    enclave_dir = tmp_path / "enclave"
-    enclave_dir.mkdir()
-    issued = ca.issue_enclave_cert(mrenclave=DEMO_WEBAPP, mrsigner=bytes.fromhex(
-        "cca10cf28996a5eb229670e348fae1c738b116fb396593156ef0af019252bfde"))  # fmt: skip
-    (enclave_dir / "cert.pem").write_bytes(issued.cert_pem)
-    (enclave_dir / "key.pem").write_bytes(issued.key_pem)
-    server_pem = tmp_path / "etc-upper" / "seng-fw" / "server.pem"
-    state = enclave_dir / "state.json"
-    emulator = lab.popen(
-        CLIENT_A,
-        [sys.executable, "-m", "seng_fw", "lab", "enclave", "--server", f"{lan}:12345",
-         "--server-cert", str(server_pem), "--cert", str(enclave_dir / "cert.pem"),
-         "--key", str(enclave_dir / "key.pem"), "--tun", "se0", "--state-file", str(state)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    emulator, state = _start_emulator(lab, ca, tmp_path, DEMO_WEBAPP)
     try:
         assert wait_until(lambda: '"up"' in _read(state)), _read(state) + system.journal("seng-fw")
         listed = json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout)
@@ -326,3 +354,54 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def test_labeller_runs_under_its_unit(
+    lab: Topology, private_systemd: PrivateSystemd, tmp_path: Path
+) -> None:
+    """Shared-subnet mode with the hook as its own service: seng-fw-label.service labels
+    an enclave's connections; stopped, new connections are dropped; started again, they
+    pass, the gateway untouched."""
+    system = private_systemd
+    ca = _install(
+        system, lab, tmp_path, SHARED_DEMO_POLICY, "--mode", "shared", "--label-hook", "service"
+    )
+    started = system.run(["systemctl", "start", "seng-fw.service"], check=False)
+    assert started.returncode == 0, started.stderr + system.journal("seng-fw*")
+    gateway_pid = _main_process(system, "seng-fw.service")["Pid"]
+    # Type=notify: `start` returns once the registry is synced and the queue bound.
+    started = system.run(["systemctl", "start", "seng-fw-label.service"], check=False)
+    assert started.returncode == 0, started.stderr + system.journal("seng-fw*")
+    status = _main_process(system, "seng-fw-label.service")
+    assert status["Uid"].split()[0] == system.run(["id", "-u", "seng-fw"]).stdout.strip()
+    assert int(status["CapEff"], 16) == CAP_NET_ADMIN and status["Seccomp"] == "2"
+
+    external = str(lab.address(EXTERNAL, "ext"))
+    echo = lab.popen(
+        EXTERNAL, [sys.executable, "-m", "seng_fw.lab.services", "--bind", external],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    emulator, state = _start_emulator(lab, ca, tmp_path, DEMO_WEBAPP)
+    try:
+        assert wait_until(lambda: '"up"' in _read(state)), _read(state) + system.journal("seng-fw")
+        address = IPv4Address(json.loads(state.read_text())["address"])
+
+        def flow() -> bool:  # webapp may use the TCP echo (policies/lab/demo-shared.yaml)
+            return probe_tcp(lab.ns(CLIENT_A), address, external, ECHO_PORT, timeout=1.0)
+
+        assert wait_until(flow, 10), system.journal("seng-fw*")
+        gateway = json.loads(system.run([str(PROGRAM), "status", "--json"]).stdout)
+        assert gateway["mode"] == "shared" and gateway["queue_mode"] in ("nft", "xtables")
+
+        system.run(["systemctl", "stop", "seng-fw-label.service"])
+        assert not flow()  # no labeller: dropped, never passed unlabelled
+        system.run(["systemctl", "start", "seng-fw-label.service"])
+        assert wait_until(flow, 10)
+        assert _main_process(system, "seng-fw.service")["Pid"] == gateway_pid
+    finally:
+        emulator.terminate()
+        emulator.wait(10)
+        echo.terminate()
+        echo.wait(10)
+    system.run(["systemctl", "stop", "seng-fw.service"])
+    assert "labelling new connections from queues 0" in system.journal("seng-fw-label.service")

@@ -197,14 +197,17 @@ def test_install_units_into_a_root(tmp_path: Path, capsys: pytest.CaptureFixture
     units = tmp_path / "etc" / "systemd" / "system"
     service = (units / "seng-fw.service").read_text()
     assert f"ExecStart={program} serve --config /etc/seng-fw/gateway.yaml" in service
-    assert "/usr/local/bin" not in service + (units / "seng-fw-policy.service").read_text()
+    label = (units / "seng-fw-label.service").read_text()
+    assert f"ExecStart={program} label-hook --socket /run/seng-fw/label.sock" in label
+    assert "/usr/local/bin" not in service + label + (units / "seng-fw-policy.service").read_text()
     assert (tmp_path / "etc" / "sysusers.d" / "seng-fw.conf").read_text().count("u seng-fw") == 1
     assert "ip_forward = 1" in (tmp_path / "etc" / "sysctl.d" / "60-seng-fw.conf").read_text()
     assert (tmp_path / "etc" / "seng-fw" / "policies").is_dir()
     assert (tmp_path / "var" / "lib" / "seng-fw").is_dir()
     if shutil.which("systemd-analyze"):
         verify = subprocess.run(
-            ["systemd-analyze", "verify", "seng-fw.service", "seng-fw-policy.service"],
+            ["systemd-analyze", "verify", "seng-fw.service", "seng-fw-policy.service",
+             "seng-fw-label.service"],
             cwd=units, capture_output=True, text=True,
         )  # fmt: skip
         assert verify.returncode == 0 and not verify.stderr, verify.stderr
@@ -215,3 +218,16 @@ def test_install_units_needs_the_unit_files(
 ) -> None:
     code, _, err = run(capsys, "install-units", "--root", str(tmp_path), "--source", str(tmp_path))
     assert code == 2 and "missing seng-fw.service" in err
+
+
+def test_init_template_in_both_modes(tmp_path: Path) -> None:
+    from seng_fw.config import load_gateway_config
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(render_config("10.0.0.1:12345", ["r.pem"]))
+    loaded = load_gateway_config(config)
+    assert loaded.mode == "per_app" and loaded.label.hook == "in_process"
+    config.write_text(render_config("10.0.0.1:12345", ["r.pem"], mode="shared", hook="service"))
+    loaded = load_gateway_config(config)
+    assert loaded.mode == "shared" and loaded.label.hook == "service"
+    assert loaded.label.socket == Path("/run/seng-fw/label.sock")

@@ -1,14 +1,13 @@
-"""The labeller service's small parts: queue ranges and systemd notification."""
+"""The labeller service's small parts: queue ranges and its command line. (Its systemd
+notifications go through seng_fw.sdnotify: tests/unit/test_control_sdnotify.py.)"""
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-
 import pytest
 
-from seng_fw.label.service import parse_queues, sd_notify
+from seng_fw.cli import build_parser
+from seng_fw.label.registry import DEFAULT_SOCKET
+from seng_fw.label.service import parse_queues, run
 
 
 def test_parse_queues() -> None:
@@ -19,25 +18,14 @@ def test_parse_queues() -> None:
             parse_queues(bad)
 
 
-def test_sd_notify_path_and_abstract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "notify"
-    abstract = f"seng-fw-test-{os.getpid()}"
-    with (
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as by_path,
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as by_name,
-    ):
-        by_path.bind(str(path))
-        by_name.bind("\0" + abstract)
-        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        sd_notify("READY=1")
-        assert by_path.recv(64) == b"READY=1"
-        monkeypatch.setenv("NOTIFY_SOCKET", "@" + abstract)
-        sd_notify("STOPPING=1")
-        assert by_name.recv(64) == b"STOPPING=1"
+def test_seng_fw_label_hook_command_line() -> None:
+    args = build_parser().parse_args(["label-hook", "--queues", "2-3"])
+    assert args.func is run
+    assert args.queues == [2, 3] and args.socket == DEFAULT_SOCKET
 
 
-def test_sd_notify_without_systemd_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    sd_notify("READY=1")
-    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/socket")
-    sd_notify("READY=1")  # an unreachable socket is not our failure
+def test_a_bad_queue_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["label-hook", "--queues", "5-1"])
+    assert exited.value.code == 2
+    assert "--queues" in capsys.readouterr().err
