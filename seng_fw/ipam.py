@@ -35,6 +35,48 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Generic, TypeVar
 
 OwnerT = TypeVar("OwnerT", bound=Hashable)
+T = TypeVar("T")
+
+
+class DisjointNetworks(Generic[T]):
+    """Networks that do not overlap, each with a value, sorted by address, so that the
+    overlap check of a new one is a bisection: pairwise checks made loading 10,000 app
+    subnets 50 million comparisons (minutes). CIDR networks either nest or are disjoint,
+    so only the neighbours of a new network in address order can overlap it."""
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int]] = []  # (first, last) address, sorted
+        self._values: list[T] = []
+
+    def overlapping(self, network: IPv4Network) -> tuple[IPv4Network, T] | None:
+        """A network already here that overlaps `network`, with its value; None if none."""
+        first, last = int(network.network_address), int(network.broadcast_address)
+        index = bisect.bisect_left(self._ranges, (first, last))
+        for i in (index - 1, index):
+            if 0 <= i < len(self._ranges):
+                other_first, other_last = self._ranges[i]
+                if other_first <= last and first <= other_last:
+                    size = other_last - other_first + 1
+                    other = IPv4Network((other_first, 32 - size.bit_length() + 1))
+                    return other, self._values[i]
+        return None
+
+    def add(self, network: IPv4Network, value: T) -> None:
+        """Raises ValueError if `network` overlaps one already here."""
+        if (found := self.overlapping(network)) is not None:
+            raise ValueError(f"subnet {network} overlaps {found[0]}")
+        key = (int(network.network_address), int(network.broadcast_address))
+        index = bisect.bisect_left(self._ranges, key)
+        self._ranges.insert(index, key)
+        self._values.insert(index, value)
+
+    def remove(self, network: IPv4Network) -> None:
+        key = (int(network.network_address), int(network.broadcast_address))
+        index = bisect.bisect_left(self._ranges, key)
+        if index == len(self._ranges) or self._ranges[index] != key:
+            raise KeyError(network)
+        del self._ranges[index]
+        del self._values[index]
 
 DEFAULT_SUBNET = IPv4Network("192.168.28.0/24")
 DEFAULT_GATEWAY = IPv4Address("192.168.28.1")
@@ -205,9 +247,7 @@ class Ipam(Generic[OwnerT]):
     def __init__(self, subnets: Iterable[EnclaveSubnet] = ()) -> None:
         self._pools: dict[IPv4Network, AddressPool[OwnerT]] = {}
         self._prefixlens: list[int] = []  # distinct prefix lengths, longest first
-        # (first, last) address of every pool, sorted: overlap checks by bisection, so
-        # loading 10,000 app subnets is not 50 million pairwise comparisons.
-        self._ranges: list[tuple[int, int]] = []
+        self._networks: DisjointNetworks[None] = DisjointNetworks()
         for subnet in subnets:
             self.add_subnet(subnet)
 
@@ -216,15 +256,7 @@ class Ipam(Generic[OwnerT]):
         return cls([EnclaveSubnet.default()])
 
     def add_subnet(self, subnet: EnclaveSubnet) -> AddressPool[OwnerT]:
-        first = int(subnet.network.network_address)
-        last = int(subnet.network.broadcast_address)
-        index = bisect.bisect_left(self._ranges, (first, last))
-        # Pools never overlap, so only the neighbours in address order can.
-        for other_first, other_last in self._ranges[max(0, index - 1) : index + 1]:
-            if other_first <= last and first <= other_last:
-                other = IPv4Network((other_first, 32 - (other_last - other_first).bit_length()))
-                raise ValueError(f"subnet {subnet.network} overlaps {other}")
-        self._ranges.insert(index, (first, last))
+        self._networks.add(subnet.network, None)
         pool: AddressPool[OwnerT] = AddressPool(subnet)
         self._pools[subnet.network] = pool
         if subnet.prefixlen not in self._prefixlens:
@@ -238,8 +270,7 @@ class Ipam(Generic[OwnerT]):
         if pool.leases or pool.quarantined:
             raise IpamError(f"subnet {pool.network} still has leased or quarantined addresses")
         del self._pools[pool.network]
-        network = pool.network
-        self._ranges.remove((int(network.network_address), int(network.broadcast_address)))
+        self._networks.remove(pool.network)
         if all(n.prefixlen != pool.network.prefixlen for n in self._pools):
             self._prefixlens.remove(pool.network.prefixlen)
 

@@ -333,7 +333,8 @@ def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> 
     problems: list[Problem] = []
     names: dict[str, int] = {}
     claimed: dict[bytes, int] = {}
-    subnets: list[tuple[IPv4Network, str]] = [(policy.shared_subnet.subnet, "shared_subnet")]
+    subnets: ipam.DisjointNetworks[str] = ipam.DisjointNetworks()
+    subnets.add(policy.shared_subnet.subnet, "shared_subnet")
     for name in policy.categories:
         if not re.match(NAME_PATTERN, name):
             problems.append((("categories", name), f"category name must match {NAME_PATTERN}"))
@@ -371,14 +372,14 @@ def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> 
                     (("apps", index, "categories", c_index), f"unknown category {category!r}")
                 )
         if app.subnet is not None:
-            for other_net, other_owner in subnets:
-                if app.subnet.subnet.overlaps(other_net):
-                    problems.append(
-                        (
-                            ("apps", index, "subnet", "subnet"),
-                            f"{app.subnet.subnet} overlaps {other_net} of {other_owner}",
-                        )
+            if (overlap := subnets.overlapping(app.subnet.subnet)) is not None:
+                other_net, other_owner = overlap
+                problems.append(
+                    (
+                        ("apps", index, "subnet", "subnet"),
+                        f"{app.subnet.subnet} overlaps {other_net} of {other_owner}",
                     )
+                )
             for network in policy.gateway_networks:
                 if app.subnet.subnet.overlaps(network):
                     problems.append(
@@ -387,7 +388,8 @@ def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> 
                             f"{app.subnet.subnet} overlaps the gateway's network {network}",
                         )
                     )
-            subnets.append((app.subnet.subnet, f"app {app.name!r}"))
+            if overlap is None:  # (an overlapping one is reported, not kept)
+                subnets.add(app.subnet.subnet, f"app {app.name!r}")
     problems += _check_peers(policy)
     problems += _check_labels(policy)
     problems += _check_exposures(policy, describe)

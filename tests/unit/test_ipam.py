@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from seng_fw.ipam import (
     AddressPool,
+    DisjointNetworks,
     EnclaveSubnet,
     Ipam,
     IpamError,
@@ -260,3 +261,36 @@ def test_overlap_found_among_many_subnets(candidate: str) -> None:
     ipam.add_subnet(EnclaveSubnet.parse("10.1.3.16/28"))  # the gap next to 10.1.3.0/28
     ipam.remove_subnet("10.1.3.16/28")
     ipam.add_subnet(EnclaveSubnet.parse("10.1.3.16/28"))
+
+
+# Networks within 10.0.0.0/16 (many overlaps), any prefix length from /16 to /32.
+_networks = st.builds(
+    lambda offset, prefixlen: IPv4Network((0x0A000000 + offset, prefixlen), strict=False),
+    st.integers(0, 0xFFFF),
+    st.integers(16, 32),
+)
+
+
+@given(st.lists(_networks, max_size=40))
+@settings(max_examples=300)
+def test_disjoint_networks_find_what_a_pairwise_check_finds(networks: list[IPv4Network]) -> None:
+    index: DisjointNetworks[int] = DisjointNetworks()
+    kept: list[IPv4Network] = []
+    for number, network in enumerate(networks):
+        pairwise = [other for other in kept if other.overlaps(network)]
+        found = index.overlapping(network)
+        if pairwise:
+            assert found is not None and found[0] in pairwise
+            with pytest.raises(ValueError, match="overlaps"):
+                index.add(network, number)
+        else:
+            assert found is None
+            index.add(network, number)
+            kept.append(network)
+    for network in kept[::2]:
+        index.remove(network)
+    for network in kept[1::2]:
+        found = index.overlapping(network)
+        assert found is not None and found[0] == network
+    with pytest.raises(KeyError):
+        index.remove(IPv4Network("192.0.2.0/24"))
