@@ -85,7 +85,7 @@ class ControlHandler(Protocol):
         clear: bool = False,
     ) -> dict[str, Any]: ...
 
-    def reload(self) -> dict[str, Any]: ...
+    async def reload(self) -> dict[str, Any]: ...
 
 
 # ----- server ------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class ControlServer:
                     break
                 if not line:
                     break
-                writer.write(_encode(self.respond(line, peer)))
+                writer.write(_encode(await self.respond(line, peer)))
                 await writer.drain()
         except ConnectionError:
             pass
@@ -179,7 +179,7 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def respond(self, line: bytes, peer: str = "?") -> dict[str, Any]:
+    async def respond(self, line: bytes, peer: str = "?") -> dict[str, Any]:
         """The answer to one request line (never raises)."""
         try:
             request = json.loads(line)
@@ -191,6 +191,8 @@ class ControlServer:
                 raise ControlError("args must be a JSON object")
             if command in ("revoke", "reload"):  # who changed what, for the audit trail
                 log.info("control: %s %s by %s", command, json.dumps(args), peer)
+            if command == "reload":  # the only one that waits (the policy loads off the loop)
+                return {"ok": True, "result": await self.handler.reload()}
             return {"ok": True, "result": self._dispatch(command, args)}
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
@@ -206,8 +208,6 @@ class ControlServer:
             return handler.status()
         if command == "enclaves":
             return handler.enclaves()
-        if command == "reload":
-            return handler.reload()
         if command == "revoke":
             unknown = set(args) - {"app", "address", "mrenclave", "clear"}
             if unknown:
@@ -482,6 +482,7 @@ class GatewayControl:
         self.started_at = wall_clock()
         self.policy_applied_at = self.started_at
         self._digest: tuple[Policy, str] | None = None
+        self._reload_lock = asyncio.Lock()
         core.admission = self._admission()
 
     # --- policy ----------------------------------------------------------------------
@@ -493,12 +494,23 @@ class GatewayControl:
             return admission
         return RevocableAdmission(admission.policy, self.revocations)
 
-    def reload_admission(self) -> None:
-        """Load the policy and apply it (for SIGHUP and `reload`); raises if it is invalid
-        and keeps the running one. Enclaves it no longer admits are closed."""
+    async def load_and_apply_policy(self) -> int:
+        """Load the policy and apply it; raises if it is invalid and keeps the running
+        one. Enclaves it no longer admits are closed; returns how many. The files are
+        read and checked (and the digest taken) in a worker thread: a 10,000-app policy
+        takes half a minute to load, and on the event loop that stalled every tunnel
+        (and the watchdog) for as long. Reloads run one at a time."""
+        async with self._reload_lock:
+            policy, digest = await asyncio.to_thread(self._load_with_digest)
+            before = len(self.core.enclaves)
+            self.core.reload(RevocableAdmission(policy, self.revocations), self._clock())
+            self._digest = (policy, digest)
+            self.policy_applied_at = self._wall()
+            return before - len(self.core.enclaves)
+
+    def _load_with_digest(self) -> tuple[Policy, str]:
         policy = self.load_policy()
-        self.core.reload(RevocableAdmission(policy, self.revocations), self._clock())
-        self.policy_applied_at = self._wall()
+        return policy, policy_digest(policy)
 
     def policy_digest(self) -> str:
         policy = self.core.admission.policy
@@ -508,23 +520,23 @@ class GatewayControl:
 
     # --- ControlHandler --------------------------------------------------------------
 
-    def reload(self) -> dict[str, Any]:
-        before = len(self.core.enclaves)
+    async def reload(self) -> dict[str, Any]:
+        """`seng-fw reload`, `systemctl reload` and SIGHUP."""
         try:
-            self.reload_admission()
+            closed = await self.load_and_apply_policy()
         except Exception as exc:
             detail = str(exc).replace("\n", "; ")
             log.error("policy reload failed, keeping the running policy: %s", detail)
             raise ControlError(f"policy not reloaded, the running one is kept:\n{exc}") from exc
         self.after_change()
         after = len(self.core.enclaves)
-        log.info("policy reloaded: %d enclaves remain, %d closed", after, before - after)
+        log.info("policy reloaded: %d enclaves remain, %d closed", after, closed)
         return {
             "policy": str(self.config.policy),
             "digest": self.policy_digest(),
             "apps": len(self.core.admission.policy.apps),
             "enclaves": after,
-            "closed": before - after,
+            "closed": closed,
         }
 
     def revoke(

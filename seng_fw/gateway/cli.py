@@ -105,7 +105,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
     )
     # SIGHUP and `seng-fw reload` both go through the control object, which keeps
     # operator revocations across policy reloads.
-    server.set_reload(control.reload_admission)
+    server.set_reload(control.reload)
     server.services.append(ControlServer.from_config(control, config.control))
     core.observers.append(_ExposureFeed(core))
     if config.metrics.address is not None:

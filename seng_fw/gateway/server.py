@@ -14,11 +14,12 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Protocol
 
 from seng_fw import sdnotify
+from seng_fw.control import ControlError
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.label.labelling import Labelling
@@ -38,7 +39,6 @@ class GatewayServer:
         sockets: dict[Port, socket.socket],
         tun: TunDevice,
         flush_conntrack: Callable[[IPv4Address], int],
-        reload_admission: Callable[[], object] | None = None,
         labelling: Labelling | None = None,
     ) -> None:
         self.core = core
@@ -49,7 +49,8 @@ class GatewayServer:
         self.sockets = sockets
         self.tun = tun
         self._flush_conntrack = flush_conntrack
-        self._reload_admission = reload_admission
+        self._reload: Callable[[], Awaitable[object]] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._wake_timers = asyncio.Event()
         self._flush_tasks: set[asyncio.Task[None]] = set()
@@ -143,20 +144,25 @@ class GatewayServer:
     def stop(self) -> None:
         self._stopping.set()
 
-    def set_reload(self, reload_admission: Callable[[], object]) -> None:
-        self._reload_admission = reload_admission
+    def set_reload(self, reload: Callable[[], Awaitable[object]]) -> None:
+        """What SIGHUP runs: `GatewayControl.reload` (loads the policy off the loop,
+        applies it, logs the outcome and raises if it was refused)."""
+        self._reload = reload
 
     def reload(self) -> None:
-        if self._reload_admission is None:
+        if self._reload is None:
             return
+        task = asyncio.get_running_loop().create_task(self._reload_logged(self._reload))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload_logged(self, reload: Callable[[], Awaitable[object]]) -> None:
         try:
-            self._reload_admission()
-        except Exception as exc:
-            detail = str(exc).replace("\n", "; ")  # one log line per event
-            log.error("policy reload failed, keeping the running policy: %s", detail)
-            return
-        self.after_change()
-        log.info("policy reloaded: %d enclaves remain", len(self.core.enclaves))
+            await reload()
+        except ControlError:  # refused, and logged: the running policy stays
+            pass
+        except Exception:
+            log.exception("internal error in a policy reload")
 
     def after_change(self) -> None:
         """After tunnels were closed or subnets changed outside a datagram (reload,

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import stat
+import time
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -203,7 +204,7 @@ def test_revoke_app_closes_its_tunnels_and_refuses_it(gateway: Gateway) -> None:
     assert gateway.admit(NGINX) == "nginx"
     assert gateway.control.status()["revocations"] == ["app webapp"]
     # A policy reload keeps the revocation; --clear lifts it.
-    gateway.control.reload()
+    asyncio.run(gateway.control.reload())
     assert gateway.admit(WEBAPP) == REVOKED_CHECK
     assert gateway.control.revoke(clear=True) == {"cleared": 1, "ended": []}
     assert gateway.admit(WEBAPP) == "webapp"
@@ -255,7 +256,7 @@ def test_reload_applies_the_new_policy(gateway: Gateway) -> None:
     old_digest = gateway.control.policy_digest()
     gateway.clock.now += 60
     gateway.policy = Policy.model_validate({"apps": [POLICY["apps"][1]]})
-    result = gateway.control.reload()
+    result = asyncio.run(gateway.control.reload())
     assert (result["apps"], result["enclaves"], result["closed"]) == (1, 1, 1)
     assert result["digest"] != old_digest == policy_digest(Policy.model_validate(POLICY))
     assert gateway.admit(WEBAPP) == "unknown_mrenclave"
@@ -270,16 +271,47 @@ def test_a_failed_reload_keeps_the_running_policy(gateway: Gateway) -> None:
 
     gateway.control.load_policy = broken
     with pytest.raises(ControlError, match="running one is kept"):
-        gateway.control.reload()
+        asyncio.run(gateway.control.reload())
     assert len(gateway.core.enclaves) == 1 and gateway.admit(WEBAPP) == "webapp"
     assert gateway.changes == 0
 
 
 def test_revocations_survive_a_reload_by_sighup_path(gateway: Gateway) -> None:
-    """The adapter's SIGHUP reload goes through reload_admission too."""
+    """The adapter's SIGHUP reload goes through load_and_apply_policy too."""
     gateway.control.revoke(app="nginx")
-    gateway.control.reload_admission()
+    asyncio.run(gateway.control.load_and_apply_policy())
     assert gateway.admit(NGINX) == REVOKED_CHECK
+
+
+def test_a_reload_loads_the_policy_off_the_event_loop(gateway: Gateway) -> None:
+    """Loading a large policy takes seconds: the event loop (tunnels, watchdog) must keep
+    running meanwhile, and two reloads must not interleave."""
+    loading: list[str] = []
+
+    def slow_load() -> Policy:
+        loading.append("start")
+        time.sleep(0.3)  # stands for parsing and checking 10,000 apps
+        loading.append("end")
+        return gateway.policy
+
+    gateway.control.load_policy = slow_load
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await asyncio.gather(gateway.control.reload(), gateway.control.reload())
+        task.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 20  # the loop ran on during both loads (0.6 s)
+    assert loading == ["start", "end", "start", "end"]  # one reload at a time
 
 
 # ----- the socket ----------------------------------------------------------------------
@@ -395,7 +427,7 @@ def test_missing_directory_is_created_private(gateway: Gateway, tmp_path: Path) 
     ],
 )
 def test_bad_requests_get_an_error_answer(gateway: Gateway, line: bytes, words: str) -> None:
-    answer = ControlServer(gateway.control, Path("/unused")).respond(line)
+    answer = asyncio.run(ControlServer(gateway.control, Path("/unused")).respond(line))
     assert answer["ok"] is False and words in answer["error"]
 
 
@@ -404,7 +436,7 @@ def test_an_internal_error_is_an_answer_not_a_crash(gateway: Gateway) -> None:
         def status(self) -> dict[str, Any]:
             raise RuntimeError("boom")
 
-    answer = ControlServer(Broken(), Path("/unused")).respond(b'{"command": "status"}')  # type: ignore[arg-type]
+    answer = asyncio.run(ControlServer(Broken(), Path("/unused")).respond(b'{"command": "status"}'))  # type: ignore[arg-type]
     assert answer == {"ok": False, "error": "internal error: RuntimeError: boom"}
 
 
