@@ -6,6 +6,8 @@ Prints, measured in one run on the namespace lab:
 - iperf3 TCP throughput enclave -> external host through the tunnels, and the same
   path with plain routing (client host -> gateway -> external host), and their ratio;
 - the gateway's CPU time per forwarded packet during the tunnelled run;
+- the same throughput with --many-apps apps loaded (`seng-fw apply`, which makes the
+  gateway reload its policy), and the longest the tunnel stalled meanwhile (pings);
 - time from an enclave's first datagram to a usable address (tunnel #2 up), for one
   enclave alone and for N enclaves joining at once (median, p95, max, and wall time).
 These machines are shared and noisy: compare ratios, not absolute figures.
@@ -21,12 +23,13 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from seng_fw.lab.lab import DEMO_WEBAPP, GATEWAY_PORT, EnclaveSpec, Lab
-from seng_fw.netns import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, ip, netns_socket
+from seng_fw.netns import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, ip, netns_socket, ping
 from seng_fw.tunnel.dtls import (
     DtlsClientConfig,
     DtlsClientSession,
@@ -158,6 +161,18 @@ def join_many(lab: Lab, count: int) -> tuple[list[float], float]:
     return times, wall
 
 
+def ping_gaps(lab: Lab, address: str, stop: threading.Event, gaps: list[float]) -> None:
+    """Ping the external host from the enclave's address until `stop`; each entry of
+    `gaps` is the time from sending one ping to having an answer (retrying every 50 ms)."""
+    ns, external = lab.ns(CLIENT_A), str(lab.external)
+    while not stop.is_set():
+        sent = time.monotonic()
+        while not ping(ns, external, source=address, timeout=0.05) and not stop.is_set():
+            pass
+        gaps.append(time.monotonic() - sent)
+        time.sleep(0.02)
+
+
 def write_policy(path: Path, apps: int) -> None:
     """webapp (the measured enclave, allowed iperf3 and ping to the external host) and
     `apps - 1` more apps with their own subnets and 20 destinations each."""
@@ -224,12 +239,21 @@ def main() -> None:
 
             times, wall = join_many(lab, args.joiners)
 
-            # The same tunnel with many more apps in the ruleset and the gateway's policy.
+            # The same tunnel with many more apps in the ruleset and the gateway's policy;
+            # meanwhile, pings through the tunnel tell how long it stalls at worst.
             write_policy(policy, args.many_apps)
+            stop, gaps = threading.Event(), []
+            pinger = threading.Thread(
+                target=ping_gaps, args=(lab, state["address"], stop, gaps), daemon=True
+            )
+            pinger.start()
             started = time.monotonic()
             lab.apply_policy(policy)
             apply_seconds = time.monotonic() - started
             assert lab.wait_for_log(r"policy reloaded", timeout=600)
+            reload_seconds = time.monotonic() - started
+            stop.set()
+            pinger.join()
             many = iperf(lab, CLIENT_A, state["address"], args.seconds)
             server.terminate()
 
@@ -242,6 +266,8 @@ def main() -> None:
     ratio = many / tunnelled
     print(f"  iperf3 TCP, tunnel, {args.many_apps} apps: {many:9.1f} Mbit/s "
           f"(ratio to 10 apps {ratio:.3f}; apply took {apply_seconds:.1f} s)")  # fmt: skip
+    print(f"  longest tunnel stall meanwhile  : {max(gaps) * 1000:9.1f} ms "
+          f"({len(gaps)} pings; apply and reload took {reload_seconds:.1f} s)")  # fmt: skip
     print(f"  join time, one enclave          : {one_join * 1000:9.1f} ms")
     if times:
         times.sort()

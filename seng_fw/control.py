@@ -28,7 +28,7 @@ import stat
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
@@ -450,7 +450,8 @@ def iso_time(wall: float) -> str:
 class GatewayControl:
     """`ControlHandler` over a running `GatewayCore`; all methods run on the event loop.
 
-    `load_policy` reads the policy again (raises if it is invalid). `after_change` runs
+    `load_policy` reads the policy again (raises if it is invalid); `before_reload` gets
+    the adapter ready for a new policy before it takes effect. `after_change` runs
     after tunnels were closed or subnets changed, so that the adapter sends the queued
     close_notify alerts, starts conntrack flushes and syncs the TUN addresses.
     """
@@ -461,6 +462,7 @@ class GatewayControl:
         config: GatewayConfig,
         *,
         load_policy: Callable[[], Policy],
+        before_reload: Callable[[Policy], Awaitable[None]] | None = None,
         after_change: Callable[[], None] = _nothing,
         queue_mode: Callable[[], str] = _no_queue,
         firewall_counters: Callable[[], Mapping[str, tuple[int, int]]] | None = None,
@@ -471,6 +473,7 @@ class GatewayControl:
         self.core = core
         self.config = config
         self.load_policy = load_policy
+        self.before_reload = before_reload
         self.after_change = after_change
         self.queue_mode = queue_mode
         self.firewall_counters = firewall_counters
@@ -502,6 +505,8 @@ class GatewayControl:
         (and the watchdog) for as long. Reloads run one at a time."""
         async with self._reload_lock:
             policy, digest = await asyncio.to_thread(self._load_with_digest)
+            if self.before_reload is not None:
+                await self.before_reload(policy)
             before = len(self.core.enclaves)
             self.core.reload(RevocableAdmission(policy, self.revocations), self._clock())
             self._digest = (policy, digest)

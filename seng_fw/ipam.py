@@ -78,6 +78,7 @@ class DisjointNetworks(Generic[T]):
         del self._ranges[index]
         del self._values[index]
 
+
 DEFAULT_SUBNET = IPv4Network("192.168.28.0/24")
 DEFAULT_GATEWAY = IPv4Address("192.168.28.1")
 

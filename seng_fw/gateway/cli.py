@@ -98,6 +98,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
         core,
         config,
         load_policy=lambda: load_policy(config.policy),
+        before_reload=server.prepare_subnets,
         after_change=server.after_change,
         queue_mode=lambda: _queue_mode(labelling),
         firewall_counters=_firewall_counters,

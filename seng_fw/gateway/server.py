@@ -14,16 +14,20 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Interface
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from seng_fw import sdnotify
 from seng_fw.control import ControlError
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
+from seng_fw.ipam import EnclaveSubnet
 from seng_fw.label.labelling import Labelling
 from seng_fw.tunnel.tun import TunDevice
+
+if TYPE_CHECKING:
+    from seng_fw.policy.models import Policy
 
 log = logging.getLogger("seng_fw.gateway")
 
@@ -55,6 +59,8 @@ class GatewayServer:
         self._wake_timers = asyncio.Event()
         self._flush_tasks: set[asyncio.Task[None]] = set()
         self._tun_addresses: set[IPv4Interface] = set()
+        self._tun_lock = asyncio.Lock()
+        self._tun_syncs: set[asyncio.Task[None]] = set()
         self.peer_sockets = PeerSockets(
             sockets[Port.SETUP], lambda sock: self._on_datagrams(Port.SETUP, sock), core.counters
         )
@@ -167,7 +173,8 @@ class GatewayServer:
     def after_change(self) -> None:
         """After tunnels were closed or subnets changed outside a datagram (reload,
         revoke): send the queued alerts, start conntrack flushes, sync the TUN device."""
-        self.sync_tun_addresses()
+        self._tun_syncs.add(task := asyncio.get_running_loop().create_task(self._sync_tun()))
+        task.add_done_callback(self._tun_syncs.discard)
         if self.labelling is not None:
             policy = self.core.admission.policy
             self.labelling.policy_changed(policy, policy.host_prefixes())
@@ -179,14 +186,38 @@ class GatewayServer:
         subnets = ", ".join(str(subnet.network) for subnet in self.core.enclave_subnets())
         return f"{address}:{ports}, TUN {self.tun.name} ({subnets})"
 
+    # ----- the gateway's address in each enclave subnet, on the TUN device ------------
+    # (routes follow). 10,000 subnets take the kernel 15-30 s to add: after start-up the
+    # changes are made from a worker thread, so tunnels keep flowing meanwhile.
+
+    def _wanted_addresses(self, extra: Iterable[EnclaveSubnet] = ()) -> set[IPv4Interface]:
+        return {subnet.gateway_interface for subnet in (*self.core.enclave_subnets(), *extra)}
+
     def sync_tun_addresses(self) -> None:
-        """One gateway address per enclave subnet on the TUN device (routes follow)."""
-        wanted = {subnet.gateway_interface for subnet in self.core.enclave_subnets()}
-        for interface in self._tun_addresses - wanted:
-            self.tun.remove_address(interface)
-        for interface in wanted - self._tun_addresses:
-            self.tun.add_address(interface)
+        """At start-up, before any enclave is admitted."""
+        wanted = self._wanted_addresses()
+        self.tun.change_addresses(wanted - self._tun_addresses, self._tun_addresses - wanted)
         self._tun_addresses = wanted
+
+    async def prepare_subnets(self, policy: Policy) -> None:
+        """Before a new policy takes effect: add its new subnets' addresses, so that no
+        enclave is leased an address in a subnet the TUN device does not route yet."""
+        await self._sync_tun([subnet.to_ipam() for subnet in policy.enclave_subnets()])
+
+    async def _sync_tun(self, new_subnets: Sequence[EnclaveSubnet] = ()) -> None:
+        """Bring the TUN addresses in line with the address pools (with `new_subnets`:
+        only add theirs). One change at a time, each against the latest state."""
+        async with self._tun_lock:
+            wanted = self._wanted_addresses(new_subnets)
+            add = wanted - self._tun_addresses
+            remove = set() if new_subnets else self._tun_addresses - wanted
+            if add or remove:
+                try:
+                    await asyncio.to_thread(self.tun.change_addresses, add, remove)
+                except Exception as exc:
+                    log.error("TUN addresses not changed (%d+/%d-): %s", len(add), len(remove), exc)
+                    return
+            self._tun_addresses = (self._tun_addresses | add) - remove
 
     async def run(self) -> None:
         """Serve until `stop()` (SIGTERM/SIGINT); SIGHUP reloads the admission policy."""

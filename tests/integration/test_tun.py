@@ -8,6 +8,7 @@ import socket
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Interface
 from typing import Any
 
 import pytest
@@ -81,6 +82,18 @@ def test_create_configures_device(host_ns: str) -> None:
         info = link_info(host_ns)
         assert info is not None and inet(info) == {"192.168.28.1/24", "192.168.29.1/24"}
     assert link_info(host_ns) is None
+
+
+def test_addresses_changed_in_one_batch(host_ns: str) -> None:
+    with TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns) as tun:
+        subnets = [IPv4Interface(f"100.64.{i}.1/24") for i in range(50)]
+        tun.change_addresses(add=subnets)
+        info = link_info(host_ns)
+        assert info is not None and len(inet(info)) == 51
+        # Already there (add) and already gone (remove) are not errors.
+        tun.change_addresses(add=subnets[:2], remove=[*subnets[2:], IPv4Interface("10.9.9.1/24")])
+        info = link_info(host_ns)
+        assert info is not None and inet(info) == {"192.168.28.1/24", *map(str, subnets[:2])}
 
 
 def test_defaults_match_original_seng(host_ns: str) -> None:
