@@ -56,9 +56,6 @@ class PeerSockets:
         self.counters = counters
         self._sockets: dict[int, socket.socket] = {}  # by id(enclave)
 
-    def __len__(self) -> int:
-        return len(self._sockets)
-
     def enclave_admitted(self, enclave: Enclave) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:

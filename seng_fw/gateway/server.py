@@ -14,9 +14,9 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Interface
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from seng_fw import sdnotify
 from seng_fw.control import ControlError
@@ -54,13 +54,13 @@ class GatewayServer:
         self.tun = tun
         self._flush_conntrack = flush_conntrack
         self._reload: Callable[[], Awaitable[object]] | None = None
-        self._reloads: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._wake_timers = asyncio.Event()
-        self._flush_tasks: set[asyncio.Task[None]] = set()
+        # Background work (conntrack flushes, reloads, TUN address changes): kept here
+        # so that the tasks are not garbage-collected while they run.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._tun_addresses: set[IPv4Interface] = set()
         self._tun_lock = asyncio.Lock()
-        self._tun_syncs: set[asyncio.Task[None]] = set()
         self.peer_sockets = PeerSockets(
             sockets[Port.SETUP], lambda sock: self._on_datagrams(Port.SETUP, sock), core.counters
         )
@@ -113,9 +113,7 @@ class GatewayServer:
             if not written:
                 core.counters["dropped.tun_write_error"] += 1
         for released in core.addresses_to_flush():
-            task = asyncio.get_running_loop().create_task(self._flush_address(released))
-            self._flush_tasks.add(task)
-            task.add_done_callback(self._flush_tasks.discard)
+            self._spawn(self._flush_address(released))
 
     async def _flush_address(self, address: IPv4Address) -> None:
         """Delete the conntrack entries of a released address, then free it for leasing."""
@@ -147,6 +145,11 @@ class GatewayServer:
 
     # ----- lifecycle -----------------------------------------------------------------
 
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -158,9 +161,7 @@ class GatewayServer:
     def reload(self) -> None:
         if self._reload is None:
             return
-        task = asyncio.get_running_loop().create_task(self._reload_logged(self._reload))
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+        self._spawn(self._reload_logged(self._reload))
 
     async def _reload_logged(self, reload: Callable[[], Awaitable[object]]) -> None:
         try:
@@ -173,8 +174,7 @@ class GatewayServer:
     def after_change(self) -> None:
         """After tunnels were closed or subnets changed outside a datagram (reload,
         revoke): send the queued alerts, start conntrack flushes, sync the TUN device."""
-        self._tun_syncs.add(task := asyncio.get_running_loop().create_task(self._sync_tun()))
-        task.add_done_callback(self._tun_syncs.discard)
+        self._spawn(self._sync_tun())
         if self.labelling is not None:
             policy = self.core.admission.policy
             self.labelling.policy_changed(policy, policy.host_prefixes())
@@ -261,7 +261,7 @@ class GatewayServer:
         self.core.shutdown(time.monotonic())
         self._flush()  # sends the close_notify alerts
         self.peer_sockets.close()
-        for task in self._flush_tasks:
+        for task in self._tasks:
             task.cancel()
         for address in self.core.addresses_to_flush():
             try:
