@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Network
 from typing import Final, Literal
 
@@ -245,16 +246,19 @@ class _RuleSet:
     shared: bool  # of apps on the shared subnet (keyed by their label)
     apps: list[str] = field(default_factory=list)
     boxes: list[Box] = field(default_factory=list)
-    # Whether a rule names enclaves of the shared subnet as peers: without such rules the
-    # peer label field (always "any") is left out, as it makes loading slower.
-    by_peer_label: bool = False
+
+    @cached_property
+    def by_peer_label(self) -> bool:
+        """Whether a rule names enclaves of the shared subnet as peers: without such rules
+        the peer label field (always "any") is left out, as it makes loading slower.
+        (Asked once every app's boxes are in.)"""
+        return any(box[-1] != ANY_LABEL for box in self.boxes)
 
     def key(self) -> tuple[Expr, ...]:
         key = rule_key(self.direction, self.shared)
         return key if self.by_peer_label else key[:-1]
 
     def named_set(self) -> NamedSet:
-        self.by_peer_label = any(box[-1] != ANY_LABEL for box in self.boxes)
         boxes = self.boxes if self.by_peer_label else [box[:-1] for box in self.boxes]
         types = _key_types(self.shared)
         first, last = self.apps[0], self.apps[-1]
@@ -288,7 +292,8 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
         (i,) for (i,) in disjoint((network_interval(s.subnet),) for s in policy.enclave_subnets())
     ]
     sets["shared_net"].add((resolve.shared,))
-    # First the rule sets: whether one needs the peer label decides its key.
+    # First every app's rules into the sets of its group: whether a set needs the peer
+    # label decides its key, which the apps' chains use.
     rule_sets: dict[str, _RuleSet] = {}
     uses: list[dict[Direction, _RuleSet | None]] = []  # per app
     seen = {False: 0, True: 0}  # apps so far with their own subnet, on the shared subnet
@@ -306,7 +311,6 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
                 rule_set.boxes += boxes
                 used[direction] = rule_set
         uses.append(used)
-    rule_set_objects = [rule_set.named_set() for rule_set in rule_sets.values()]
 
     expose_from: list[Box] = []
     for app, used in zip(policy.apps, uses, strict=True):
@@ -342,7 +346,7 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
                 (address, proto, (exposure.port, exposure.port)), exposure.target_port
             )
     sets["expose_from"].elements = disjoint(expose_from)
-    table.sets += rule_set_objects
+    table.sets += [rule_set.named_set() for rule_set in rule_sets.values()]
     _add_chains(table, policy, opts)
     return table
 

@@ -241,10 +241,6 @@ def print_table(outcomes: list[Outcome], out: TextIO = sys.stdout) -> None:
         print("  ".join([*cells, row[-1]]), file=out)
 
 
-def _lab(args: argparse.Namespace) -> Lab:
-    return plan_lab(demo_plan(args), args.prefix, args.state_dir)
-
-
 def _up(args: argparse.Namespace) -> int:
     plan = demo_plan(args)
     lab = plan_lab(plan, args.prefix, args.state_dir)

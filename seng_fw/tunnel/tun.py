@@ -172,8 +172,9 @@ class TunDevice:
                 command, index=self.index, address=str(iface.ip), prefixlen=iface.network.prefixlen
             )
         except NetlinkError as exc:
-            # Taking over a persistent device may find the address already there.
-            if not (command == "add" and exc.code == errno.EEXIST):
+            # Taking over a persistent device may find the address already there; one
+            # being removed may be gone already.
+            if (command, exc.code) not in (("add", errno.EEXIST), ("del", errno.EADDRNOTAVAIL)):
                 raise
 
     def _route(self, ipr: Any, command: str, net: IPv4Network, src: IPv4Address | None) -> None:
@@ -203,25 +204,12 @@ class TunDevice:
 
         def job(ipr: Any) -> None:
             for iface in removed:
-                try:
-                    self._addr(ipr, "del", iface)
-                except NetlinkError as exc:
-                    if exc.code != errno.EADDRNOTAVAIL:
-                        raise
+                self._addr(ipr, "del", iface)
             for iface in added:
                 self._addr(ipr, "add", iface)
 
         if added or removed:
             self._netlink(f"change {len(added)}+/{len(removed)}- addresses", job)
-
-    def add_address(self, interface: IPv4Interface | str) -> None:
-        """Add an address/prefix (for instance a new enclave subnet's gateway)."""
-        iface = IPv4Interface(interface)
-        self._netlink(f"add address {iface}", self._addr, "add", iface)
-
-    def remove_address(self, interface: IPv4Interface | str) -> None:
-        iface = IPv4Interface(interface)
-        self._netlink(f"remove address {iface}", self._addr, "del", iface)
 
     def add_route(self, prefix: IPv4Network | str, *, src: IPv4Address | str | None = None) -> None:
         """Route `prefix` (``0.0.0.0/0`` for a default route) through the device."""

@@ -77,8 +77,9 @@ def test_create_configures_device(host_ns: str) -> None:
         assert "UP" in info["flags"]
         assert inet(info) == {"192.168.28.1/24", "10.200.0.1/16"}
         assert not [a for a in info["addr_info"] if a["family"] == "inet6"]  # IPv6 kept off
-        tun.add_address("192.168.29.1/24")
-        tun.remove_address("10.200.0.1/16")
+        tun.change_addresses(
+            add=[IPv4Interface("192.168.29.1/24")], remove=[IPv4Interface("10.200.0.1/16")]
+        )
         info = link_info(host_ns)
         assert info is not None and inet(info) == {"192.168.28.1/24", "192.168.29.1/24"}
     assert link_info(host_ns) is None
