@@ -54,9 +54,10 @@ import yaml
 from seng_fw.compile import live
 from seng_fw.compile.compiler import Options, compile_policy
 from seng_fw.compile.nft import Table
-from seng_fw.netns import Host, Route, Segment, Topology, ip
+from seng_fw.lab.topology import Host, Route, Segment, Topology
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
+from seng_fw.system.netns import ip
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
     python bench/bench_label.py [--connections 2000] [--seconds 3] [--clients 2]
 
-On the labeller's namespace lab (seng_fw.label.testbed: enclave 192.168.28.10 on a
+On the labeller's namespace lab (tests/support/label_testbed.py: enclave 192.168.28.10 on a
 client host, routed through the gateway namespace to an external host), the same
 connections in one run, once with a static mark rule (`ct state new ... meta mark set,
 ct mark set`: no queue) and once with the NFQUEUE hook (iptables-nft NFQUEUE on this
@@ -29,12 +29,17 @@ import subprocess
 import sys
 import time
 from ipaddress import IPv4Address
+from pathlib import Path
 
+from seng_fw.lab.topology import Topology
 from seng_fw.label.hook import LabelHook
 from seng_fw.label.install import Installed, QueueRules, install, remove
 from seng_fw.label.marks import NONE, encode
 from seng_fw.label.registry import EnclaveRecord, Registry, Scope
-from seng_fw.label.testbed import (
+
+# The labeller's namespace testbed is test support, shared with the integration tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.label_testbed import (
     CLIENT_A,
     EXT_HOST,
     EXTERNAL,
@@ -46,7 +51,6 @@ from seng_fw.label.testbed import (
     label_topology,
     place_enclave,
 )
-from seng_fw.netns import Topology
 
 ENCLAVE = IPv4Address("192.168.28.10")
 ACCEPT_PORT, IPERF_PORT = 7001, 5201

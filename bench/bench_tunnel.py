@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seng_fw.lab.lab import DEMO_WEBAPP, GATEWAY_PORT, EnclaveSpec, Lab
-from seng_fw.netns import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, ip, netns_socket, ping
+from seng_fw.lab.topology import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, ping
+from seng_fw.system.netns import ip, netns_socket
 from seng_fw.tunnel.dtls import (
     DtlsClientConfig,
     DtlsClientSession,

@@ -21,9 +21,9 @@ EXIT_USAGE = 2
 _COMMAND_MODULES = (
     "seng_fw.attest.cli",
     "seng_fw.lab.cli",
-    "seng_fw.gateway.cli",
+    "seng_fw.ops.serve",
     "seng_fw.compile.cli",
-    "seng_fw.ops_cli",
+    "seng_fw.ops.cli",
     "seng_fw.label.service",
 )
 

@@ -27,7 +27,7 @@ from seng_fw.compile.nft import Table
 from seng_fw.policy.importdb import DbImportError, DbUnreadable, import_db
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
-from seng_fw.yamlfile import ConfigError
+from seng_fw.policy.yamlfile import ConfigError
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -78,7 +78,7 @@ from seng_fw.compile.nft import (
     network_interval,
 )
 from seng_fw.compile.nft import CounterMap as CounterMapExpr
-from seng_fw.label.marks import LabelInfo, LabelTable
+from seng_fw.policy.labels import LabelInfo, LabelTable
 from seng_fw.policy.models import App, EgressRule, IngressRule, Peer, Policy, Ref
 
 TABLE = "seng"

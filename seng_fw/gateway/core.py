@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Protocol
 
-from seng_fw.admission import Admission, AdmissionRejected
 from seng_fw.attest.identity import AttestationRejected, EnclaveIdentity, EvidenceVerifier
-from seng_fw.config import TimeoutConfig
-from seng_fw.ipam import EnclaveSubnet, Ipam, PoolExhausted
+from seng_fw.gateway.config import TimeoutConfig
+from seng_fw.policy.admission import Admission, AdmissionRejected
+from seng_fw.policy.ipam import EnclaveSubnet, Ipam, PoolExhausted
 from seng_fw.policy.models import App
 from seng_fw.tunnel import packets
 from seng_fw.tunnel.dtls import (

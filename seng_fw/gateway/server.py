@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any, Protocol
 
-from seng_fw import sdnotify
-from seng_fw.control import ControlError
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
-from seng_fw.ipam import EnclaveSubnet
+from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
+from seng_fw.policy.ipam import EnclaveSubnet
+from seng_fw.system import sdnotify
 from seng_fw.tunnel.tun import TunDevice
 
 if TYPE_CHECKING:

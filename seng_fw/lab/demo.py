@@ -25,7 +25,7 @@ from seng_fw.lab.lab import (
     RunningEnclave,
 )
 from seng_fw.lab.services import probe_icmp, probe_tcp, probe_udp
-from seng_fw.netns import EXTERNAL
+from seng_fw.lab.topology import EXTERNAL
 
 
 @dataclass(frozen=True)

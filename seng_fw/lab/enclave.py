@@ -28,7 +28,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from seng_fw.netns import ip
+from seng_fw.system.netns import ip
 from seng_fw.tunnel.dtls import (
     ConnectionClosed,
     DtlsClientConfig,

@@ -25,17 +25,17 @@ from typing import Any
 import yaml
 
 from seng_fw.lab.ca import ROOT_CERT_FILE, LabCA
-from seng_fw.netns import (
+from seng_fw.lab.topology import (
     CLIENT_A,
     CLIENT_B,
     EXTERNAL,
     GATEWAY,
     LAB_PREFIX,
     Topology,
-    cleanup,
     lab_topology,
 )
-from seng_fw.servercert import generate_server_certificate
+from seng_fw.ops.servercert import generate_server_certificate
+from seng_fw.system.netns import cleanup
 
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 DEMO_POLICY = REPO_POLICIES / "lab" / "demo.yaml"

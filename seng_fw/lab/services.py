@@ -1,6 +1,6 @@
 """Lab traffic: echo services for the external host, and probes that test a flow.
 
-Probes run in-process inside a namespace (`seng_fw.netns.netns_socket`), bound to an
+Probes run in-process inside a namespace (`seng_fw.system.netns.netns_socket`), bound to an
 enclave's address, so a result means "this enclave's packets went through the gateway
 and the answer came back through tunnel #2".
 """
@@ -13,7 +13,8 @@ import socket
 from ipaddress import IPv4Address
 from typing import Any
 
-from seng_fw.netns import netns_socket, ping
+from seng_fw.lab.topology import ping
+from seng_fw.system.netns import netns_socket
 
 PROBE_PAYLOAD = b"seng-fw probe\n"
 

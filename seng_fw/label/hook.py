@@ -33,7 +33,7 @@ from typing import Any
 
 from seng_fw.label.marks import UNKNOWN
 from seng_fw.label.registry import Registry
-from seng_fw.netns import run_in_netns
+from seng_fw.system.netns import run_in_netns
 
 log = logging.getLogger("seng_fw.label")
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from seng_fw.label.config import LabelConfig
 from seng_fw.label.hook import LabelHook
 from seng_fw.label.install import Installed, install, remove
-from seng_fw.label.marks import LabelTable
 from seng_fw.label.registry import EnclaveLike, LabelRegistryServer, Registry, Scope, record_for
+from seng_fw.policy.labels import LabelTable
 
 if TYPE_CHECKING:
     from seng_fw.policy.models import Policy
@@ -84,7 +84,7 @@ class Labelling:
         self.registry.add(record_for(enclave, self.table))
 
     def released(self, address: IPv4Address) -> None:
-        """Forget the address. Call it before `seng_fw.conntrack.flush_address(address)`:
+        """Forget the address. Call it before `seng_fw.gateway.conntrack.flush_address(address)`:
         the other order lets a connection opened in between keep the old label."""
         self.registry.remove(address)
 

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from seng_fw import sdnotify
 from seng_fw.label.hook import DEFAULT_BATCH, DEFAULT_MAX_LEN, LabelHook, LabelHookError
 from seng_fw.label.registry import DEFAULT_SOCKET, LabelRegistryClient, Registry
+from seng_fw.system import sdnotify
 
 log = logging.getLogger("seng_fw.label")
 

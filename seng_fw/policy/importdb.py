@@ -31,7 +31,7 @@ from pathlib import Path
 import pydantic
 import yaml
 
-from seng_fw import ipam
+from seng_fw.policy import ipam
 from seng_fw.policy.models import NAME_PATTERN, Policy, cross_check
 
 

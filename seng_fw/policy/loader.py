@@ -16,7 +16,7 @@ import pydantic
 import yaml
 
 from seng_fw.policy.models import Policy, cross_check
-from seng_fw.yamlfile import (
+from seng_fw.policy.yamlfile import (
     ConfigError,
     ConfigIssue,
     Path_,

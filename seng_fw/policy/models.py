@@ -24,14 +24,14 @@ from pydantic import (
     model_validator,
 )
 
-from seng_fw import ipam
-from seng_fw.label.marks import MAX_ID, LabelTable
-from seng_fw.yamlfile import Path_, format_path
+from seng_fw.policy import ipam
+from seng_fw.policy.labels import MAX_ID, LabelTable
+from seng_fw.policy.yamlfile import Path_, format_path
 
 _HEX32 = re.compile(r"^[0-9a-f]{64}$")
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,30}$"
 # Label ids (at least one per app) go into 16 bits of the conntrack mark; 0 and 0xFFFF
-# are reserved ("not an enclave", "unknown address"): seng_fw.label.marks.
+# are reserved ("not an enclave", "unknown address"): seng_fw.policy.labels.
 MAX_APPS = MAX_ID
 
 
@@ -63,7 +63,7 @@ class StrictModel(BaseModel):
 class EnclaveSubnet(StrictModel):
     """A subnet enclave addresses are leased from; `gateway` is the gateway's own address
     on the TUN device (default: the first host address). The rules about which gateway
-    addresses are valid live in `seng_fw.ipam.EnclaveSubnet`, which this model builds."""
+    addresses are valid live in `seng_fw.policy.ipam.EnclaveSubnet`, which this model builds."""
 
     subnet: IPv4Network
     gateway: IPv4Address | None = None
@@ -286,7 +286,7 @@ class Policy(StrictModel):
 
     def host_prefixes(self) -> list[IPv4Network]:
         """The client-host prefixes that rules name (`host` selectors, `on_hosts`):
-        label ids tell these hosts apart (`seng_fw.label.marks.LabelTable`)."""
+        label ids tell these hosts apart (`seng_fw.policy.labels.LabelTable`)."""
         found = {p.host for _, p in _rule_peers(self) if isinstance(p, Ref) and p.host is not None}
         found.update(prefix for _, rule in _rules(self) for prefix in rule.on_hosts)
         return sorted(found)

@@ -5,7 +5,7 @@ subnet (``192.168.28.1/24`` ...); the enclave emulator's TUN carries the
 assigned address (``/32``) and routes (`add_route`) through the device.
 
 Namespaces: `TunDevice.create(netns=NAME)` opens the device from a helper
-thread that has entered NAME (`seng_fw.netns.run_in_netns`); the kernel puts
+thread that has entered NAME (`seng_fw.system.netns.run_in_netns`); the kernel puts
 the device in the namespace of whoever opened ``/dev/net/tun`` and the file
 descriptor then works from any thread. A process started with
 ``ip netns exec NAME`` simply passes ``netns=None``.
@@ -32,7 +32,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from seng_fw.netns import NetnsError, run_in_netns
+from seng_fw.system.netns import NetnsError, run_in_netns
 
 DEFAULT_NAME = "tunFA"  # the original SENG server's device
 DEFAULT_MTU = 1432

@@ -26,15 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
-from seng_fw.netns import (
-    Host,
-    Segment,
-    Topology,
-    cleanup,
-    delete_namespace,
-    lab_topology,
-    list_namespaces,
-)
+from seng_fw.lab.topology import Host, Segment, Topology, lab_topology
+from seng_fw.system.netns import cleanup, delete_namespace, list_namespaces
 
 TEST_PREFIX = "sfwt"
 _STALE = re.compile(rf"^{TEST_PREFIX}(\d+)n\d+-")

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import pytest
 from pyroute2.conntrack import Conntrack
 
-from seng_fw.conntrack import count_address, flush_address
-from seng_fw.netns import ip, netns_socket, ping, run_in_netns
+from seng_fw.gateway.conntrack import count_address, flush_address
+from seng_fw.lab.topology import ping
+from seng_fw.system.netns import ip, netns_socket, run_in_netns
 
 pytestmark = pytest.mark.root
 

@@ -28,7 +28,7 @@ from seng_fw.tunnel.dtls import (
     make_server_config,
     peer_id,
 )
-from tests.certs import make_identity
+from tests.support.certs import make_identity
 
 Address = tuple[str, int]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from seng_fw import conntrack
+from seng_fw.gateway import conntrack
 from seng_fw.lab.lab import (
     DEMO_NGINX,
     DEMO_UNKNOWN,
@@ -32,9 +32,10 @@ from seng_fw.lab.lab import (
     RunningEnclave,
 )
 from seng_fw.lab.services import probe_icmp, probe_tcp, probe_udp
-from seng_fw.netns import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, ip, list_namespaces, netns_socket
+from seng_fw.lab.topology import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY
+from seng_fw.system.netns import ip, list_namespaces, netns_socket
 from seng_fw.tunnel.dtls import make_client_config
-from tests.integration.seng_client import ScriptedEnclave, parse_udp, udp_packet
+from tests.support.seng_client import ScriptedEnclave, parse_udp, udp_packet
 
 pytestmark = pytest.mark.root
 

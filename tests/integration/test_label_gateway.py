@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from seng_fw.lab.topology import Topology
 from seng_fw.label.config import LabelConfig
 from seng_fw.label.labelling import Labelling
 from seng_fw.label.marks import NONE, UNKNOWN, encode
 from seng_fw.label.registry import LabelRegistryClient, Registry
-from seng_fw.label.testbed import (
+from seng_fw.policy.models import Policy
+from tests.support.label_testbed import (
     CLIENT_A,
     EXT_HOST,
     EXTERNAL,
@@ -27,8 +29,6 @@ from seng_fw.label.testbed import (
     label_topology,
     place_enclave,
 )
-from seng_fw.netns import Topology
-from seng_fw.policy.models import Policy
 
 pytestmark = pytest.mark.root
 

@@ -8,6 +8,7 @@ from ipaddress import IPv4Network
 
 import pytest
 
+from seng_fw.lab.topology import Host, Topology
 from seng_fw.label.install import (
     InstallError,
     QueueMode,
@@ -18,7 +19,6 @@ from seng_fw.label.install import (
     nft_ruleset,
     remove,
 )
-from seng_fw.netns import Host, Topology
 
 pytestmark = pytest.mark.root
 RULES = QueueRules(IPv4Network("192.168.28.0/24"), 2, 2)

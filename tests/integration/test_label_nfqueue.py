@@ -29,12 +29,15 @@ from typing import cast
 
 import pytest
 
-from seng_fw.conntrack import count_address, flush_address
+from seng_fw.gateway.conntrack import count_address, flush_address
+from seng_fw.lab.topology import Topology
 from seng_fw.label.hook import LabelHook, read_queue_stats
 from seng_fw.label.install import QueueMode, QueueRules, install
 from seng_fw.label.marks import NONE, LabelTable, as_responder, encode
 from seng_fw.label.registry import EnclaveRecord, LabelRegistryServer, Registry, Scope
-from seng_fw.label.testbed import (
+from seng_fw.policy.models import Policy
+from seng_fw.system.netns import netns_socket
+from tests.support.label_testbed import (
     CLIENT_A,
     CLIENT_B,
     EXT_HOST,
@@ -52,8 +55,6 @@ from seng_fw.label.testbed import (
     label_topology,
     place_enclave,
 )
-from seng_fw.netns import Topology, netns_socket
-from seng_fw.policy.models import Policy
 
 pytestmark = pytest.mark.root
 

@@ -10,19 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from seng_fw import netns
-from seng_fw.netns import (
-    Host,
-    NetnsError,
-    Route,
-    Segment,
-    Topology,
-    cleanup,
-    ip,
-    lab_topology,
-    list_namespaces,
-    read_sysctl,
-)
+from seng_fw.lab import topology
+from seng_fw.lab.topology import Host, Route, Segment, Topology, lab_topology
+from seng_fw.system.netns import NetnsError, cleanup, ip, list_namespaces, read_sysctl
 
 # Tests that touch the kernel take a fixture that needs root (require_root);
 # the pure validation tests run anywhere.
@@ -48,10 +38,10 @@ def test_lab_gateway_forwards_enclave_subnets(lab: Topology) -> None:
     ip("addr", "add", f"{enclave}/32", "dev", "lo", netns=lab.ns("clienta"))
     ip("route", "add", "10.77.2.0/24", "via", "10.77.1.1", netns=lab.ns("clienta"))
     ip("route", "add", f"{enclave}/32", "via", "10.77.1.10", netns=lab.ns("gw"))
-    assert netns.ping(lab.ns("clienta"), lab.address("ext", "ext"), source=enclave)
+    assert topology.ping(lab.ns("clienta"), lab.address("ext", "ext"), source=enclave)
     # without the gateway's route, ext's replies have nowhere to go
     ip("route", "del", f"{enclave}/32", netns=lab.ns("gw"))
-    assert not netns.ping(lab.ns("clienta"), "10.77.2.2", source=enclave, timeout=0.3)
+    assert not topology.ping(lab.ns("clienta"), "10.77.2.2", source=enclave, timeout=0.3)
 
 
 def test_lab_addresses_are_configurable() -> None:

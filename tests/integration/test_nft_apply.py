@@ -31,13 +31,14 @@ from typing import Any
 
 import pytest
 
-from seng_fw import netns
 from seng_fw.compile import live
 from seng_fw.compile.compiler import Options, compile_policy, label_table
 from seng_fw.compile.nft import Rule, Table, Verdict
-from seng_fw.netns import Host, Route, Segment, Topology, ip
+from seng_fw.lab import topology
+from seng_fw.lab.topology import Host, Route, Segment, Topology
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
+from seng_fw.system.netns import ip
 from tests.unit import test_compile_shared as shared
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +149,7 @@ def udp(topo: Topology, client: str, src: str, server: str, dst: str, port: int)
 
 
 def ping(topo: Topology, host: str, src: str, dst: str) -> bool:
-    return netns.ping(topo.ns(host), dst, source=src, timeout=SHORT)
+    return topology.ping(topo.ns(host), dst, source=src, timeout=SHORT)
 
 
 # --- the ruleset -----------------------------------------------------------------

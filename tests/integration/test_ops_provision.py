@@ -20,8 +20,8 @@ import pytest
 
 from seng_fw.lab.lab import DEMO_POLICY, DEMO_WEBAPP
 from seng_fw.lab.services import probe_tcp
-from seng_fw.netns import CLIENT_A, EXTERNAL, GATEWAY, Topology
-from tests.waiting import wait_until
+from seng_fw.lab.topology import CLIENT_A, EXTERNAL, GATEWAY, Topology
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PROVISION = REPO / "vagrant" / "provision"

@@ -41,8 +41,8 @@ from seng_fw.lab.lab import (
     SHARED_DEMO_POLICY,
 )
 from seng_fw.lab.services import probe_tcp
-from seng_fw.netns import CLIENT_A, EXTERNAL, GATEWAY, Topology
-from tests.waiting import wait_until
+from seng_fw.lab.topology import CLIENT_A, EXTERNAL, GATEWAY, Topology
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = Path("/lib/systemd/systemd")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from seng_fw.netns import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, lab_topology
+from seng_fw.lab.topology import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, lab_topology
 
 VAGRANT = Path(__file__).resolve().parents[2] / "vagrant"
 

@@ -24,7 +24,7 @@ from seng_fw.lab.lab import (
     RunningEnclave,
 )
 from seng_fw.lab.services import probe_icmp, probe_tcp, probe_udp
-from seng_fw.netns import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY
+from seng_fw.lab.topology import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY
 
 pytestmark = pytest.mark.root
 

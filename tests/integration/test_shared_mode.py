@@ -34,11 +34,12 @@ from seng_fw.lab.lab import (
     RunningEnclave,
 )
 from seng_fw.lab.services import echo_round_trip, probe_tcp, probe_udp
+from seng_fw.lab.topology import CLIENT_A, CLIENT_B, GATEWAY, ping
 from seng_fw.label.marks import NONE, decode
-from seng_fw.label.testbed import FLOOD_SCRIPT
-from seng_fw.netns import CLIENT_A, CLIENT_B, GATEWAY, netns_socket, ping
 from seng_fw.policy.loader import load_policy
-from tests.waiting import wait_until
+from seng_fw.system.netns import netns_socket
+from tests.support.label_testbed import FLOOD_SCRIPT
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.root
 

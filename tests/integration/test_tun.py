@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from seng_fw.netns import ip, netns_socket, ping
+from seng_fw.lab.topology import ping
+from seng_fw.system.netns import ip, netns_socket
 from seng_fw.tunnel.tun import TunDevice, TunError
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_tun")]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from seng_fw.config import DEFAULT_CONTROL_SOCKET, GatewayConfig, load_gateway_config
-from seng_fw.yamlfile import ConfigError
+from seng_fw.gateway.config import DEFAULT_CONTROL_SOCKET, GatewayConfig, load_gateway_config
+from seng_fw.policy.yamlfile import ConfigError
 
 BASE = """\
 tls: {certificate: server.pem, key: server.key}

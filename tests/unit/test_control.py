@@ -18,20 +18,17 @@ from typing import Any
 
 import pytest
 
-from seng_fw.admission import Admission, AdmissionRejected
 from seng_fw.attest.identity import EnclaveIdentity
-from seng_fw.config import ControlConfig, GatewayConfig
-from seng_fw.control import (
-    REVOKED_CHECK,
+from seng_fw.gateway.config import ControlConfig, GatewayConfig
+from seng_fw.gateway.core import Enclave, GatewayCore
+from seng_fw.gateway.service import REVOKED_CHECK, ControlError, GatewayControl, policy_digest
+from seng_fw.ops.control import (
     ControlClient,
-    ControlError,
     ControlRequestFailed,
     ControlServer,
     ControlUnavailable,
-    GatewayControl,
-    policy_digest,
 )
-from seng_fw.gateway.core import Enclave, GatewayCore
+from seng_fw.policy.admission import Admission, AdmissionRejected
 from seng_fw.policy.models import Policy
 
 WEBAPP, NGINX, OTHER = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from seng_fw.cli import main
-from seng_fw.config import load_gateway_config
-from seng_fw.control import ControlServer
-from seng_fw.ops_cli import EXIT_UNREACHABLE, human_bytes, human_duration, render_config, table
-from seng_fw.servercert import fingerprint
+from seng_fw.gateway.config import load_gateway_config
+from seng_fw.ops.cli import EXIT_UNREACHABLE, human_bytes, human_duration, render_config, table
+from seng_fw.ops.control import ControlServer
+from seng_fw.ops.servercert import fingerprint
 from tests.unit.test_control import NGINX, WEBAPP, Gateway
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,7 +221,7 @@ def test_install_units_needs_the_unit_files(
 
 
 def test_init_template_in_both_modes(tmp_path: Path) -> None:
-    from seng_fw.config import load_gateway_config
+    from seng_fw.gateway.config import load_gateway_config
 
     config = tmp_path / "gateway.yaml"
     config.write_text(render_config("10.0.0.1:12345", ["r.pem"]))

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from seng_fw.logging_setup import JsonFormatter, TextFormatter, setup_logging, stderr_is_journal
+from seng_fw.system.logs import JsonFormatter, TextFormatter, setup_logging, stderr_is_journal
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from seng_fw import sdnotify
+from seng_fw.system import sdnotify
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from seng_fw.tunnel.dtls import (
     make_server_config,
 )
 from seng_fw.tunnel.dtls_native import HandshakeClock
-from tests.certs import Identity, make_identity
+from tests.support.certs import Identity, make_identity
 
 PEER = dtls.peer_id(("192.0.2.7", 40000))
 

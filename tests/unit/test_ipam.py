@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seng_fw.ipam import (
+from seng_fw.policy.ipam import (
     AddressPool,
     DisjointNetworks,
     EnclaveSubnet,

@@ -1,5 +1,5 @@
 """The labeller service's small parts: queue ranges and its command line. (Its systemd
-notifications go through seng_fw.sdnotify: tests/unit/test_control_sdnotify.py.)"""
+notifications go through seng_fw.system.sdnotify: tests/unit/test_control_sdnotify.py.)"""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from seng_fw.control import AppTraffic, Snapshot
-from seng_fw.metrics import GatewayMetrics, MetricsServer
+from seng_fw.gateway.service import AppTraffic, Snapshot
+from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
 from tests.unit.test_control import NGINX, WEBAPP, Gateway
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from seng_fw.admission import Admission, AdmissionRejected
 from seng_fw.attest.identity import EnclaveIdentity
+from seng_fw.policy.admission import Admission, AdmissionRejected
 from seng_fw.policy.loader import load_policy
-from seng_fw.yamlfile import ConfigError
+from seng_fw.policy.yamlfile import ConfigError
 
 MR_A = "a" * 64
 MR_B = "b" * 64

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from seng_fw.policy.loader import load_policy
-from seng_fw.yamlfile import ConfigError, ConfigIssue
+from seng_fw.policy.yamlfile import ConfigError, ConfigIssue
 
 MR_A, MR_B, MR_C = "a" * 64, "b" * 64, "c" * 64
 

@@ -9,9 +9,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from seng_fw import ipam
-from seng_fw.label import marks
-from seng_fw.policy import models
+from seng_fw.policy import ipam, labels, models
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import (
     EgressRule,
@@ -208,7 +206,7 @@ def test_shared_subnet_apps_as_sources_and_host_prefixes() -> None:
 
 def test_too_many_label_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each app has a label id per class of client hosts that the rules' prefixes cut."""
-    monkeypatch.setattr(marks, "MAX_ID", 3)
+    monkeypatch.setattr(labels, "MAX_ID", 3)
     rule = {"from": {"host": "10.77.1.0/25"}, "protocol": "tcp"}
     policy = Policy.model_validate(
         {"apps": [app("a", "a", ingress=[rule]), app("b", "b")]}  # 2 apps x 2 classes

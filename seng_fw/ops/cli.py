@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from seng_fw.cli import EXIT_OK, EXIT_REJECTED, UsageError
-from seng_fw.config import DEFAULT_CONTROL_SOCKET, load_gateway_config, parse_host_port
-from seng_fw.control import ControlClient, ControlRequestFailed, ControlUnavailable
-from seng_fw.servercert import fingerprint, generate_server_certificate
-from seng_fw.yamlfile import ConfigError
+from seng_fw.gateway.config import DEFAULT_CONTROL_SOCKET, load_gateway_config, parse_host_port
+from seng_fw.ops.control import ControlClient, ControlRequestFailed, ControlUnavailable
+from seng_fw.ops.servercert import fingerprint, generate_server_certificate
+from seng_fw.policy.yamlfile import ConfigError
 
 EXIT_UNREACHABLE = 3
 
@@ -46,7 +46,7 @@ DEFAULT_BIN = Path("/usr/local/bin/seng-fw")
 UNITS = ("seng-fw.service", "seng-fw-policy.service", "seng-fw-label.service")
 # The systemd/ directory of the source tree this package runs from (a checkout, or an
 # editable install); `make install` passes it explicitly.
-REPO_SYSTEMD = Path(__file__).resolve().parents[1] / "systemd"
+REPO_SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -23,7 +23,8 @@ from concurrent.futures import Future
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
-from seng_fw.netns import Host, Route, Segment, Topology, ip, netns_socket
+from seng_fw.lab.topology import Host, Route, Segment, Topology
+from seng_fw.system.netns import ip, netns_socket
 
 T = TypeVar("T")
 

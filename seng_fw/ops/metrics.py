@@ -31,9 +31,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from seng_fw.control import Snapshot
+from seng_fw.gateway.service import Snapshot
 
-log = logging.getLogger("seng_fw.metrics")
+log = logging.getLogger("seng_fw.ops.metrics")
 
 PREFIX = "seng_fw"
 # DTLS handshake + attestation + admission: milliseconds on a LAN, more under load.

@@ -1,6 +1,6 @@
 """Delete the conntrack entries of one IPv4 address (ctnetlink via pyroute2).
 
-When an enclave's address is released (`seng_fw.ipam`), its connections
+When an enclave's address is released (`seng_fw.policy.ipam`), its connections
 (and their marks, which name the enclave) must not pass to the next enclave
 given the same address. `flush_address` removes every entry whose original
 or reply tuple has the address as source or destination: without NAT that is
@@ -30,7 +30,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, NFCTSocket
 
-from seng_fw.netns import run_in_netns
+from seng_fw.system.netns import run_in_netns
 
 _TUPLES = ("CTA_TUPLE_ORIG", "CTA_TUPLE_REPLY")
 _FILTERS = (

@@ -12,23 +12,24 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from seng_fw.admission import Admission
 from seng_fw.attest.policy import AttestationPolicy, load_root_certificates
 from seng_fw.attest.verifier import IasVerifier
 from seng_fw.cli import EXIT_OK, EXIT_USAGE, UsageError
 from seng_fw.compile.live import Nft, counters, set_exposure_target
-from seng_fw.config import GatewayConfig, load_gateway_config
-from seng_fw.conntrack import flush_address
-from seng_fw.control import ControlError, ControlServer, GatewayControl
+from seng_fw.gateway.config import GatewayConfig, load_gateway_config
+from seng_fw.gateway.conntrack import flush_address
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.server import GatewayServer, bind_udp
+from seng_fw.gateway.service import ControlError, GatewayControl
 from seng_fw.label.labelling import Labelling
-from seng_fw.logging_setup import setup_logging
-from seng_fw.metrics import GatewayMetrics, MetricsServer
+from seng_fw.ops.control import ControlServer
+from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
+from seng_fw.policy.admission import Admission
 from seng_fw.policy.loader import load_policy
+from seng_fw.policy.yamlfile import ConfigError
+from seng_fw.system.logs import setup_logging
 from seng_fw.tunnel.dtls import make_server_config
 from seng_fw.tunnel.tun import TunDevice, TunError
-from seng_fw.yamlfile import ConfigError
 
 log = logging.getLogger("seng_fw.gateway")
 

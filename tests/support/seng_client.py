@@ -15,7 +15,7 @@ import time
 from collections import deque
 from ipaddress import IPv4Address
 
-from seng_fw.netns import netns_socket
+from seng_fw.system.netns import netns_socket
 from seng_fw.tunnel.dtls import (
     ConnectionClosed,
     DtlsClientConfig,

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from seng_fw.label.config import LabelConfig
 from seng_fw.policy.models import StrictModel
-from seng_fw.yamlfile import load_model
+from seng_fw.policy.yamlfile import load_model
 
 QUOTE_STATUSES = (
     "OK",
@@ -166,5 +166,5 @@ class GatewayConfig(StrictModel):
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:
-    """Raises seng_fw.yamlfile.ConfigError naming file, line and field."""
+    """Raises seng_fw.policy.yamlfile.ConfigError naming file, line and field."""
     return load_model(path, GatewayConfig).resolved(path.parent)
