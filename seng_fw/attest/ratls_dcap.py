@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import re
 import urllib.parse
@@ -251,7 +252,7 @@ def parse_dice_evidence(value: bytes) -> tuple[bytes, bytes]:
         )
     body = item.value
     if (
-        not isinstance(body, list)
+        not isinstance(body, list | tuple)
         or len(body) != 2
         or not all(isinstance(part, bytes) for part in body)
     ):
@@ -276,7 +277,7 @@ def check_dice_claims(claims: bytes, spki_der: bytes) -> None:
         raise AttestationRejected(Check.MALFORMED_EXTENSION, "TCG DICE claims lack pubkey-hash")
     entry = _cbor(entry_bytes, "pubkey-hash")
     if (
-        not isinstance(entry, list)
+        not isinstance(entry, list | tuple)
         or len(entry) != 2
         or not isinstance(entry[0], int)
         or isinstance(entry[0], bool)
@@ -362,12 +363,13 @@ def _check_quote_size(quote: bytes) -> bytes:
 
 
 def _cbor(data: bytes, name: str) -> Any:
+    """Exactly one CBOR item and nothing after it (cbor2.loads ignores trailing bytes, which
+    would let data ride along unchecked)."""
+    stream = io.BytesIO(data)
     try:
-        # cbor2 refuses trailing bytes after the item; nesting is bounded by the input size
-        # (a few KiB), and RecursionError is caught anyway.
-        return cbor2.loads(data)
+        item = cbor2.CBORDecoder(stream).decode()
     except (
-        cbor2.CBORDecodeError,
+        cbor2.CBORError,
         ValueError,
         TypeError,
         OverflowError,
@@ -376,6 +378,9 @@ def _cbor(data: bytes, name: str) -> Any:
         MemoryError,
     ) as exc:
         raise AttestationRejected(Check.MALFORMED_EXTENSION, f"{name} is not CBOR: {exc}") from None
+    if stream.tell() != len(data):
+        raise AttestationRejected(Check.MALFORMED_EXTENSION, f"{name}: bytes after the CBOR item")
+    return item
 
 
 def _pem_certificates(value: bytes, name: str, *, url_encoded_ok: bool) -> list[x509.Certificate]:
