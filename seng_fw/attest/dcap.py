@@ -82,6 +82,8 @@ _DCAP_ERRORS: tuple[tuple[str, Check], ...] = (
     ("CertExpired", Check.CERT_EXPIRED),
     ("CertNotValidYet", Check.CERT_EXPIRED),
     ("UnknownIssuer", Check.UNTRUSTED_ROOT),
+    # dcap-qvl checks the root CA CRL against the root first: collateral of another root.
+    ("root CA CRL (InvalidCrlSignatureForPublicKey", Check.UNTRUSTED_ROOT),
     ("Failed to load root ca", Check.UNTRUSTED_ROOT),
     ("Signature is invalid for tcb_info", Check.COLLATERAL_INVALID),
     ("Signature is invalid for qe_identity", Check.COLLATERAL_INVALID),
@@ -331,8 +333,8 @@ def _verify_with_roots(
         try:
             return dcap_qvl.verify_with_root_ca(quote, collateral, root_der, now_secs)
         except ValueError as exc:
-            check = _dcap_check(str(exc))
             message = _one_line(exc)
+            check = _dcap_check(message)
             if check == Check.DEBUG_ENCLAVE:
                 # dcap-qvl 0.7 refuses DEBUG enclaves itself and its Python API has no switch
                 # for it (the Rust QuoteVerifier has allow_debug), so allow_debug cannot work.
