@@ -123,9 +123,9 @@ def parse_bundle(text: str | bytes, source: str = "<collateral>") -> CollateralB
             crl = x509.load_der_x509_crl(binary[name])
         except ValueError as exc:
             raise CollateralError(f"{source}: {name} is not a DER CRL: {exc}") from None
-        # A CRL without nextUpdate never expires for webpki (dcap-qvl's X.509 layer, which
-        # enforces nextUpdate only when present). Intel's CRLs always carry one; a CRL that
-        # does not would make revocation checking silently stale, so it is refused here.
+        # A CRL without nextUpdate could never be judged stale. dcap-qvl's X.509 layer
+        # (webpki) cannot parse one either (checked: "TrailingData(Time)" at verification);
+        # refusing it when the bundle is loaded says so plainly, and up front.
         if crl.next_update_utc is None:
             raise CollateralError(f"{source}: {name} has no nextUpdate")
         starts.append(crl.last_update_utc)
