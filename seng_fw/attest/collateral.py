@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -204,11 +204,15 @@ class CollateralStore:
                 result[key] = bundle.time_left(at)
         return result
 
-    def select(self, fmspc: str, pck_issuer: x509.Name | None = None) -> CollateralBundle:
-        """The bundle for this FMSPC (and PCK CA), or `no_collateral`."""
+    def select(
+        self, fmspc: str, pck_issuer: Callable[[], x509.Name] | None = None
+    ) -> CollateralBundle:
+        """The bundle for this FMSPC, or `no_collateral`. When the FMSPC has bundles for both
+        PCK CAs, `pck_issuer()` (called only then) names the PCK certificate's issuer."""
         candidates = self._by_fmspc.get(fmspc.upper(), [])
         if len(candidates) > 1 and pck_issuer is not None:
-            candidates = [b for b in candidates if b.pck_crl_issuer == pck_issuer]
+            issuer = pck_issuer()
+            candidates = [b for b in candidates if b.pck_crl_issuer == issuer]
         if len(candidates) != 1:
             raise AttestationRejected(
                 Check.NO_COLLATERAL, f"no collateral configured for FMSPC {fmspc.upper()}"

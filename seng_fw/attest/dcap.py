@@ -22,7 +22,6 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
 
 import dcap_qvl
 from cryptography import x509
@@ -38,7 +37,7 @@ from seng_fw.attest.ratls_dcap import (
     check_dcap_key_binding,
     evidence_formats,
     load_leaf,
-    parse_dcap_certificate,
+    parse_dcap_leaf,
 )
 
 # dcap-qvl's TCB status names. UpToDate is always accepted; the others describe a genuine
@@ -143,13 +142,15 @@ def verify_dcap_quote(
     policy: DcapPolicy,
     at: datetime | None = None,
     *,
+    pck_cert_der: bytes | None = None,
     pck_chain_pem: bytes | None = None,
 ) -> VerifiedQuote:
     """Verify a raw SGX quote against the configured roots and collateral as of `at`.
 
     REPORTDATA is returned in the identity but not checked (the caller binds it to a key).
-    `pck_chain_pem` is the PCK chain an RA-TLS certificate carried, used only when the quote
-    does not embed one (certification data types 2 and 3).
+    `pck_cert_der` and `pck_chain_pem` are the PCK certificate and chain an RA-TLS certificate
+    carried: the chain is used only when the quote does not embed one (certification data
+    types 2 and 3), the certificate must be the quote's when it does.
     """
     at = resolve_time(at)
     _check_header(quote)
@@ -164,10 +165,9 @@ def verify_dcap_quote(
             Check.UNSUPPORTED_QUOTE,
             "the quote carries no PCK certificate chain, and nor does the certificate",
         )
-    pck_leaf = _pck_leaf(chain_pem)
     # sgx-ra-tls sends the PCK certificate (.7) beside the quote that embeds it: two copies
     # of one thing must agree, else the certificate is inconsistent.
-    if embedded is not None and pck_chain_pem is not None and _pck_leaf(pck_chain_pem) != pck_leaf:
+    if embedded is not None and pck_cert_der is not None and _pck_leaf(embedded) != pck_cert_der:
         raise AttestationRejected(
             Check.PCK_CERT_MISMATCH,
             "the PCK certificate in the RA-TLS certificate is not the one in the quote",
@@ -178,7 +178,7 @@ def verify_dcap_quote(
         raise AttestationRejected(
             Check.MALFORMED_QUOTE, f"PCK certificate has no usable SGX extension: {exc}"
         ) from None
-    bundle = policy.collateral.select(fmspc, pck_leaf.issuer)
+    bundle = policy.collateral.select(fmspc, lambda: _pck_issuer(chain_pem))
     # dcap-qvl checks the parts' dates too; checking the bundle's window first gives the
     # operator one clear message (which bundle, since when) instead of the first part's.
     bundle.check_valid(at)
@@ -239,18 +239,20 @@ class DcapVerifier:
         self.policy = policy
 
     def verify_certificate(self, cert_der: bytes, at: datetime | None = None) -> EnclaveIdentity:
-        evidence = parse_dcap_certificate(cert_der)
+        return self.verify_leaf(load_leaf(cert_der), at)
+
+    def verify_leaf(self, cert: x509.Certificate, at: datetime | None = None) -> EnclaveIdentity:
+        """The same, for a leaf already loaded with `load_leaf` (the dispatcher's)."""
+        evidence = parse_dcap_leaf(cert)
         verified = verify_dcap_quote(
-            evidence.quote, self.policy, at, pck_chain_pem=evidence.pck_chain_pem
+            evidence.quote,
+            self.policy,
+            at,
+            pck_cert_der=evidence.pck_cert_der,
+            pck_chain_pem=evidence.pck_chain_pem,
         )
         check_dcap_key_binding(evidence, verified.identity.report_data)
         return verified.identity
-
-
-class _Verifier(Protocol):
-    def verify_certificate(
-        self, cert_der: bytes, at: datetime | None = None
-    ) -> EnclaveIdentity: ...
 
 
 class AnyEvidenceVerifier:
@@ -268,7 +270,8 @@ class AnyEvidenceVerifier:
         self.dcap = dcap
 
     def verify_certificate(self, cert_der: bytes, at: datetime | None = None) -> EnclaveIdentity:
-        formats = evidence_formats(load_leaf(cert_der))
+        cert = load_leaf(cert_der)
+        formats = evidence_formats(cert)
         if len(formats) > 1:
             raise AttestationRejected(
                 Check.MULTIPLE_EVIDENCE_FORMATS,
@@ -278,13 +281,17 @@ class AnyEvidenceVerifier:
             raise AttestationRejected(
                 Check.MISSING_EXTENSION, "certificate carries no attestation evidence"
             )
-        verifier: _Verifier | None = self.epid if EvidenceFormat.EPID in formats else self.dcap
-        if verifier is None:
-            kind = "EPID" if EvidenceFormat.EPID in formats else "DCAP"
+        if EvidenceFormat.EPID in formats:
+            if self.epid is None:
+                raise AttestationRejected(
+                    Check.EVIDENCE_FORMAT_NOT_ALLOWED, "EPID evidence is not configured here"
+                )
+            return self.epid.verify_certificate(cert_der, at)
+        if self.dcap is None:
             raise AttestationRejected(
-                Check.EVIDENCE_FORMAT_NOT_ALLOWED, f"{kind} evidence is not configured here"
+                Check.EVIDENCE_FORMAT_NOT_ALLOWED, "DCAP evidence is not configured here"
             )
-        return verifier.verify_certificate(cert_der, at)
+        return self.dcap.verify_leaf(cert, at)
 
 
 def _check_header(quote: bytes) -> None:
@@ -307,12 +314,19 @@ def _check_header(quote: bytes) -> None:
         )
 
 
-def _pck_leaf(chain_pem: bytes) -> x509.Certificate:
+def _pck_leaf(chain_pem: bytes) -> bytes:
+    """DER of the first certificate of a PEM chain (the only one parsed)."""
     try:
-        certs = x509.load_pem_x509_certificates(chain_pem)
+        return x509.load_pem_x509_certificate(chain_pem).public_bytes(serialization.Encoding.DER)
     except ValueError as exc:
         raise AttestationRejected(Check.MALFORMED_QUOTE, f"bad PCK chain: {exc}") from None
-    return certs[0]
+
+
+def _pck_issuer(chain_pem: bytes) -> x509.Name:
+    try:
+        return x509.load_pem_x509_certificate(chain_pem).issuer
+    except ValueError as exc:
+        raise AttestationRejected(Check.MALFORMED_QUOTE, f"bad PCK chain: {exc}") from None
 
 
 def _with_pck_chain(bundle: CollateralBundle, chain_pem: bytes) -> dcap_qvl.QuoteCollateralV3:

@@ -130,8 +130,10 @@ class DcapEvidence:
     public_key: ClientPublicKey
     # The REPORTDATA this layout requires for this certificate's key (and claims).
     expected_report_data: bytes
-    # sgx-ra-tls only: the PCK certificate and its chain the certificate carries (PEM, leaf
-    # first), and the TCB info JSON (informative: the configured collateral decides).
+    # sgx-ra-tls only: the PCK certificate (DER) and its chain (PEM, leaf first) the
+    # certificate carries, and the TCB info JSON (informative: the configured collateral
+    # decides, see seng_fw.attest.dcap).
+    pck_cert_der: bytes | None = None
     pck_chain_pem: bytes | None = None
     tcb_info: bytes | None = None
 
@@ -149,7 +151,11 @@ def load_leaf(cert_der: bytes) -> x509.Certificate:
 
 def parse_dcap_certificate(cert_der: bytes) -> DcapEvidence:
     """Extract the DCAP evidence of either layout from a DER leaf certificate."""
-    cert = load_leaf(cert_der)
+    return parse_dcap_leaf(load_leaf(cert_der))
+
+
+def parse_dcap_leaf(cert: x509.Certificate) -> DcapEvidence:
+    """The same, for a leaf already loaded with `load_leaf`."""
     formats = evidence_formats(cert)
     if len(formats) > 1:
         raise AttestationRejected(
@@ -181,25 +187,31 @@ def parse_sgx_ra_tls_dcap(cert: x509.Certificate) -> DcapEvidence:
     public_key = _client_public_key(cert)
     _check_self_signed(cert)
     quote = _check_quote_size(values[OID_DCAP_QUOTE])
-    pck_chain_pem = None
+    pck_cert_der = pck_chain_pem = None
     if OID_DCAP_PCK_CERT in values:
-        leaf = _pem_certificates(values[OID_DCAP_PCK_CERT], "1337.7", url_encoded_ok=False)
+        leaf = _pem_blocks(values[OID_DCAP_PCK_CERT], "1337.7", url_encoded_ok=False)
         if len(leaf) != 1:
             raise AttestationRejected(
                 Check.MALFORMED_EXTENSION, "extension 1337.7 is not exactly one PEM certificate"
             )
-        chain = _pem_certificates(values[OID_DCAP_PCK_CHAIN], "1337.8", url_encoded_ok=True)
-        pck_chain_pem = b"".join(_pem(c) for c in (*leaf, *chain))
+        pck_cert = load_certificate(leaf[0], Check.MALFORMED_EXTENSION, pem=True)
+        pck_cert_der = pck_cert.public_bytes(serialization.Encoding.DER)
+        # The chain is decoded only if it is used (a quote without an embedded chain), by
+        # dcap-qvl, which refuses what it cannot parse: parsing certificates costs admission
+        # CPU, and unused ones vouch for nothing.
+        chain = _pem_blocks(values[OID_DCAP_PCK_CHAIN], "1337.8", url_encoded_ok=True)
+        pck_chain_pem = b"".join(block.rstrip(b"\r\n") + b"\n" for block in (*leaf, *chain))
     tcb_info = None
     if OID_DCAP_TCB_INFO in values:
         tcb_info = values[OID_DCAP_TCB_INFO]
         _check_tcb_info(tcb_info)
-        _pem_certificates(values[OID_DCAP_TCB_CHAIN], "1337.10", url_encoded_ok=True)
+        _pem_blocks(values[OID_DCAP_TCB_CHAIN], "1337.10", url_encoded_ok=True)
     return DcapEvidence(
         layout=DcapLayout.SGX_RA_TLS,
         quote=quote,
         public_key=public_key,
         expected_report_data=report_data_for_key(public_key),
+        pck_cert_der=pck_cert_der,
         pck_chain_pem=pck_chain_pem,
         tcb_info=tcb_info,
     )
@@ -383,8 +395,9 @@ def _cbor(data: bytes, name: str) -> Any:
     return item
 
 
-def _pem_certificates(value: bytes, name: str, *, url_encoded_ok: bool) -> list[x509.Certificate]:
-    """One or more PEM certificates and nothing else (optionally URL-encoded as a whole)."""
+def _pem_blocks(value: bytes, name: str, *, url_encoded_ok: bool) -> list[bytes]:
+    """One or more PEM certificate blocks and nothing else (optionally URL-encoded as a
+    whole); the blocks are returned undecoded."""
     if value.startswith((b"-----BEGIN%20", b"%2D")):
         if not url_encoded_ok:
             raise AttestationRejected(Check.MALFORMED_EXTENSION, f"extension {name} is URL-encoded")
@@ -399,7 +412,7 @@ def _pem_certificates(value: bytes, name: str, *, url_encoded_ok: bool) -> list[
         raise AttestationRejected(
             Check.MALFORMED_EXTENSION, f"extension {name} is not PEM certificates only"
         )
-    return [load_certificate(block, Check.MALFORMED_EXTENSION, pem=True) for block in blocks]
+    return blocks
 
 
 def _check_tcb_info(value: bytes) -> None:
