@@ -647,3 +647,17 @@ def test_enclave_cli_gramine_credentials(ca: LabDcapCA, tmp_path: Path) -> None:
         _client_credentials(
             argparse.Namespace(**{**vars(args), "quote_source": "file", "cert": None})
         )
+
+
+@pytest.mark.parametrize("encoding", ["der", "pem"])
+def test_dtls_client_loads_a_dcap_certificate(ca: LabDcapCA, encoding: str) -> None:
+    """A DER DCAP certificate contains PEM text (the PCK chain inside the quote): the DTLS
+    client must still read it as DER, with its own key."""
+    from seng_fw.servercert import generate_server_certificate
+    from seng_fw.tunnel.dtls import make_client_config
+
+    enclave = ca.issue_enclave_cert(mrenclave=MRENCLAVE, mrsigner=MRSIGNER, now=NOW)
+    assert b"-----BEGIN CERTIFICATE-----" in enclave.cert_der
+    cert = enclave.cert_der if encoding == "der" else enclave.cert_pem
+    server_cert, _ = generate_server_certificate("test gateway")
+    make_client_config(cert, enclave.key_pem, server_cert)
