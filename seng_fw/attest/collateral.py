@@ -40,7 +40,10 @@ REQUIRED_FIELDS = (
     "qe_identity",
     "qe_identity_signature",
 )
-OPTIONAL_FIELDS = ("pck_certificate_chain",)
+# dcap-qvl's optional per-platform PCK chain: when present, dcap-qvl verifies with it instead
+# of the chain in the quote, so a bundle holding one would serve one platform only. It has
+# no place in a per-FMSPC bundle (the verifier adds one per quote when a quote needs it).
+PER_PLATFORM_FIELD = "pck_certificate_chain"
 _HEX_FIELDS = ("root_ca_crl", "pck_crl", "tcb_info_signature", "qe_identity_signature")
 _FMSPC = re.compile(r"[0-9A-Fa-f]{12}")
 # Bundles are a few tens of KiB; anything far larger is not a bundle.
@@ -96,7 +99,12 @@ def parse_bundle(text: str | bytes, source: str = "<collateral>") -> CollateralB
     missing = [name for name in REQUIRED_FIELDS if name not in fields]
     if missing:
         raise CollateralError(f"{source}: missing {', '.join(missing)}")
-    unknown = sorted(set(fields) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
+    if PER_PLATFORM_FIELD in fields:
+        raise CollateralError(
+            f"{source}: {PER_PLATFORM_FIELD} is one platform's; a per-FMSPC bundle must not "
+            "carry it (seng-fw attest fetch-collateral leaves it out)"
+        )
+    unknown = sorted(set(fields) - set(REQUIRED_FIELDS))
     if unknown:
         raise CollateralError(f"{source}: unknown field(s) {', '.join(unknown)}")
     if not all(isinstance(value, str) for value in fields.values()):

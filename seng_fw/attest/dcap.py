@@ -27,9 +27,10 @@ import dcap_qvl
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from seng_fw.attest.collateral import CollateralBundle, CollateralStore
+from seng_fw.attest.collateral import PER_PLATFORM_FIELD, CollateralBundle, CollateralStore
 from seng_fw.attest.ias import resolve_time
 from seng_fw.attest.identity import AttestationRejected, Check, EnclaveIdentity, EvidenceVerifier
+from seng_fw.attest.policy import check_is_ca
 from seng_fw.attest.quote import FLAG_DEBUG, FLAG_INITTED
 from seng_fw.attest.ratls_dcap import (
     REPORT_DATA,
@@ -119,6 +120,8 @@ class DcapPolicy:
     def __post_init__(self) -> None:
         if not self.roots:
             raise ValueError("at least one trust anchor (SGX root CA certificate) is required")
+        for root in self.roots:
+            check_is_ca(root)
         unknown = self.allowed_statuses - ACCEPTABLE_TCB_STATUSES
         if unknown:
             raise ValueError(
@@ -156,7 +159,9 @@ def verify_dcap_quote(
     _check_header(quote)
     try:
         parsed = dcap_qvl.parse_quote(quote)
-    except ValueError as exc:
+    except BaseException as exc:
+        if not _is_qvl_failure(exc):
+            raise
         raise AttestationRejected(Check.MALFORMED_QUOTE, _one_line(exc)) from None
     embedded = parsed.cert_chain_pem_bytes()
     chain_pem = embedded if embedded is not None else pck_chain_pem
@@ -174,7 +179,9 @@ def verify_dcap_quote(
         )
     try:
         fmspc = dcap_qvl.parse_pck_extension_from_pem(chain_pem).fmspc.hex().upper()
-    except ValueError as exc:
+    except BaseException as exc:
+        if not _is_qvl_failure(exc):
+            raise
         raise AttestationRejected(
             Check.MALFORMED_QUOTE, f"PCK certificate has no usable SGX extension: {exc}"
         ) from None
@@ -331,7 +338,7 @@ def _pck_issuer(chain_pem: bytes) -> x509.Name:
 
 def _with_pck_chain(bundle: CollateralBundle, chain_pem: bytes) -> dcap_qvl.QuoteCollateralV3:
     fields = json.loads(bundle.json_text)
-    fields["pck_certificate_chain"] = chain_pem.decode("ascii")
+    fields[PER_PLATFORM_FIELD] = chain_pem.decode("ascii")
     return dcap_qvl.QuoteCollateralV3.from_json(json.dumps(fields))
 
 
@@ -346,7 +353,9 @@ def _verify_with_roots(
     for root_der in root_ders:
         try:
             return dcap_qvl.verify_with_root_ca(quote, collateral, root_der, now_secs)
-        except ValueError as exc:
+        except BaseException as exc:
+            if not _is_qvl_failure(exc):
+                raise
             message = _one_line(exc)
             check = _dcap_check(message)
             if check == Check.DEBUG_ENCLAVE:
@@ -360,6 +369,13 @@ def _verify_with_roots(
     raise failure
 
 
+def _is_qvl_failure(exc: BaseException) -> bool:
+    """dcap-qvl reports failures as ValueError; a Rust panic surfaces as pyo3's
+    PanicException, a BaseException (not importable by name): that too must be a rejection,
+    never an escape from the handshake path."""
+    return isinstance(exc, ValueError) or type(exc).__name__ == "PanicException"
+
+
 def _dcap_check(message: str) -> Check:
     for fragment, check in _DCAP_ERRORS:
         if fragment in message:
@@ -367,6 +383,6 @@ def _dcap_check(message: str) -> Check:
     return Check.DCAP_VERIFICATION
 
 
-def _one_line(exc: Exception) -> str:
+def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text.replace("Caused by: ", "(") + (")" if "Caused by:" in str(exc) else "")

@@ -18,6 +18,8 @@ from email.message import Message
 
 import dcap_qvl
 
+from seng_fw.attest.collateral import PER_PLATFORM_FIELD
+
 TIMEOUT = 30.0
 # Intel's PCS has no root CA CRL endpoint; the root certificate's CRL distribution point.
 INTEL_ROOT_CA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
@@ -31,9 +33,13 @@ def fetch_for_quote(pccs_url: str, quote: bytes) -> str:
     """Collateral for the platform that produced `quote`, as QuoteCollateralV3 JSON."""
     try:
         collateral = asyncio.run(dcap_qvl.get_collateral(_base(pccs_url), quote))
-        return collateral.to_json()
+        fields = json.loads(collateral.to_json())
     except (ValueError, RuntimeError, OSError) as exc:
         raise FetchError(" ".join(str(exc).split())) from None
+    # get_collateral attaches the quote's own PCK chain, and dcap-qvl then verifies every
+    # quote with that chain instead of the quote's: the bundle would admit one platform only.
+    fields.pop(PER_PLATFORM_FIELD, None)
+    return json.dumps(fields, indent=2)
 
 
 def fetch_for_fmspc(pccs_url: str, fmspc: str, ca: str) -> str:

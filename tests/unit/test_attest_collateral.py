@@ -115,3 +115,12 @@ def test_unreadable_and_empty(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text("{")
     with pytest.raises(CollateralError, match="not JSON"):
         CollateralStore.load([tmp_path])
+
+
+def test_a_per_platform_pck_chain_is_refused() -> None:
+    # dcap-qvl prefers a bundle's pck_certificate_chain over the quote's own chain: a bundle
+    # holding one would judge every platform of the FMSPC by one platform's PCK.
+    fields = json.loads(GENUINE.read_text())
+    fields["pck_certificate_chain"] = fields["pck_crl_issuer_chain"]
+    with pytest.raises(CollateralError, match="pck_certificate_chain"):
+        parse_bundle(json.dumps(fields))

@@ -551,3 +551,8 @@ def test_dispatcher_without_dcap_or_without_evidence(lab_epid: LabCA, lab_dcap: 
     rejected(Check.EVIDENCE_FORMAT_NOT_ALLOWED, lambda: only_epid.verify_certificate(dcap.cert_der))
     plain = build_ratls_certificate(generate_client_key(), {})
     rejected(Check.MISSING_EXTENSION, lambda: only_epid.verify_certificate(plain))
+
+
+def test_trust_anchors_must_be_ca_certificates(lab_dcap: LabDcapCA) -> None:
+    with pytest.raises(ValueError, match="not a CA"):
+        genuine_policy(roots=(lab_dcap.tcb_signing_cert,))

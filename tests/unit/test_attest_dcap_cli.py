@@ -10,6 +10,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import dcap_qvl
 import pytest
 
 import seng_fw.cli
@@ -257,3 +258,26 @@ def test_fetch_collateral_by_fmspc_from_a_loopback_pcs(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_fetch_collateral_for_a_quote_drops_the_per_platform_chain(
+    main: Main, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # dcap-qvl's get_collateral stands in (no network): it attaches the quote's PCK chain,
+    # which must not end up in a per-FMSPC bundle.
+    fields = json.loads(COLLATERAL.read_text())
+    seen: list[tuple[str, bytes]] = []
+
+    async def fake_get_collateral(url: str, quote: bytes) -> dcap_qvl.QuoteCollateralV3:
+        seen.append((url, quote))
+        with_chain = {**fields, "pck_certificate_chain": fields["pck_crl_issuer_chain"]}
+        return dcap_qvl.QuoteCollateralV3.from_json(json.dumps(with_chain))
+
+    monkeypatch.setattr(dcap_qvl, "get_collateral", fake_get_collateral)
+    out = tmp_path / "bundle.json"
+    argv = ["attest", "fetch-collateral", "--pccs", "https://pccs.example/", "--quote", str(QUOTE)]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert seen == [("https://pccs.example", QUOTE.read_bytes())]
+    written = json.loads(out.read_text())
+    assert "pck_certificate_chain" not in written
+    assert {k: written[k] for k in fields} == fields
