@@ -43,6 +43,7 @@ from seng_fw.lab.ca import LabCA, build_ratls_certificate, generate_client_key
 from seng_fw.lab.dcap import (
     QE_SVN_OUT_OF_DATE,
     LabDcapCA,
+    LabPlatform,
     TcbStatus,
     dice_report_data,
     dice_tagged_evidence,
@@ -556,3 +557,51 @@ def test_dispatcher_without_dcap_or_without_evidence(lab_epid: LabCA, lab_dcap: 
 def test_trust_anchors_must_be_ca_certificates(lab_dcap: LabDcapCA) -> None:
     with pytest.raises(ValueError, match="not a CA"):
         genuine_policy(roots=(lab_dcap.tcb_signing_cert,))
+
+
+def _without_embedded_chain(quote: bytes, platform: LabPlatform) -> bytes:
+    """The quote with certification data type 3 (encrypted PPID, CPUSVN, PCESVN, PCEID)
+    instead of 5: what a platform without a PCK cache sends. The ISV signature covers header
+    and body only, the QE report the attestation key and QE auth data: both stay valid."""
+    offset = 436 + 64 + 64 + 384 + 64  # QE auth data length
+    (size,) = struct.unpack_from("<H", quote, offset)
+    offset += 2 + size
+    body = bytes(384) + platform.cpu_svn + struct.pack("<H", platform.pce_svn) + bytes(2)
+    auth = quote[436:offset] + struct.pack("<HI", 3, len(body)) + body
+    return quote[:432] + struct.pack("<I", len(auth)) + auth
+
+
+def test_pck_chain_from_the_certificate_when_the_quote_has_none(lab_dcap: LabDcapCA) -> None:
+    key = generate_client_key()
+    platform = lab_dcap.platform()
+    quote = _without_embedded_chain(
+        platform.quote(
+            mrenclave=MRENCLAVE,
+            mrsigner=MRSIGNER,
+            report_data=report_data_for_key(key.public_key()),
+        ),
+        platform,
+    )
+    assert dcap_qvl.parse_quote(quote).cert_chain_pem_bytes() is None
+    verifier = DcapVerifier(lab_policy(lab_dcap))
+
+    def cert(pck_platform: LabPlatform, *, with_chain: bool = True) -> bytes:
+        extensions = sgx_ra_tls_extensions(
+            quote,
+            pck_platform,
+            tcb_info_body=lab_dcap.pcs_tcb_info_body(),
+            tcb_issuer_chain=lab_dcap.tcb_issuer_chain_pem,
+        )
+        if not with_chain:
+            extensions = {OID_DCAP_QUOTE: quote}
+        return build_ratls_certificate(key, extensions)
+
+    assert verifier.verify_certificate(cert(platform)).mrenclave == MRENCLAVE
+    rejected(
+        Check.UNSUPPORTED_QUOTE,
+        lambda: verifier.verify_certificate(cert(platform, with_chain=False)),
+    )
+    # Another platform's PCK certificate did not sign this QE report.
+    rejected(
+        Check.QE_REPORT_SIGNATURE, lambda: verifier.verify_certificate(cert(lab_dcap.platform()))
+    )
