@@ -228,8 +228,10 @@ def verify_dcap_quote(
         isv_svn=isv_svn,
         debug=debug,
         quote_status=status,
-        # A DCAP quote carries no time: the identity is as of the verification.
-        timestamp=at,
+        # A DCAP quote carries no time. The identity must be the same each time the quote is
+        # presented (the gateway pairs an enclave's two tunnels by it), so not the
+        # verification time: the issue time of the collateral it was judged by.
+        timestamp=bundle.not_before,
         report_data=report_data,
         advisory_ids=advisories,
         evidence="dcap",

@@ -109,6 +109,11 @@ def test_genuine_quote_verifies_inside_its_collateral_validity() -> None:
     assert identity.report_data == b"Hello, world!".ljust(64, b"\0")
     assert not identity.debug
     assert identity.collateral_expires == datetime(2025, 7, 19, 10, 1, 18, tzinfo=UTC)
+    # No time in a quote: the timestamp is the collateral's issue time, not the check's, so
+    # the same quote gives the same identity (the gateway pairs tunnels #1 and #2 by it).
+    assert identity.timestamp == datetime(2025, 6, 19, 10, 56, 11, tzinfo=UTC)
+    later = verify_dcap_quote(GENUINE_QUOTE, genuine_policy(), INSIDE + timedelta(days=3))
+    assert later.identity == identity
     document = identity.to_json()
     assert document["evidence"] == "dcap" and document["fmspc"] == "00A067110000"
     assert document["collateral_expires"] == "2025-07-19T10:01:18+00:00"
