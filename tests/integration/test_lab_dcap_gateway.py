@@ -40,13 +40,6 @@ apps:
     subnet: {{subnet: {WEBAPP_NET}}}
     egress: [{{to: 0.0.0.0/0, protocol: any}}]
 """
-# The gateway pairs tunnel #2 with tunnel #1 by (host, EnclaveIdentity); the DCAP verifier
-# (seng_fw/attest/dcap.py) stamps each identity with its verification time, so the two
-# tunnels of one DCAP enclave never pair yet. Admission itself works (see the refusals).
-PAIRING = pytest.mark.xfail(
-    reason="DCAP identity timestamp is the verification time: tunnel #2 is not paired",
-    strict=False,
-)
 
 
 @pytest.fixture
@@ -68,7 +61,6 @@ def _forwards(lab: Lab, enclave: RunningEnclave) -> bool:
     return probe_tcp(lab.ns(enclave.spec.host), enclave.address, str(lab.external), ECHO_PORT)
 
 
-@PAIRING
 @pytest.mark.parametrize("layout", ["sgx-ra-tls", "gramine"])
 def test_dcap_enclave_admitted_beside_an_epid_one(lab: Lab, layout: str) -> None:
     epid = lab.start_enclave(EnclaveSpec("epid", CLIENT_B, DEMO_WEBAPP))
@@ -104,7 +96,6 @@ def test_dcap_enclave_refused(lab: Lab, spec: EnclaveSpec, check: str) -> None:
     assert reason.startswith(check), reason
 
 
-@PAIRING
 def test_emulator_takes_its_quote_from_gramine_attestation(lab: Lab) -> None:
     """`lab enclave --quote-source gramine` against a directory imitating /dev/attestation,
     holding the quote Gramine's quoting enclave would return for the emulator's key."""
