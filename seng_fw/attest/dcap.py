@@ -103,7 +103,9 @@ _DCAP_ERRORS: tuple[tuple[str, Check], ...] = (
     ("must have version", Check.UNSUPPORTED_QUOTE),
     ("attestation key type", Check.UNSUPPORTED_QUOTE),
     ("QE vendor ID", Check.UNSUPPORTED_QUOTE),
-    ("PCK cert", Check.UNSUPPORTED_QUOTE),
+    ("PCK cert format", Check.UNSUPPORTED_QUOTE),
+    ("Failed to parse PCK certificate", Check.MALFORMED_QUOTE),
+    ("Failed to extract PCK certificates", Check.MALFORMED_QUOTE),
 )
 
 
@@ -183,7 +185,7 @@ def verify_dcap_quote(
         if not _is_qvl_failure(exc):
             raise
         raise AttestationRejected(
-            Check.MALFORMED_QUOTE, f"PCK certificate has no usable SGX extension: {exc}"
+            Check.MALFORMED_QUOTE, f"PCK certificate has no usable SGX extension: {_one_line(exc)}"
         ) from None
     bundle = policy.collateral.select(fmspc, lambda: _pck_issuer(chain_pem))
     # dcap-qvl checks the parts' dates too; checking the bundle's window first gives the
