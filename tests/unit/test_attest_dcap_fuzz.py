@@ -4,6 +4,8 @@ quote or CBOR, the DCAP verifier and the dispatcher either succeed or raise
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,7 +17,7 @@ from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seng_fw.attest.collateral import CollateralStore, parse_bundle
+from seng_fw.attest.collateral import CollateralError, CollateralStore, parse_bundle
 from seng_fw.attest.dcap import AnyEvidenceVerifier, DcapPolicy, DcapVerifier, verify_dcap_quote
 from seng_fw.attest.identity import AttestationRejected, Check
 from seng_fw.attest.policy import AttestationPolicy
@@ -147,3 +149,29 @@ def test_mutated_quotes(flips: list[tuple[int, int]], cut: int | None) -> None:
     quote = _mutate(_enclaves()[0].quote, flips, cut)
     at = datetime.now(UTC)
     _accepts_or_rejects(lambda: verify_dcap_quote(quote, policy.policy, at))
+
+
+GENUINE_FIELDS: dict[str, str] = json.loads((FIXTURES / "dcap-qvl-sgx-collateral.json").read_text())
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=16),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@FUZZ
+@given(
+    name=st.sampled_from(sorted(GENUINE_FIELDS)),
+    value=json_values | st.text(max_size=64),
+    flips=flips,
+)
+def test_any_collateral_bundle(name: str, value: object, flips: list[tuple[int, int]]) -> None:
+    # A field replaced by anything, or the bundle's bytes flipped: parsed, or CollateralError.
+    for text in (
+        json.dumps({**GENUINE_FIELDS, name: value}),
+        _mutate(json.dumps(GENUINE_FIELDS).encode(), flips, None),
+    ):
+        with contextlib.suppress(CollateralError):
+            parse_bundle(text)
