@@ -661,3 +661,25 @@ def test_dtls_client_loads_a_dcap_certificate(ca: LabDcapCA, encoding: str) -> N
     cert = enclave.cert_der if encoding == "der" else enclave.cert_pem
     server_cert, _ = generate_server_certificate("test gateway")
     make_client_config(cert, enclave.key_pem, server_cert)
+
+
+def test_processor_ca_style_extension_parses_without_platform_fields() -> None:
+    level = TCB_LEVELS[TcbStatus.UP_TO_DATE]
+    der = dcap.sgx_extension(
+        ppid=bytes(16),
+        components=level.components,
+        pce_svn=level.pce_svn,
+        cpu_svn=level.components,
+        pce_id=dcap.LAB_PCE_ID,
+        fmspc=dcap.LAB_FMSPC,
+        sgx_type=0,
+        platform_instance_id=None,
+    )
+    values = _sgx_extension_values(der)
+    assert f"{_SGX}.6" not in values and f"{_SGX}.7.1" not in values
+    assert int(values[f"{_SGX}.5"]) == 0
+    with pytest.raises(ValueError):
+        dcap.sgx_extension(
+            ppid=bytes(15), components=level.components, pce_svn=1,
+            cpu_svn=level.components, pce_id=b"\0\0", fmspc=bytes(6),
+        )  # fmt: skip
