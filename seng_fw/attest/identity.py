@@ -1,6 +1,6 @@
 """What attestation yields: an enclave identity, or a rejection naming the failed check.
 
-Every evidence format (EPID/IAS today, DCAP later) plugs in behind `EvidenceVerifier`:
+Every evidence format (EPID/IAS, DCAP) plugs in behind `EvidenceVerifier`:
 client certificate in, `EnclaveIdentity` out, or `AttestationRejected` raised.
 """
 
@@ -55,6 +55,25 @@ class Check(StrEnum):
     MALFORMED_QUOTE = "malformed_quote"
     DEBUG_ENCLAVE = "debug_enclave"
     REPORT_DATA_MISMATCH = "report_data_mismatch"
+    # Which evidence the certificate carries (seng_fw.attest.dcap.AnyEvidenceVerifier).
+    MULTIPLE_EVIDENCE_FORMATS = "multiple_evidence_formats"
+    EVIDENCE_FORMAT_NOT_ALLOWED = "evidence_format_not_allowed"
+    # DCAP (ECDSA) quotes, their PCK chain and collateral.
+    UNSUPPORTED_QUOTE = "unsupported_quote"
+    QUOTE_SIGNATURE = "quote_signature"
+    QE_REPORT_SIGNATURE = "qe_report_signature"
+    ATTESTATION_KEY_NOT_BOUND = "attestation_key_not_bound"
+    QE_IDENTITY = "qe_identity"
+    CERT_REVOKED = "cert_revoked"
+    CERT_EXPIRED = "cert_expired"
+    PCK_CERT_MISMATCH = "pck_cert_mismatch"
+    NO_COLLATERAL = "no_collateral"
+    COLLATERAL_INVALID = "collateral_invalid"
+    COLLATERAL_EXPIRED = "collateral_expired"
+    COLLATERAL_NOT_YET_VALID = "collateral_not_yet_valid"
+    TCB_STATUS = "tcb_status"
+    ADVISORY_REFUSED = "advisory_refused"
+    DCAP_VERIFICATION = "dcap_verification"
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,16 @@ class EnclaveIdentity:
     report_data: bytes
     # Advisory IDs the attestation service listed (e.g. INTEL-SA-00334); empty when none.
     advisory_ids: tuple[str, ...] = field(default=())
+    # "epid" (IAS report) or "dcap" (ECDSA quote with collateral).
+    evidence: str = "epid"
+    # DCAP only: the platform's TCB status (as quote_status), its FMSPC (hex) and when the
+    # collateral used to judge it stops being valid.
+    fmspc: str | None = None
+    collateral_expires: datetime | None = None
+
+    @property
+    def tcb_status(self) -> str | None:
+        return self.quote_status if self.evidence == "dcap" else None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +112,12 @@ class EnclaveIdentity:
             "report_data": self.report_data.hex(),
             "timestamp": self.timestamp.isoformat(),
             "advisory_ids": list(self.advisory_ids),
+            "evidence": self.evidence,
+            "tcb_status": self.tcb_status,
+            "fmspc": self.fmspc,
+            "collateral_expires": None
+            if self.collateral_expires is None
+            else self.collateral_expires.isoformat(),
         }
 
 

@@ -42,7 +42,7 @@ class AttestationPolicy:
         if not self.roots:
             raise ValueError("at least one trust anchor (root certificate) is required")
         for root in self.roots:
-            _check_is_ca(root)
+            check_is_ca(root)
         unknown = self.allowed_statuses - ACCEPTABLE_STATUSES
         if unknown:
             raise ValueError(
@@ -62,7 +62,7 @@ def load_root_certificates(pem_blobs: Iterable[bytes]) -> tuple[x509.Certificate
     return tuple(roots)
 
 
-def _check_is_ca(cert: x509.Certificate) -> None:
+def check_is_ca(cert: x509.Certificate) -> None:
     subject = cert.subject.rfc4514_string()
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value

@@ -22,6 +22,33 @@ QUOTE_STATUSES = (
 )
 
 
+# DCAP TCB statuses that may be allowed (Revoked never is).
+DCAP_TCB_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+)
+
+
+class DcapAttestationConfig(StrictModel):
+    # Intel SGX Root CA (or a lab root): the DCAP trust anchors, PEM.
+    roots: list[Path] = Field(min_length=1)
+    # Collateral bundles (QuoteCollateralV3 JSON), or directories of *.json bundles.
+    collateral: list[Path] = Field(min_length=1)
+    allow_status: list[str] = Field(default_factory=lambda: ["UpToDate"])
+
+    @field_validator("allow_status")
+    @classmethod
+    def _known_status(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(DCAP_TCB_STATUSES))
+        if unknown:
+            raise ValueError(f"unknown TCB status {unknown}; known: {list(DCAP_TCB_STATUSES)}")
+        return value
+
+
 class ListenConfig(StrictModel):
     address: IPv4Address = IPv4Address("127.0.0.1")
     # Tunnel #1 listens on `port`, tunnel #2 on `port + 1` (SENG protocol).
@@ -39,6 +66,10 @@ class AttestationConfig(StrictModel):
     # SENG clients obtain their report when the enclave starts; a report older than this
     # is refused. None disables the check (not recommended).
     max_report_age: float | None = Field(default=86400.0, gt=0)
+    # DCAP (ECDSA) evidence is admitted only when configured.
+    dcap: DcapAttestationConfig | None = None
+    # DCAP platforms affected by these advisories are refused (e.g. INTEL-SA-00615).
+    refuse_advisories: list[str] = Field(default_factory=list)
 
     @field_validator("allow_status")
     @classmethod
@@ -156,7 +187,17 @@ class GatewayConfig(StrictModel):
             update={
                 "tls": TlsConfig(certificate=fix(self.tls.certificate), key=fix(self.tls.key)),
                 "attestation": self.attestation.model_copy(
-                    update={"roots": [fix(root) for root in self.attestation.roots]}
+                    update={
+                        "roots": [fix(root) for root in self.attestation.roots],
+                        "dcap": None
+                        if self.attestation.dcap is None
+                        else self.attestation.dcap.model_copy(
+                            update={
+                                "roots": [fix(p) for p in self.attestation.dcap.roots],
+                                "collateral": [fix(p) for p in self.attestation.dcap.collateral],
+                            }
+                        ),
+                    }
                 ),
                 "policy": fix(self.policy),
                 "control": self.control.model_copy(update={"socket": fix(self.control.socket)}),

@@ -39,6 +39,16 @@ APP_COUNTER_PREFIX = "app."
 TRAFFIC_KEYS = ("packets_in", "bytes_in", "packets_out", "bytes_out", "dropped_spoofed")
 
 
+IDENTITY_EVIDENCE_KEYS = (
+    "evidence",
+    "quote_status",
+    "tcb_status",
+    "advisory_ids",
+    "fmspc",
+    "collateral_expires",
+)
+
+
 class ControlError(Exception):
     """A request the gateway refuses or cannot carry out; the text goes to the user."""
 
@@ -301,6 +311,7 @@ class GatewayControl:
     @staticmethod
     def _record(enclave: Enclave, now: float, wall: float) -> dict[str, Any]:
         identity = enclave.identity
+        evidence = identity.to_json()
         return {
             "address": str(enclave.address),
             "app": enclave.app.name,
@@ -308,6 +319,8 @@ class GatewayControl:
             "mrsigner": identity.mrsigner.hex(),
             "isv_svn": identity.isv_svn,
             "debug": identity.debug,
+            # evidence (epid/dcap), quote and TCB status, advisories, FMSPC, collateral expiry
+            **{key: evidence[key] for key in IDENTITY_EVIDENCE_KEYS},
             "host": str(enclave.host),
             "since": iso_time(wall - (now - enclave.admitted_at)),
             "seconds": round(now - enclave.admitted_at, 1),

@@ -58,13 +58,16 @@ class DemoPlan:
 
 ALLOWED, REFUSED = (True, "policy allows it"), (False, "policy refuses it")
 
+_WEBAPP_FLOWS = {"tcp": ALLOWED, "udp": REFUSED, "icmp": ALLOWED, "ingress icmp": ALLOWED}
+
 # What policies/lab/demo.yaml allows, per app and flow (the demo checks it holds).
 PER_APP_DEMO = DemoPlan(
     DEMO_POLICY,
     DEMO_ENCLAVES,
     {},
     {
-        "webapp": {"tcp": ALLOWED, "udp": REFUSED, "icmp": ALLOWED, "ingress icmp": ALLOWED},
+        "webapp": _WEBAPP_FLOWS,
+        "webapp-dcap": _WEBAPP_FLOWS,  # the same app, attested with DCAP
         "nginx": {"tcp": REFUSED, "udp": ALLOWED, "icmp": REFUSED, "ingress icmp": REFUSED},
     },
 )

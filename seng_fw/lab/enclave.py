@@ -13,6 +13,10 @@ and then brings up a TUN device with the assigned address so that ordinary progr
 
 The UDP sockets always live in the current (client host) namespace: the gateway admits
 enclaves by the client host address their tunnels come from.
+
+Its RA-TLS certificate comes from a file (lab CA output) or, with `GramineAttestation`, from
+Gramine's /dev/attestation interface, so the same client runs inside a real Gramine enclave
+on SGX hardware: the key hash goes to `user_report_data`, the DCAP quote comes from `quote`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -28,6 +33,14 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from seng_fw.lab.ca import ClientPrivateKey, build_ratls_certificate
+from seng_fw.lab.dcap import (
+    dice_report_data,
+    dice_tagged_evidence,
+    gramine_claims,
+    gramine_extensions,
+    gramine_report_data,
+)
 from seng_fw.system.netns import ip
 from seng_fw.tunnel.dtls import (
     ConnectionClosed,
@@ -49,6 +62,63 @@ ROUTING_TABLE_BASE = 4200  # policy-routing table = base + TUN ifindex (no netns
 
 class EnclaveError(Exception):
     """The tunnel could not be set up or ended abnormally; the message says why."""
+
+
+GRAMINE_ATTESTATION_DIR = Path("/dev/attestation")
+_GRAMINE_QUOTE_MAX = 8192  # Gramine's SGX_QUOTE_MAX_SIZE
+
+
+class GramineAttestation:
+    """Quotes from Gramine's /dev/attestation pseudo-files (or a directory imitating them)."""
+
+    def __init__(self, base: Path = GRAMINE_ATTESTATION_DIR) -> None:
+        self.base = base
+
+    def check_type(self) -> None:
+        """Refuse a Gramine without DCAP attestation (attestation_type "none" or "epid")."""
+        path = self.base / "attestation_type"
+        try:
+            kind = path.read_text().strip()
+        except FileNotFoundError:
+            return  # a minimal imitation of the interface may leave it out
+        except OSError as exc:
+            raise EnclaveError(f"gramine attestation: cannot read {path}: {exc}") from None
+        if kind != "dcap":
+            raise EnclaveError(f"gramine attestation type is {kind!r}, not 'dcap'")
+
+    def quote(self, report_data: bytes) -> bytes:
+        """Write the 64-byte report data, read the quote that now carries it."""
+        if len(report_data) != 64:
+            raise ValueError("report data is 64 bytes")
+        try:
+            # As Gramine's ra_tls_attest.c does: O_WRONLY on the existing pseudo-file.
+            fd = os.open(self.base / "user_report_data", os.O_WRONLY)
+            try:
+                written = os.write(fd, report_data)
+            finally:
+                os.close(fd)
+            if written != len(report_data):
+                raise EnclaveError(f"gramine attestation: short write ({written} bytes)")
+            with open(self.base / "quote", "rb") as quote_file:
+                quote = quote_file.read(_GRAMINE_QUOTE_MAX + 1)
+        except OSError as exc:
+            raise EnclaveError(f"gramine attestation: {exc}") from None
+        if not quote or len(quote) > _GRAMINE_QUOTE_MAX:
+            raise EnclaveError(f"gramine attestation: quote of {len(quote)} bytes")
+        return quote
+
+    def ratls_certificate(self, key: ClientPrivateKey, *, dice: bool = False) -> bytes:
+        """A Gramine-layout RA-TLS certificate (DER) for `key`, as ra_tls_attest.c builds
+        it: the legacy quote extension bound to SHA-256 of the SubjectPublicKeyInfo and, with
+        `dice`, the TCG DICE evidence whose own quote binds the serialized claims."""
+        self.check_type()
+        public_key = key.public_key()
+        quote = self.quote(gramine_report_data(public_key))
+        evidence = None
+        if dice:
+            claims = gramine_claims(public_key)
+            evidence = dice_tagged_evidence(self.quote(dice_report_data(claims)), claims)
+        return build_ratls_certificate(key, gramine_extensions(quote, evidence))
 
 
 @dataclass

@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from seng_fw.lab.ca import ROOT_CERT_FILE, LabCA
+from seng_fw.lab import dcap
+from seng_fw.lab.ca import ROOT_CERT_FILE, EnclaveCert, LabCA
 from seng_fw.lab.topology import (
     CLIENT_A,
     CLIENT_B,
@@ -43,6 +44,7 @@ SHARED_DEMO_POLICY = REPO_POLICIES / "lab" / "demo-shared.yaml"
 DEFAULT_PREFIX = LAB_PREFIX
 DEFAULT_STATE_ROOT = Path("/run/seng-fw-lab")
 GATEWAY_PORT = 12345
+DCAP_COLLATERAL_FILE = "dcap-collateral.json"
 ECHO_PORT = 7
 START_TIMEOUT = 20.0
 
@@ -70,6 +72,9 @@ class EnclaveSpec:
     isv_svn: int = 0
     key_type: str = "ecdsa"
     untrusted_ca: bool = False  # evidence signed by a CA the gateway does not trust
+    evidence: str = "epid"  # or "dcap": a quote v3 from a lab platform
+    tcb_status: str = "UpToDate"  # dcap: the lab platform's TCB level
+    layout: str = "sgx-ra-tls"  # dcap: or "gramine"
 
 
 @dataclass
@@ -123,6 +128,7 @@ class Lab:
         self._echoes: list[subprocess.Popen[bytes]] = []
         self._ca: LabCA | None = None
         self._rogue_ca: LabCA | None = None
+        self._dcap_ca: dcap.LabDcapCA | None = None
 
     # ----- addresses -----------------------------------------------------------------
 
@@ -176,6 +182,8 @@ class Lab:
     def _write_credentials(self) -> None:
         self._ca = LabCA.create(self.state_dir / "ca")
         self._rogue_ca = LabCA.create(self.state_dir / "untrusted-ca")
+        self._dcap_ca = dcap.LabDcapCA.create(self.state_dir / "ca")
+        self.write_dcap_collateral()
         cert, key = generate_server_certificate("seng-fw lab gateway")
         (self.state_dir / "server.pem").write_bytes(cert)
         _write_private(self.state_dir / "server.key", key)
@@ -184,7 +192,14 @@ class Lab:
         config: dict[str, Any] = {
             "listen": {"address": str(self.gateway_lan), "port": GATEWAY_PORT},
             "tls": {"certificate": "server.pem", "key": "server.key"},
-            "attestation": {"roots": [f"ca/{ROOT_CERT_FILE}"]},
+            "attestation": {
+                "roots": [f"ca/{ROOT_CERT_FILE}"],
+                # DCAP admits UpToDate platforms only (the default allow_status).
+                "dcap": {
+                    "roots": [f"ca/{dcap.ROOT_CERT_FILE}"],
+                    "collateral": [DCAP_COLLATERAL_FILE],
+                },
+            },
             "policy": str(self.policy),
             "control": {"socket": "control.sock"},  # state dir: labs do not share /run
             **self.gateway_settings,
@@ -192,6 +207,13 @@ class Lab:
         }
         path = self.state_dir / "gateway.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def write_dcap_collateral(self) -> Path:
+        """The lab DCAP CA's collateral bundle (fresh CRLs and revocations) for the gateway."""
+        ca = self._dcap_ca or dcap.LabDcapCA.load(self.state_dir / "ca")
+        path = self.state_dir / DCAP_COLLATERAL_FILE
+        path.write_text(ca.collateral_json())
         return path
 
     def seng_fw(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -262,16 +284,32 @@ class Lab:
             time.sleep(0.05)
 
     def enclave_credentials(self, spec: EnclaveSpec) -> tuple[Path, Path]:
-        ca = self._rogue_ca if spec.untrusted_ca else self._ca
-        if ca is None:
-            ca = LabCA.load(self.state_dir / ("untrusted-ca" if spec.untrusted_ca else "ca"))
-        issued = ca.issue_enclave_cert(
-            mrenclave=spec.mrenclave,
-            mrsigner=spec.mrsigner,
-            debug=spec.debug,
-            isv_svn=spec.isv_svn,
-            key_type=spec.key_type,  # type: ignore[arg-type]
-        )
+        issued: EnclaveCert | dcap.DcapEnclaveCert
+        if spec.evidence == "dcap":
+            if spec.untrusted_ca:
+                dcap_ca = dcap.LabDcapCA.generate()  # a platform of some other PKI
+            else:
+                dcap_ca = self._dcap_ca or dcap.LabDcapCA.load(self.state_dir / "ca")
+            issued = dcap_ca.issue_enclave_cert(
+                mrenclave=spec.mrenclave,
+                mrsigner=spec.mrsigner,
+                tcb_status=spec.tcb_status,
+                layout=spec.layout,
+                debug=spec.debug,
+                isv_svn=spec.isv_svn,
+                key_type=spec.key_type,  # type: ignore[arg-type]
+            )
+        else:
+            ca = self._rogue_ca if spec.untrusted_ca else self._ca
+            if ca is None:
+                ca = LabCA.load(self.state_dir / ("untrusted-ca" if spec.untrusted_ca else "ca"))
+            issued = ca.issue_enclave_cert(
+                mrenclave=spec.mrenclave,
+                mrsigner=spec.mrsigner,
+                debug=spec.debug,
+                isv_svn=spec.isv_svn,
+                key_type=spec.key_type,  # type: ignore[arg-type]
+            )
         directory = self.state_dir / "enclaves" / spec.name
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "cert.pem").write_bytes(issued.cert_pem)
@@ -362,6 +400,11 @@ DEMO_ENCLAVES = (
     EnclaveSpec("webapp-debug@clienta", CLIENT_A, DEMO_WEBAPP, debug=True),
     EnclaveSpec("unknown@clienta", CLIENT_A, DEMO_UNKNOWN),
     EnclaveSpec("webapp-fakeca@clientb", CLIENT_B, DEMO_WEBAPP, untrusted_ca=True),
+    # DCAP (quote v3, lab PCK platforms): one up to date, one whose TCB is out of date.
+    EnclaveSpec("webapp-dcap@clienta", CLIENT_A, DEMO_WEBAPP, evidence="dcap"),
+    EnclaveSpec(
+        "webapp-dcap-ood@clientb", CLIENT_B, DEMO_WEBAPP, evidence="dcap", tcb_status="OutOfDate"
+    ),
 )
 
 # `seng-fw lab demo --shared` (policies/lab/demo-shared.yaml): one shared subnet.

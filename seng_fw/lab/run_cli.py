@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from seng_fw.cli import EXIT_OK, EXIT_REJECTED, UsageError
 
 log = logging.getLogger("seng_fw.lab")
@@ -29,11 +31,36 @@ def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
     enclave.add_argument(
         "--cert",
         type=Path,
-        required=True,
         metavar="CERT",
-        help="RA-TLS client certificate (PEM or DER)",
+        help="RA-TLS client certificate (PEM or DER); with --quote-source file (the default)",
     )
-    enclave.add_argument("--key", type=Path, required=True, metavar="KEY")
+    enclave.add_argument(
+        "--key",
+        type=Path,
+        metavar="KEY",
+        help="its private key; with --quote-source gramine, optional (default: a new P-384 key)",
+    )
+    enclave.add_argument(
+        "--quote-source",
+        choices=("file", "gramine"),
+        default="file",
+        help="file: --cert/--key as given; gramine: build a Gramine-layout DCAP RA-TLS "
+        "certificate from Gramine's /dev/attestation (key hash to user_report_data, quote read "
+        "back), as inside a real Gramine enclave",
+    )
+    enclave.add_argument(
+        "--attestation-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="gramine: the attestation interface (default /dev/attestation; a directory "
+        "imitating it in tests)",
+    )
+    enclave.add_argument(
+        "--dice",
+        action="store_true",
+        help="gramine: add the TCG DICE evidence extension (a second quote)",
+    )
     enclave.add_argument("--tun", default="seng0", metavar="NAME", help="TUN device name")
     enclave.add_argument(
         "--netns",
@@ -60,15 +87,54 @@ def _read(path: Path) -> bytes:
         raise UsageError(f"cannot read {path}: {exc}") from exc
 
 
+def _client_credentials(args: argparse.Namespace) -> tuple[bytes, bytes]:
+    """The certificate and key the emulator presents, per --quote-source."""
+    from cryptography.hazmat.primitives import serialization
+
+    from seng_fw.lab.ca import generate_client_key
+    from seng_fw.lab.enclave import GRAMINE_ATTESTATION_DIR, EnclaveError, GramineAttestation
+
+    if args.quote_source == "file":
+        if args.cert is None or args.key is None:
+            raise UsageError("--cert and --key are required with --quote-source file")
+        if args.attestation_dir is not None or args.dice:
+            raise UsageError("--attestation-dir and --dice: only with --quote-source gramine")
+        return _read(args.cert), _read(args.key)
+    if args.cert is not None:
+        raise UsageError("--cert: the certificate is built from the quote (--quote-source gramine)")
+    if args.key is not None:
+        key_pem = _read(args.key)
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except ValueError as exc:
+            raise UsageError(f"cannot load {args.key}: {exc}") from None
+    else:
+        key = generate_client_key("ecdsa", 384)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise UsageError(f"{args.key}: an RSA or ECDSA key is needed")
+    attestation = GramineAttestation(args.attestation_dir or GRAMINE_ATTESTATION_DIR)
+    try:
+        cert_der = attestation.ratls_certificate(key, dice=args.dice)
+    except EnclaveError as exc:
+        raise UsageError(str(exc)) from None
+    return cert_der, key_pem
+
+
 def _enclave(args: argparse.Namespace) -> int:
     from seng_fw.lab.enclave import EnclaveClient, EnclaveError, parse_server
     from seng_fw.tunnel.dtls import make_client_config
 
     if args.verbose == 0:
         logging.getLogger("seng_fw").setLevel(logging.INFO)
+    cert, key = _client_credentials(args)
     try:
         server = parse_server(args.server)
-        config = make_client_config(_read(args.cert), _read(args.key), _read(args.server_cert))
+        config = make_client_config(cert, key, _read(args.server_cert))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     client = EnclaveClient(

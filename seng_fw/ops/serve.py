@@ -12,6 +12,9 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from seng_fw.attest.collateral import CollateralStore
+from seng_fw.attest.dcap import AnyEvidenceVerifier, DcapPolicy, DcapVerifier
+from seng_fw.attest.identity import EvidenceVerifier
 from seng_fw.attest.policy import AttestationPolicy, load_root_certificates
 from seng_fw.attest.verifier import IasVerifier
 from seng_fw.cli import EXIT_OK, EXIT_USAGE, UsageError
@@ -51,7 +54,7 @@ def _read(path: Path) -> bytes:
         raise UsageError(f"cannot read {path}: {exc}") from exc
 
 
-def build_verifier(config: GatewayConfig) -> IasVerifier:
+def build_verifier(config: GatewayConfig) -> EvidenceVerifier:
     attestation = config.attestation
     try:
         roots = load_root_certificates(_read(path) for path in attestation.roots)
@@ -66,7 +69,21 @@ def build_verifier(config: GatewayConfig) -> IasVerifier:
         )
     except ValueError as exc:
         raise UsageError(f"attestation roots: {exc}") from exc
-    return IasVerifier(policy)
+    if attestation.dcap is None:
+        return IasVerifier(policy)
+    dcap = attestation.dcap
+    try:
+        dcap_policy = DcapPolicy(
+            roots=load_root_certificates(_read(path) for path in dcap.roots),
+            collateral=CollateralStore.load(dcap.collateral),
+            allowed_statuses=frozenset(dcap.allow_status),
+            refuse_advisories=frozenset(attestation.refuse_advisories),
+            # dcap-qvl refuses DEBUG enclaves whatever we say; admission decides for EPID.
+            allow_debug=True,
+        )
+    except ValueError as exc:  # CollateralError is a ValueError
+        raise UsageError(f"attestation.dcap: {exc}") from exc
+    return AnyEvidenceVerifier(IasVerifier(policy), DcapVerifier(dcap_policy))
 
 
 def build_server(config: GatewayConfig) -> GatewayServer:

@@ -162,10 +162,12 @@ def _load_certificates(data: bytes | Sequence[bytes]) -> list[cx509.Certificate]
     blobs = [data] if isinstance(data, bytes | bytearray) else list(data)
     certs: list[cx509.Certificate] = []
     for blob in blobs:
-        if b"-----BEGIN" in blob:
-            certs.extend(cx509.load_pem_x509_certificates(bytes(blob)))
-        else:
+        # DER starts with a SEQUENCE tag; looking for "-----BEGIN" instead would take a DER
+        # DCAP RA-TLS certificate for PEM (its quote embeds the PCK chain as PEM).
+        if bytes(blob[:1]) == b"\x30":
             certs.append(cx509.load_der_x509_certificate(bytes(blob)))
+        else:
+            certs.extend(cx509.load_pem_x509_certificates(bytes(blob)))
     if not certs:
         raise ValueError("no certificate given")
     return certs

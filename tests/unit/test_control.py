@@ -182,6 +182,8 @@ def test_enclaves_lists_every_tunnel(gateway: Gateway) -> None:
     assert (records[1]["bytes_in"], records[1]["bytes_out"]) == (10, 20)
     assert records[1]["seconds"] == 5 and records[1]["since"] == "2027-01-15T07:59:55Z"
     assert records[1]["paired"] is True
+    assert records[1]["evidence"] == "epid" and records[1]["quote_status"] == "OK"
+    assert records[1]["tcb_status"] is None and records[1]["advisory_ids"] == []
 
 
 # ----- revoke --------------------------------------------------------------------------
