@@ -659,3 +659,38 @@ def test_unknown_curve_is_rejected(server_id: Identity) -> None:
 def test_peer_id_packs_address_and_port() -> None:
     assert dtls.peer_id(("127.0.0.1", 12345)) == b"\x7f\x00\x00\x01\x30\x39"
     assert len(dtls.peer_id(("::1", 1, 0, 0))) == 18
+
+
+# ----------------------------------------------------------------- forged datagrams (issue 14)
+
+
+def _forged(k: int, epoch: int = 0) -> bytes:
+    # A record mbed TLS discards (old epoch, or an already-seen sequence number in the
+    # current one) followed by k stray bytes: mbed TLS 2.28 answered it with an
+    # internal error, which ended the session.
+    return b"\x17\xfe\xfd" + epoch.to_bytes(2, "big") + bytes(6) + b"\x00\x01\x00" + b"x" * k
+
+
+@pytest.mark.parametrize("victim", ["client", "server"])
+def test_one_forged_datagram_never_ends_an_established_session(
+    victim: str, client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    link = established(client_config, server_config)
+    session = getattr(link, victim)
+    forged = [_forged(k) for k in range(1, 13)]
+    # Epoch 1, sequence number 0: the peer's Finished had it, so a replay in mbed TLS's eyes.
+    forged += [_forged(k, epoch=1) for k in range(1, 13)]
+    for datagram in forged:
+        session.receive_datagram(datagram, 1.0)
+        assert session.established, datagram.hex()
+    assert closed_reasons(session.events()) == []
+    assert session.datagrams_ignored == len(forged)
+    # The tunnel still carries data both ways.
+    link.client.send_record(b"after")
+    link.server.send_record(b"reply")
+    for datagram in link.client.datagrams_to_send():
+        link.server.receive_datagram(datagram, 2.0)
+    for datagram in link.server.datagrams_to_send():
+        link.client.receive_datagram(datagram, 2.0)
+    assert payloads(link.server.events()) == [b"after"]
+    assert payloads(link.client.events()) == [b"reply"]
