@@ -21,7 +21,39 @@ ClientHellos from unknown addresses without any per-peer state; create a
 A `DtlsServerSession` created straight away does the cookie exchange itself too, but
 then an unverified (possibly spoofed) source address costs a session: about 46 KiB
 resident as measured (python-mbedtls's two 32 KiB ring buffers, mbed TLS's 16.7 KiB
-input and output buffers, mostly untouched), about 51 KiB once established.
+input and output buffers, mostly untouched). Once established, a session on our
+record layer has released all of that: about 10 KiB (55 KiB with record_layer=False).
+
+Established sessions seal and open their records with our own record layer
+(`record.RecordLayer`, AES-128-GCM on `cryptography`), not mbed TLS's: a quarter of
+the CPU per packet (bench/bench_record.py). The hand-over, when mbed TLS reports the
+handshake over:
+- keys: mbed TLS exports master secret, key block and randoms through its key-export
+  callback (`dtls_native`); we derive the key block again with our TLS 1.2 PRF and
+  refuse the session (close_notify, ERROR) unless both agree, the suite is one of
+  our two AES-128-GCM suites and the PRF is SHA-256. Our copies are zeroed once
+  AESGCM holds the keys, and the record layer's when the session ends;
+- sequence numbers: ours continue after the highest epoch-1 number mbed TLS used
+  (read from its output), and mbed TLS's context is then released, so it can never
+  seal under the same key and nonce again (and its copy of the keys goes with it);
+- the last flight: a client that lost the server's ChangeCipherSpec+Finished repeats
+  its Finished (RFC 6347 4.2.4). The server keeps the datagrams of its last flight
+  and resends them byte for byte on every authenticated Finished (at most 16 times),
+  until the client's first application record shows it has them;
+- records behind the peer's Finished in the same datagram are opened by us; records
+  mbed TLS buffered from earlier datagrams are lost like any reordered datagram.
+After the hand-over nothing that arrives ends the session except an authenticated
+close_notify (CLOSE_NOTIFY) or fatal alert (FATAL_ALERT). Everything else is dropped
+and counted by reason (`drops`): bad framing, other epochs, replays, sequence numbers
+left of the 64-record window, failed authentication, warning alerts. Handshake
+records after the handshake (renegotiation, a HelloRequest) are refused the same way:
+dropped, counted, unanswered; the peer's renegotiation times out and the session
+goes on. A ClientHello in epoch 0 is still the server's reconnect check (below).
+
+`record_layer=False` keeps mbed TLS's record layer (the benchmark's baseline, and
+tests of interoperability with it); its datagrams pass our framing check first,
+because mbed TLS 2.28 fails the session on a discarded record with stray bytes
+behind it.
 
 Record sizes: `setmtu(DTLS_MTU)` bounds every datagram (handshake flights are
 fragmented and packed to it). DTLS_MTU = 1432-byte inner packet + 37 bytes of

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mbedtls import pk, tls
 from mbedtls import x509 as mx509
 
@@ -946,3 +949,64 @@ def test_application_data_right_after_the_finished_is_delivered(
     assert client.established
     assert of_type(events, HandshakeComplete) and payloads(events) == [b"early"]
     assert client.datagrams_ignored == 0
+
+
+def test_a_key_block_that_disagrees_with_ours_fails_the_session_closed(
+    monkeypatch: pytest.MonkeyPatch,
+    client_config: dtls.DtlsClientConfig,
+    server_config: dtls.DtlsServerConfig,
+) -> None:
+    monkeypatch.setattr(dtls, "derive_key_block", lambda *_args: bytearray(40))
+    link = connect(client_config, server_config)
+    assert closed_reasons(link.client_events) == [CloseReason.ERROR]
+    assert "differs" in of_type(link.client_events, ConnectionClosed)[0].detail
+    assert not of_type(link.client_events, HandshakeComplete)
+    assert not link.server.established
+
+
+def test_no_exported_keys_fails_the_session_closed(
+    monkeypatch: pytest.MonkeyPatch,
+    client_config: dtls.DtlsClientConfig,
+    server_config: dtls.DtlsServerConfig,
+) -> None:
+    @contextlib.contextmanager
+    def nowhere(_sink: object) -> Iterator[None]:
+        yield
+
+    monkeypatch.setattr(dtls.NativeHandle, "capture_keys", staticmethod(nowhere))
+    link = connect(client_config, server_config)
+    assert closed_reasons(link.client_events) == [CloseReason.ERROR]
+    assert not of_type(link.client_events + link.server_events, HandshakeComplete)
+
+
+_FUZZ_LINKS: dict[str, Link] = {}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_no_datagram_ends_an_established_session(
+    data: st.DataObject, client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    if "link" not in _FUZZ_LINKS:
+        _FUZZ_LINKS["link"] = established(client_config, server_config)
+    link = _FUZZ_LINKS["link"]
+    victim = data.draw(st.sampled_from(["client", "server"]))
+    session, peer = (link.client, link.server) if victim == "client" else (link.server, link.client)
+    peer.send_record(b"genuine")
+    [genuine] = peer.datagrams_to_send()
+    datagram = bytearray(
+        data.draw(
+            st.one_of(
+                st.binary(max_size=100),
+                st.just(genuine),
+                st.builds(lambda k: _forged(k), st.integers(1, 12)),
+            )
+        )
+    )
+    for _ in range(data.draw(st.integers(0, 3))):
+        if datagram:
+            datagram[data.draw(st.integers(0, len(datagram) - 1))] = data.draw(st.integers(0, 255))
+    datagram += data.draw(st.binary(max_size=13))
+    session.receive_datagram(bytes(datagram), 1.0)
+    assert not closed_reasons(session.events())
+    assert session.established
