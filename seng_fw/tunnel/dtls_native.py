@@ -240,6 +240,8 @@ class _Bridge:
         ssl.mbedtls_ssl_check_pending.argtypes = [ctypes.c_void_p]
         ssl.mbedtls_ssl_check_pending.restype = ctypes.c_int
         self.check_pending = ssl.mbedtls_ssl_check_pending
+        if not hasattr(ssl, "mbedtls_ssl_conf_export_keys_ext_cb"):
+            raise NativeBridgeError("mbed TLS was built without MBEDTLS_SSL_EXPORT_KEYS")
         ssl.mbedtls_ssl_conf_export_keys_ext_cb.argtypes = [
             ctypes.c_void_p,
             _EXPORT_KEYS,
