@@ -751,6 +751,7 @@ class _DtlsSession:
         self.cipher_suite = cipher_suite
         self._events.append(HandshakeComplete(peer, self.cipher_suite))
         if records is None:
+            self._keys.wipe()  # exported all the same (the configuration is shared)
             # Application records that came with or before the last handshake message.
             self._read_records()
             return

@@ -756,6 +756,7 @@ def test_records_interoperate_with_mbedtls_both_ways(
     theirs = link.client if server_rl else link.server
     assert ours._records is not None and ours._buf is None  # mbed TLS released
     assert theirs._records is None and theirs._buf is not None
+    assert not ours._keys.captured and not theirs._keys.captured  # exported keys wiped
     packets = [
         b"\x45",
         b"\x45" + bytes(63),
