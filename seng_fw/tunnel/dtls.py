@@ -756,8 +756,11 @@ class _DtlsSession:
             self._read_records()
             return
         self._records = records
-        if not self._is_client:
-            self._final_flight = self._last_output
+        flight = self._last_output
+        if not self._is_client and any(_max_seq_of_epoch(d, 1) >= 0 for d in flight):
+            # The server's full handshake ends with its ChangeCipherSpec+Finished (no
+            # resumption here: sessions never offer one), sent in this very step.
+            self._final_flight = flight
         self._last_output = []
         # From here on mbed TLS never sees or sends another record: release it (its
         # copy of the keys goes with it).

@@ -891,6 +891,11 @@ def test_lost_final_flight_is_resent_by_our_record_layer(
     )
     assert link.server.flight_resends == 1
     assert link.server._buf is None
+    # The resent flight is the lost one, byte for byte: ChangeCipherSpec, Finished.
+    server_sent = [d for _, direction, d in link.wire if direction == "s2c"]
+    [final] = [d for d in server_sent if any(epoch == 1 for _, epoch, _ in records(d))][:1]
+    assert server_sent.count(final) == 2
+    assert [(t, e) for t, e, _ in records(final)] == [(20, 0), (22, 1)]
     link.client.send_record(b"data")
     assert _deliver(link.client.datagrams_to_send(), link.server) == [b"data"]
     # Once the client sent data it has our Finished: a repeated Finished is refused.
