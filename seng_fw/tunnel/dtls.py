@@ -21,7 +21,39 @@ ClientHellos from unknown addresses without any per-peer state; create a
 A `DtlsServerSession` created straight away does the cookie exchange itself too, but
 then an unverified (possibly spoofed) source address costs a session: about 46 KiB
 resident as measured (python-mbedtls's two 32 KiB ring buffers, mbed TLS's 16.7 KiB
-input and output buffers, mostly untouched), about 51 KiB once established.
+input and output buffers, mostly untouched). Once established, a session on our
+record layer has released all of that: about 10 KiB (55 KiB with record_layer=False).
+
+Established sessions seal and open their records with our own record layer
+(`record.RecordLayer`, AES-128-GCM on `cryptography`), not mbed TLS's: a quarter of
+the CPU per packet (bench/bench_record.py). The hand-over, when mbed TLS reports the
+handshake over:
+- keys: mbed TLS exports master secret, key block and randoms through its key-export
+  callback (`dtls_native`); we derive the key block again with our TLS 1.2 PRF and
+  refuse the session (close_notify, ERROR) unless both agree, the suite is one of
+  our two AES-128-GCM suites and the PRF is SHA-256. Our copies are zeroed once
+  AESGCM holds the keys, and the record layer's when the session ends;
+- sequence numbers: ours continue after the highest epoch-1 number mbed TLS used
+  (read from its output), and mbed TLS's context is then released, so it can never
+  seal under the same key and nonce again (and its copy of the keys goes with it);
+- the last flight: a client that lost the server's ChangeCipherSpec+Finished repeats
+  its Finished (RFC 6347 4.2.4). The server keeps the datagrams of its last flight
+  and resends them byte for byte on every authenticated Finished (at most 16 times),
+  until the client's first application record shows it has them;
+- records behind the peer's Finished in the same datagram are opened by us; records
+  mbed TLS buffered from earlier datagrams are lost like any reordered datagram.
+After the hand-over nothing that arrives ends the session except an authenticated
+close_notify (CLOSE_NOTIFY) or fatal alert (FATAL_ALERT). Everything else is dropped
+and counted by reason (`drops`): bad framing, other epochs, replays, sequence numbers
+left of the 64-record window, failed authentication, warning alerts. Handshake
+records after the handshake (renegotiation, a HelloRequest) are refused the same way:
+dropped, counted, unanswered; the peer's renegotiation times out and the session
+goes on. A ClientHello in epoch 0 is still the server's reconnect check (below).
+
+`record_layer=False` keeps mbed TLS's record layer (the benchmark's baseline, and
+tests of interoperability with it); its datagrams pass our framing check first,
+because mbed TLS 2.28 fails the session on a discarded record with stray bytes
+behind it.
 
 Record sizes: `setmtu(DTLS_MTU)` bounds every datagram (handshake flights are
 fragmented and packed to it). DTLS_MTU = 1432-byte inner packet + 37 bytes of
@@ -46,7 +78,27 @@ from mbedtls import pk, tls
 from mbedtls import x509 as mx509
 from mbedtls.exceptions import TLSError
 
-from seng_fw.tunnel.dtls_native import HandshakeClock, NativeHandle, set_curves
+from seng_fw.tunnel.dtls_native import (
+    PRF_SHA256,
+    ExportedKeys,
+    HandshakeClock,
+    NativeHandle,
+    set_curves,
+)
+from seng_fw.tunnel.record import (
+    ALERT_CLOSE_NOTIFY,
+    CLOSE_NOTIFY_ALERT,
+    CONTENT_ALERT,
+    KEY_LEN,
+    SALT_LEN,
+    DropReason,
+    RecordLayer,
+    SequenceExhausted,
+    check_framing,
+    derive_key_block,
+    same_secret,
+    zero,
+)
 
 TUNNEL_MTU: Final = 1432
 # DTLS 1.2 record header (13) + AES-GCM explicit nonce (8) + GCM tag (16).
@@ -428,13 +480,39 @@ def _looks_like_client_hello(data: bytes) -> bool:
 class _DtlsSession:
     """Shared machinery; see DtlsServerSession and DtlsClientSession."""
 
-    def __init__(self, config: _EndpointConfig, buffer: tls.TLSWrappedBuffer, now: float) -> None:
+    _is_client: bool = False
+    # Server side: how often the last flight may be resent after the handshake.
+    _MAX_FLIGHT_RESENDS: Final = 16
+
+    def __init__(
+        self,
+        config: _EndpointConfig,
+        buffer: tls.TLSWrappedBuffer,
+        now: float,
+        record_layer: bool,
+    ) -> None:
         self._config = config  # keeps the context and mbed TLS's curve list alive
-        self._buf = buffer
+        # mbed TLS's side of the session: the whole of it with record_layer=False, only
+        # the handshake otherwise (released once our RecordLayer takes over).
+        self._buf: tls.TLSWrappedBuffer | None = buffer
         self._mtu = mtu = config.mtu
         self._native = NativeHandle(buffer, mtu)  # also sets the buffer's MTU
         self._clock = HandshakeClock(now)
         self._native.install_clock(self._clock)
+        self._use_record_layer = record_layer
+        self._keys = ExportedKeys()
+        if record_layer:
+            self._native.install_key_export()
+        self._records: RecordLayer | None = None
+        # Handshake bookkeeping for the hand-over: the highest epoch-1 sequence number
+        # mbed TLS used (ours continue after it), mbed TLS's last output (the server's
+        # final flight, resent when the client repeats its Finished) and the datagram
+        # being fed (its records after the peer's Finished are ours to open).
+        self._hs_out_seq = -1
+        self._last_output: list[bytes] = []
+        self._final_flight: list[bytes] | None = None
+        self._feeding: bytes | None = None
+        self.flight_resends = 0
         self._deadline = now + config.timing.handshake_timeout
         self._read_buffer = read_buffer = config.read_buffer
         self._read_view = memoryview(read_buffer)
@@ -446,7 +524,7 @@ class _DtlsSession:
         self.peer_cert_der: bytes | None = None
         self.cipher_suite: str | None = None
         # Counters for metrics; "ignored" = datagrams that yielded nothing (garbage,
-        # replays, truncated or stale records), which mbed TLS drops silently.
+        # replays, truncated or stale records). Per-record reasons are in `drops`.
         self.datagrams_in = 0
         self.datagrams_ignored = 0
         self.records_in = 0
@@ -462,6 +540,12 @@ class _DtlsSession:
     def closed(self) -> bool:
         return self.state is SessionState.CLOSED
 
+    @property
+    def drops(self) -> dict[DropReason, int]:
+        """Records our record layer dropped, by reason (empty before it took over, and
+        with record_layer=False)."""
+        return dict(self._records.drops) if self._records is not None else {}
+
     def receive_datagram(self, data: bytes, now: float) -> None:
         """Feed one datagram from the peer. Never raises for bad input."""
         state = self.state
@@ -475,17 +559,38 @@ class _DtlsSession:
             # Data path. Handshake records (content type 22) get a look first.
             if data[0] == 22 and self._intercept_handshake_datagram(data):
                 return
+            records = self._records
+            if records is not None:
+                payloads = records.open(data)
+                if payloads and not records.handshake and records.peer_alert is None:
+                    # The common case: data only.
+                    self._final_flight = None  # the peer has our Finished
+                    self.records_in += len(payloads)
+                    self._events.extend(map(RecordReceived, payloads))
+                else:
+                    self._after_open(payloads, records)
+                return
+            # mbed TLS's record path (record_layer=False). Our framing check first:
+            # mbed TLS 2.28 fails the session on a record it discards followed by
+            # stray bytes (RFC 6347 4.1.2.7: invalid records are silently discarded).
             # One datagram at a time, drained before the next: mbed TLS treats all
             # that sits in its input buffer as one datagram, and drops all of it on a
             # bad record header.
-            self._buf.receive_from_network(data)
+            if not check_framing(data):
+                self.datagrams_ignored += 1
+                return
+            self._tls.receive_from_network(data)
             if not self._read_records():
                 self.datagrams_ignored += 1
             return
         if self._screen_handshake_datagram(data):
-            self._buf.receive_from_network(data)
+            self._tls.receive_from_network(data)
             self._clock.now = now
-            self._drive_handshake()
+            self._feeding = data
+            try:
+                self._drive_handshake()
+            finally:
+                self._feeding = None
         else:
             self.datagrams_ignored += 1
 
@@ -505,7 +610,16 @@ class _DtlsSession:
             raise NotEstablishedError(f"session is {self.state.value}")
         if len(data) > self._mtu - RECORD_OVERHEAD:
             raise ValueError(f"record of {len(data)} bytes exceeds {self._mtu - RECORD_OVERHEAD}")
-        buf = self._buf
+        records = self._records
+        if records is not None:
+            try:
+                self._out.append(records.seal(data))
+            except SequenceExhausted as exc:
+                self._finish(CloseReason.ERROR, str(exc))
+                return
+            self.records_out += 1
+            return
+        buf = self._tls
         try:
             queued = buf.write(cast(bytes, data))  # bytes now in the output buffer
         except TLSError as exc:
@@ -550,33 +664,41 @@ class _DtlsSession:
 
     # ---------------------------------------------------------------- internals
 
+    @property
+    def _tls(self) -> tls.TLSWrappedBuffer:
+        buf = self._buf
+        if buf is None:
+            raise RuntimeError("the mbed TLS context was released")
+        return buf
+
     def _drive_handshake(self) -> None:
         """Step the handshake until it needs another datagram or is over. One
         do_handshake() is one state of mbed TLS's state machine, so stopping earlier
         would stall the handshake until the peer retransmits."""
-        buf = self._buf
-        for _ in range(_MAX_HANDSHAKE_STEPS):
-            try:
-                buf.do_handshake()
-            except tls.WantReadError:
-                break
-            except tls.WantWriteError:
-                pass  # a flight is queued in the output buffer; collected below
-            except tls.HelloVerifyRequest:
-                self._on_hello_verify_request()
-                return
-            except TLSError as exc:
-                if self._is_noise(exc):
-                    self._drop_noise()
+        buf = self._tls
+        with self._native.capture_keys(self._keys):
+            for _ in range(_MAX_HANDSHAKE_STEPS):
+                try:
+                    buf.do_handshake()
+                except tls.WantReadError:
+                    break
+                except tls.WantWriteError:
+                    pass  # a flight is queued in the output buffer; collected below
+                except tls.HelloVerifyRequest:
+                    self._on_hello_verify_request()
                     return
-                self._collect_output()  # mbed TLS may have queued a fatal alert
-                self._fail_from_error(exc)
+                except TLSError as exc:
+                    if self._is_noise(exc):
+                        self._drop_noise()
+                        return
+                    self._collect_output()  # mbed TLS may have queued a fatal alert
+                    self._fail_from_error(exc)
+                    return
+                if buf._handshake_state is _HANDSHAKE_OVER:
+                    break
+            else:
+                self._finish(CloseReason.HANDSHAKE_FAILED, "handshake made no progress")
                 return
-            if buf._handshake_state is _HANDSHAKE_OVER:
-                break
-        else:
-            self._finish(CloseReason.HANDSHAKE_FAILED, "handshake made no progress")
-            return
         self._collect_output()
         if buf._handshake_state is _HANDSHAKE_OVER:
             self._on_handshake_over()
@@ -585,7 +707,7 @@ class _DtlsSession:
 
     def _intercept_handshake_datagram(self, data: bytes) -> bool:
         """Established session, datagram starting with a handshake record: True if
-        handled here, False to give it to mbed TLS."""
+        handled here, False to give it to the record layer."""
         return False
 
     def _screen_handshake_datagram(self, data: bytes) -> bool:
@@ -607,7 +729,7 @@ class _DtlsSession:
         raise NotImplementedError
 
     def _on_handshake_over(self) -> None:
-        buf = self._buf
+        buf = self._tls
         peer: bytes | None = buf.getpeercert(binary_form=True)
         refusal = self._check_peer(peer)
         if refusal is not None:
@@ -615,17 +737,118 @@ class _DtlsSession:
             self._finish(*refusal)
             return
         assert peer is not None
+        cipher_suite = str(buf.cipher())
+        records: RecordLayer | None = None
+        if self._use_record_layer:
+            try:
+                records = self._record_layer_from_keys(cipher_suite)
+            except _HandOverError as exc:
+                self._send_close_notify()
+                self._finish(CloseReason.ERROR, str(exc))
+                return
         self.state = SessionState.ESTABLISHED
         # mbed TLS must never time out an established session (see HandshakeClock).
         self._clock.running_forever = True
         self.peer_cert_der = peer
-        self.cipher_suite = str(buf.cipher())
+        self.cipher_suite = cipher_suite
         self._events.append(HandshakeComplete(peer, self.cipher_suite))
-        # Application records that came with or before the last handshake message.
-        self._read_records()
+        if records is None:
+            self._keys.wipe()  # exported all the same (the configuration is shared)
+            # Application records that came with or before the last handshake message.
+            self._read_records()
+            return
+        self._records = records
+        flight = self._last_output
+        if not self._is_client and any(_max_seq_of_epoch(d, 1) >= 0 for d in flight):
+            # The server's full handshake ends with its ChangeCipherSpec+Finished (no
+            # resumption here: sessions never offer one), sent in this very step.
+            self._final_flight = flight
+        self._last_output = []
+        # From here on mbed TLS never sees or sends another record: release it (its
+        # copy of the keys goes with it).
+        self._release_mbedtls()
+        # Records of this datagram after the peer's Finished are application data
+        # mbed TLS has not read: ours to open (the Finished itself only fills the
+        # replay window). Anything mbed TLS buffered from earlier datagrams (records
+        # that overtook the Finished) is lost, like any reordered datagram.
+        data = self._feeding
+        start = _first_record_of_epoch(data, records.epoch) if data else None
+        if data and start is not None:
+            payloads = records.open(data[start:])
+            records.handshake.clear()
+            if payloads or records.peer_alert is not None:
+                self._after_open(payloads, records)
+
+    def _record_layer_from_keys(self, cipher_suite: str) -> RecordLayer:
+        """Our record layer from the keys mbed TLS exported; mbed TLS's copy of them
+        is checked against our own derivation, and ours wiped once AESGCM has them."""
+        keys = self._keys
+        try:
+            if not keys.captured:
+                raise _HandOverError("mbed TLS exported no keys")
+            if cipher_suite not in (CIPHER_ECDSA, CIPHER_RSA):
+                raise _HandOverError(f"no record layer for {cipher_suite}")
+            if keys.prf_type != PRF_SHA256 or (keys.maclen, keys.keylen, keys.ivlen) != (
+                0,
+                KEY_LEN,
+                SALT_LEN,
+            ):
+                raise _HandOverError("unexpected key layout from mbed TLS")
+            block = derive_key_block(keys.master_secret, keys.client_random, keys.server_random)
+            try:
+                if not same_secret(block, keys.key_block):
+                    raise _HandOverError("key block differs from mbed TLS's")
+                return RecordLayer.from_key_block(
+                    block, is_client=self._is_client, write_seq=self._hs_out_seq + 1
+                )
+            finally:
+                zero(block)
+        finally:
+            keys.wipe()
+
+    def _release_mbedtls(self) -> None:
+        self._buf = None
+        self._readinto = _released_readinto
+
+    def _after_open(self, payloads: list[bytes], records: RecordLayer) -> None:
+        """What RecordLayer.open found besides (or instead of) application data."""
+        useful = bool(payloads)
+        if payloads:
+            self._final_flight = None
+            self.records_in += len(payloads)
+            self._events.extend(map(RecordReceived, payloads))
+        for message in records.handshake:
+            # Server: the client repeats its Finished because ours was lost (RFC 6347
+            # 4.2.4): resend our last flight, byte for byte (no new nonce is used;
+            # a client that got it drops the copy as a replay). Anything else, e.g. a
+            # renegotiation attempt, is refused: dropped and counted.
+            flight = self._final_flight
+            if (
+                message[:1] == b"\x14"  # Finished
+                and flight is not None
+                and self.flight_resends < self._MAX_FLIGHT_RESENDS
+            ):
+                self._out.extend(flight)
+                self.flight_resends += 1
+                useful = True
+            else:
+                records.drops[DropReason.HANDSHAKE] += 1
+        alert = records.peer_alert
+        if alert is not None:
+            level, description = alert
+            if description == ALERT_CLOSE_NOTIFY:
+                self._finish(CloseReason.CLOSE_NOTIFY)
+            else:
+                self._finish(
+                    CloseReason.FATAL_ALERT, f"alert level {level} description {description}"
+                )
+            return
+        if not useful:
+            self.datagrams_ignored += 1
 
     def _read_records(self) -> bool:
-        """Decrypt every record of the datagram just fed; True if any was delivered."""
+        """mbed TLS's record path: decrypt every record of the datagram just fed;
+        True if any was delivered."""
         readinto = self._readinto
         chunk = self._read_buffer
         delivered = False
@@ -658,16 +881,25 @@ class _DtlsSession:
         return delivered
 
     def _collect_output(self) -> None:
-        buf = self._buf
+        buf = self._tls
         data = buf.peek_outgoing(1 << 20)
         if data:
             buf.consume_outgoing(len(data))
-            if len(data) <= self._mtu:
-                self._out.append(data)
-            else:
-                self._out.extend(_split_datagrams(data, self._mtu))
+            mtu = self._mtu
+            datagrams = [data] if len(data) <= mtu else _split_datagrams(data, mtu)
+            self._out.extend(datagrams)
+            if self.state is SessionState.HANDSHAKING:
+                self._last_output = datagrams
+                self._hs_out_seq = max(self._hs_out_seq, _max_seq_of_epoch(data, 1))
 
     def _send_close_notify(self) -> None:
+        records = self._records
+        if records is not None:
+            if not records.closed:
+                self._out.append(records.seal(CLOSE_NOTIFY_ALERT, CONTENT_ALERT))
+            return
+        if self._buf is None:
+            return
         try:
             self._buf.shutdown()
         except TLSError:
@@ -697,7 +929,42 @@ class _DtlsSession:
     def _finish(self, reason: CloseReason, detail: str = "") -> None:
         self.state = SessionState.CLOSED
         self._clock.fin_at = None
+        # Keys go with the session: ours, and mbed TLS's with its context.
+        if self._records is not None:
+            self._records.wipe()
+        self._keys.wipe()
+        self._final_flight = None
+        self._last_output = []
         self._events.append(ConnectionClosed(reason.value, detail))
+
+
+class _HandOverError(Exception):
+    """The handshake's keys cannot be taken over (fails the session closed)."""
+
+
+def _released_readinto(_buffer: bytearray, _size: int) -> int:
+    raise RuntimeError("the mbed TLS context was released")
+
+
+def _max_seq_of_epoch(data: bytes, epoch: int) -> int:
+    """Highest sequence number of the records of `epoch` in `data` (-1 if none)."""
+    highest = -1
+    offset, end = 0, len(data)
+    while offset + 13 <= end:
+        if int.from_bytes(data[offset + 3 : offset + 5], "big") == epoch:
+            highest = max(highest, int.from_bytes(data[offset + 5 : offset + 11], "big"))
+        offset += 13 + int.from_bytes(data[offset + 11 : offset + 13], "big")
+    return highest
+
+
+def _first_record_of_epoch(data: bytes, epoch: int) -> int | None:
+    """Offset of the first record of `epoch` in `data`, if any."""
+    offset, end = 0, len(data)
+    while offset + 13 <= end:
+        if int.from_bytes(data[offset + 3 : offset + 5], "big") == epoch:
+            return offset
+        offset += 13 + int.from_bytes(data[offset + 11 : offset + 13], "big")
+    return None
 
 
 class DtlsServerSession(_DtlsSession):
@@ -715,11 +982,13 @@ class DtlsServerSession(_DtlsSession):
     only).
     """
 
-    def __init__(self, config: DtlsServerConfig, peer: bytes, now: float) -> None:
+    def __init__(
+        self, config: DtlsServerConfig, peer: bytes, now: float, *, record_layer: bool = True
+    ) -> None:
         if not peer:
             raise ValueError("peer id must not be empty (it keys the cookie)")
         buffer = config.context.wrap_buffers()
-        super().__init__(config, buffer, now)
+        super().__init__(config, buffer, now, record_layer)
         self._server_config = config
         self._peer = peer
         self._hello_done = False  # a ServerHello was sent: the cookie was valid
@@ -754,12 +1023,12 @@ class DtlsServerSession(_DtlsSession):
 
     def _drive_handshake(self) -> None:
         super()._drive_handshake()
-        if not self._hello_done:
+        if not self._hello_done and self._buf is not None:
             self._hello_done = self._buf._handshake_state not in _BEFORE_SERVER_HELLO
 
     def _on_hello_verify_request(self) -> None:
         self._collect_output()
-        self._buf.setcookieparam(self._peer)  # the reset forgot it
+        self._tls.setcookieparam(self._peer)  # the reset forgot it
         self.hello_verify_requests_sent += 1
 
     def _is_noise(self, exc: TLSError) -> bool:
@@ -768,8 +1037,9 @@ class DtlsServerSession(_DtlsSession):
 
     def _drop_noise(self) -> None:
         # python-mbedtls reset the buffer: drop its alert, restore the cookie parameter.
-        self._buf.consume_outgoing(len(self._buf.peek_outgoing(1 << 16)))
-        self._buf.setcookieparam(self._peer)
+        buf = self._tls
+        buf.consume_outgoing(len(buf.peek_outgoing(1 << 16)))
+        buf.setcookieparam(self._peer)
         self.datagrams_ignored += 1
 
     def _check_peer(self, peer_cert_der: bytes | None) -> tuple[CloseReason, str] | None:
@@ -781,8 +1051,10 @@ class DtlsServerSession(_DtlsSession):
 class DtlsClientSession(_DtlsSession):
     """Client side of one tunnel; the ClientHello is queued on creation."""
 
-    def __init__(self, config: DtlsClientConfig, now: float) -> None:
-        super().__init__(config, config.context.wrap_buffers(None), now)
+    _is_client = True
+
+    def __init__(self, config: DtlsClientConfig, now: float, *, record_layer: bool = True) -> None:
+        super().__init__(config, config.context.wrap_buffers(None), now, record_layer)
         self._pinned = config.pinned_server_cert_der
         self._drive_handshake()
 

@@ -9,7 +9,13 @@ python-mbedtls 2.10 does not expose two settings the SENG tunnels need:
   mbed TLS's wall-clock timer, which a sans-I/O session cannot drive with an
   explicit `now` (tests, simulated time, one clock per event loop).
 
-Both are public mbed TLS functions exported by the shared library the python-mbedtls
+and a third that our own record layer (`record.py`) needs:
+
+* the key export (`mbedtls_ssl_conf_export_keys_ext_cb`): master secret, key block,
+  client and server random and PRF type of each handshake, so that established
+  sessions can seal and open their records without mbed TLS.
+
+All are public mbed TLS functions exported by the shared library the python-mbedtls
 wheel ships (`python_mbedtls.libs/libmbedtls-*.so`). What python-mbedtls hides is
 the address of its C structs; we find them in the Cython object and verify every
 address through mbed TLS itself before using it (see `_locate`), so a different
@@ -18,10 +24,12 @@ python-mbedtls layout fails loudly at start-up instead of corrupting memory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,24 @@ ECP_GROUP_IDS: dict[str, int] = {"secp256r1": 3, "secp384r1": 4, "secp521r1": 5}
 
 _SET_TIMER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
 _GET_TIMER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+# mbedtls_ssl_export_keys_ext_t (mbed TLS 2.28 ssl.h): p_expkey, ms, kb, maclen, keylen,
+# ivlen, client_random[32], server_random[32], mbedtls_tls_prf_types.
+_EXPORT_KEYS = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_int,
+)
+# mbedtls_tls_prf_types: NONE, SSL3, TLS1, SHA384, SHA256.
+PRF_SHA256 = 4
+MASTER_SECRET_LEN = 48
+_MAX_KEY_BLOCK = 256  # mbed TLS's own keyblk[256]
 
 
 class NativeBridgeError(RuntimeError):
@@ -100,6 +126,83 @@ _set_timer_cb = _SET_TIMER(_set_timer)
 _get_timer_cb = _GET_TIMER(_get_timer)
 
 
+class ExportedKeys:
+    """What mbed TLS handed over for one handshake (see `NativeHandle.capture_keys`).
+    Secrets live in bytearrays so that `wipe()` can zero them; repr never shows them."""
+
+    __slots__ = (
+        "client_random",
+        "ivlen",
+        "key_block",
+        "keylen",
+        "maclen",
+        "master_secret",
+        "prf_type",
+        "server_random",
+    )
+
+    def __init__(self) -> None:
+        self.master_secret = bytearray()
+        self.key_block = bytearray()
+        self.client_random = b""
+        self.server_random = b""
+        self.prf_type = 0
+        self.maclen = self.keylen = self.ivlen = 0
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.master_secret)
+
+    def wipe(self) -> None:
+        for secret in (self.master_secret, self.key_block):
+            secret[:] = bytes(len(secret))
+        self.master_secret = bytearray()
+        self.key_block = bytearray()
+
+    def __repr__(self) -> str:
+        return f"<ExportedKeys captured={self.captured} prf={self.prf_type}>"
+
+
+# The key-export callback is set on the configuration that all sessions of a context
+# share, and mbed TLS gives it no pointer to the session. It runs synchronously inside
+# the do_handshake() call that derives the keys, on the calling thread: the session
+# names itself as this thread's sink for the duration of its mbed TLS calls.
+_capture = threading.local()
+
+
+def _export_keys(
+    _p: int | None,
+    ms: int | None,
+    kb: int | None,
+    maclen: int,
+    keylen: int,
+    ivlen: int,
+    client_random: int | None,
+    server_random: int | None,
+    prf_type: int,
+) -> int:
+    sink: ExportedKeys | None = getattr(_capture, "sink", None)
+    kb_len = 2 * (maclen + keylen + ivlen)
+    if sink is None or not (ms and kb and client_random and server_random):
+        return 0  # not a session of ours (mbed TLS 2.28 ignores the return value)
+    if kb_len > _MAX_KEY_BLOCK:
+        return 0
+    sink.wipe()
+    master = bytearray(MASTER_SECRET_LEN)
+    block = bytearray(kb_len)
+    ctypes.memmove((ctypes.c_char * MASTER_SECRET_LEN).from_buffer(master), ms, MASTER_SECRET_LEN)
+    if kb_len:
+        ctypes.memmove((ctypes.c_char * kb_len).from_buffer(block), kb, kb_len)
+    sink.master_secret, sink.key_block = master, block
+    sink.client_random = ctypes.string_at(client_random, 32)
+    sink.server_random = ctypes.string_at(server_random, 32)
+    sink.prf_type, sink.maclen, sink.keylen, sink.ivlen = prf_type, maclen, keylen, ivlen
+    return 0
+
+
+_export_keys_cb = _EXPORT_KEYS(_export_keys)
+
+
 def _loaded_library(stem: str) -> str:
     """Path of the mbed TLS library the python-mbedtls extension loaded (the wheel's
     own copy under python_mbedtls.libs when there is one)."""
@@ -137,6 +240,14 @@ class _Bridge:
         ssl.mbedtls_ssl_check_pending.argtypes = [ctypes.c_void_p]
         ssl.mbedtls_ssl_check_pending.restype = ctypes.c_int
         self.check_pending = ssl.mbedtls_ssl_check_pending
+        if not hasattr(ssl, "mbedtls_ssl_conf_export_keys_ext_cb"):
+            raise NativeBridgeError("mbed TLS was built without MBEDTLS_SSL_EXPORT_KEYS")
+        ssl.mbedtls_ssl_conf_export_keys_ext_cb.argtypes = [
+            ctypes.c_void_p,
+            _EXPORT_KEYS,
+            ctypes.c_void_p,
+        ]
+        ssl.mbedtls_ssl_conf_export_keys_ext_cb.restype = None
         # Self-test on a throwaway context before touching a real one.
         self._locate(tls.ServerContext(tls.DTLSConfiguration()).wrap_buffers(), 1000)
 
@@ -200,6 +311,22 @@ class NativeHandle:
         bridge().ssl.mbedtls_ssl_set_timer_cb(
             self.ssl_addr, ctypes.c_void_p(key), _set_timer_cb, _get_timer_cb
         )
+
+    def install_key_export(self) -> None:
+        """Have mbed TLS export the keys of every handshake on this buffer's
+        configuration (shared by the context's buffers; setting it again is harmless)."""
+        bridge().ssl.mbedtls_ssl_conf_export_keys_ext_cb(self.conf_addr, _export_keys_cb, None)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def capture_keys(sink: ExportedKeys) -> Iterator[None]:
+        """Keys that mbed TLS exports on this thread meanwhile go to `sink`."""
+        previous = getattr(_capture, "sink", None)
+        _capture.sink = sink
+        try:
+            yield
+        finally:
+            _capture.sink = previous
 
     def has_pending(self) -> bool:
         """Whether mbed TLS still holds unread records of the current datagram."""

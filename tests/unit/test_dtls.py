@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mbedtls import pk, tls
 from mbedtls import x509 as mx509
 
-from seng_fw.tunnel import dtls
+from seng_fw.tunnel import dtls, record
 from seng_fw.tunnel.dtls import (
     CIPHER_ECDSA,
     CIPHER_RSA,
@@ -659,3 +662,357 @@ def test_unknown_curve_is_rejected(server_id: Identity) -> None:
 def test_peer_id_packs_address_and_port() -> None:
     assert dtls.peer_id(("127.0.0.1", 12345)) == b"\x7f\x00\x00\x01\x30\x39"
     assert len(dtls.peer_id(("::1", 1, 0, 0))) == 18
+
+
+# ----------------------------------------------------------------- forged datagrams (issue 14)
+
+
+def _forged(k: int, epoch: int = 0) -> bytes:
+    # A record mbed TLS discards (old epoch, or an already-seen sequence number in the
+    # current one) followed by k stray bytes: mbed TLS 2.28 answered it with an
+    # internal error, which ended the session.
+    return b"\x17\xfe\xfd" + epoch.to_bytes(2, "big") + bytes(6) + b"\x00\x01\x00" + b"x" * k
+
+
+@pytest.mark.parametrize("record_layer", [True, False], ids=["ours", "mbedtls"])
+@pytest.mark.parametrize("victim", ["client", "server"])
+def test_one_forged_datagram_never_ends_an_established_session(
+    victim: str,
+    record_layer: bool,
+    client_config: dtls.DtlsClientConfig,
+    server_config: dtls.DtlsServerConfig,
+) -> None:
+    link = Link(
+        DtlsClientSession(client_config, 0.0, record_layer=record_layer),
+        DtlsServerSession(server_config, PEER, 0.0, record_layer=record_layer),
+    )
+    link.run()
+    session = getattr(link, victim)
+    session.events()
+    forged = [_forged(k) for k in range(1, 13)]
+    # Epoch 1, sequence number 0: the peer's Finished had it, so a replay in mbed TLS's eyes.
+    forged += [_forged(k, epoch=1) for k in range(1, 13)]
+    for datagram in forged:
+        session.receive_datagram(datagram, 1.0)
+        assert session.established, datagram.hex()
+    assert closed_reasons(session.events()) == []
+    assert session.datagrams_ignored == len(forged)
+    # The tunnel still carries data both ways.
+    link.client.send_record(b"after")
+    link.server.send_record(b"reply")
+    for datagram in link.client.datagrams_to_send():
+        link.server.receive_datagram(datagram, 2.0)
+    for datagram in link.server.datagrams_to_send():
+        link.client.receive_datagram(datagram, 2.0)
+    assert payloads(link.server.events()) == [b"after"]
+    assert payloads(link.client.events()) == [b"reply"]
+
+
+# ----------------------------------------------------------------- our record layer vs mbed TLS's
+
+
+def _link(
+    client_config: dtls.DtlsClientConfig,
+    server_config: dtls.DtlsServerConfig,
+    *,
+    client_rl: bool = True,
+    server_rl: bool = True,
+    drop: Callable[[str, int, bytes], bool] | None = None,
+) -> Link:
+    link = Link(
+        DtlsClientSession(client_config, 0.0, record_layer=client_rl),
+        DtlsServerSession(server_config, PEER, 0.0, record_layer=server_rl),
+    )
+    if drop is not None:
+        link.drop = drop
+    link.run()
+    assert link.client.established and link.server.established
+    link.client_events.clear()
+    link.server_events.clear()
+    return link
+
+
+def _deliver(datagrams: Iterable[bytes], dst: Any, now: float = 1.0) -> list[bytes]:
+    for datagram in datagrams:
+        dst.receive_datagram(datagram, now)
+    return payloads(dst.events())
+
+
+# (client uses our record layer, server uses it): one side on mbed TLS's records.
+MIXED = [(False, True), (True, False)]
+
+
+@pytest.mark.parametrize(
+    ("client_rl", "server_rl"), MIXED, ids=["mbedtls-client", "mbedtls-server"]
+)
+def test_records_interoperate_with_mbedtls_both_ways(
+    client_rl: bool,
+    server_rl: bool,
+    client_config: dtls.DtlsClientConfig,
+    server_config: dtls.DtlsServerConfig,
+) -> None:
+    link = _link(client_config, server_config, client_rl=client_rl, server_rl=server_rl)
+    ours = link.server if server_rl else link.client
+    theirs = link.client if server_rl else link.server
+    assert ours._records is not None and ours._buf is None  # mbed TLS released
+    assert theirs._records is None and theirs._buf is not None
+    assert not ours._keys.captured and not theirs._keys.captured  # exported keys wiped
+    packets = [
+        b"\x45",
+        b"\x45" + bytes(63),
+        bytes(range(256)) * 5 + bytes(120),
+        b"\x45" * TUNNEL_MTU,
+    ]
+    for packet in packets * 3:  # enough records to move both sides' windows
+        theirs.send_record(packet)
+        ours.send_record(packet[::-1])
+    sealed_by_mbedtls = theirs.datagrams_to_send()
+    sealed_by_us = ours.datagrams_to_send()
+    assert [len(d) for d in sealed_by_us] == [len(d) for d in sealed_by_mbedtls]
+    assert _deliver(sealed_by_mbedtls, ours) == packets * 3
+    assert _deliver(sealed_by_us, theirs) == [p[::-1] for p in packets * 3]
+    assert {r: n for r, n in ours.drops.items() if n} == {}
+
+
+@pytest.mark.parametrize(
+    ("client_rl", "server_rl"), MIXED, ids=["mbedtls-client", "mbedtls-server"]
+)
+def test_records_that_mbedtls_sealed_are_refused_when_tampered_replayed_or_stale(
+    client_rl: bool,
+    server_rl: bool,
+    client_config: dtls.DtlsClientConfig,
+    server_config: dtls.DtlsServerConfig,
+) -> None:
+    link = _link(client_config, server_config, client_rl=client_rl, server_rl=server_rl)
+    ours = link.server if server_rl else link.client
+    theirs = link.client if server_rl else link.server
+    for i in range(70):
+        theirs.send_record(b"packet %d" % i)
+    sealed = theirs.datagrams_to_send()
+    tampered = bytearray(sealed[0])
+    tampered[30] ^= 0x01
+    old_epoch = sealed[1][:3] + b"\x00\x00" + sealed[1][5:]
+    assert _deliver([bytes(tampered), old_epoch], ours) == []
+    assert _deliver(sealed[69:], ours) == [b"packet 69"]
+    assert _deliver(sealed[69:], ours) == []  # replay
+    assert _deliver(sealed[2:3], ours) == []  # 67 behind the newest: too old
+    assert _deliver(sealed[6:7], ours) == [b"packet 6"]  # 63 behind: still in the window
+    drops = {r: n for r, n in ours.drops.items() if n}
+    assert drops == {
+        record.DropReason.BAD_TAG: 1,
+        record.DropReason.WRONG_EPOCH: 1,
+        record.DropReason.REPLAY: 1,
+        record.DropReason.TOO_OLD: 1,
+    }
+    assert ours.established and ours.datagrams_ignored == 4
+    assert ours.events() == []
+
+
+@pytest.mark.parametrize(
+    ("client_rl", "server_rl"), MIXED, ids=["mbedtls-client", "mbedtls-server"]
+)
+def test_mbedtls_refuses_what_we_sealed_when_tampered_or_replayed(
+    client_rl: bool,
+    server_rl: bool,
+    client_config: dtls.DtlsClientConfig,
+    server_config: dtls.DtlsServerConfig,
+) -> None:
+    link = _link(client_config, server_config, client_rl=client_rl, server_rl=server_rl)
+    ours = link.server if server_rl else link.client
+    theirs = link.client if server_rl else link.server
+    ours.send_record(b"one")
+    ours.send_record(b"two")
+    first, second = ours.datagrams_to_send()
+    tampered = first[:-1] + bytes([first[-1] ^ 1])
+    assert _deliver([tampered], theirs) == []
+    assert _deliver([first, first, second], theirs) == [b"one", b"two"]
+    assert theirs.established and not closed_reasons(theirs.events())
+
+
+@pytest.mark.parametrize("closer_uses_rl", [True, False])
+def test_close_notify_across_record_layers(
+    closer_uses_rl: bool, client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    link = _link(
+        client_config, server_config, client_rl=closer_uses_rl, server_rl=not closer_uses_rl
+    )
+    link.client.close()
+    [alert] = link.client.datagrams_to_send()
+    assert records(alert)[0][0] == 21
+    link.server.receive_datagram(alert, 1.0)
+    assert closed_reasons(link.server.events()) == [CloseReason.CLOSE_NOTIFY]
+
+
+def test_fatal_and_warning_alerts_after_the_handshake(
+    client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    link = established(client_config, server_config)
+    client_records = link.client._records
+    assert client_records is not None
+    warning = client_records.seal(b"\x01\x64", record.CONTENT_ALERT)  # no_renegotiation
+    link.server.receive_datagram(warning, 1.0)
+    assert link.server.established and link.server.events() == []
+    fatal = client_records.seal(b"\x02\x50", record.CONTENT_ALERT)  # internal_error
+    link.server.receive_datagram(fatal, 1.0)
+    [closed] = of_type(link.server.events(), ConnectionClosed)
+    assert closed.reason == CloseReason.FATAL_ALERT and "80" in closed.detail
+    assert link.server.drops[record.DropReason.WARNING_ALERT] == 1
+
+
+def test_renegotiation_is_refused(
+    client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    link = established(client_config, server_config)
+    client_records, server_records = link.client._records, link.server._records
+    assert client_records is not None and server_records is not None
+    # An authenticated ClientHello in epoch 1 (a renegotiation attempt), and a server
+    # HelloRequest: dropped, counted, never answered, the session stays up.
+    hello = b"\x01" + bytes(11) + b"\xfe\xfd" + bytes(32)
+    link.server.receive_datagram(client_records.seal(hello, record.CONTENT_HANDSHAKE), 1.0)
+    link.client.receive_datagram(server_records.seal(bytes(12), record.CONTENT_HANDSHAKE), 1.0)
+    for side in (link.server, link.client):
+        assert side.established and side.events() == [] and side.datagrams_to_send() == []
+        assert side.drops[record.DropReason.HANDSHAKE] == 1
+    assert link.server.flight_resends == 0
+
+
+@pytest.mark.parametrize("client_rl", [True, False])
+def test_lost_final_flight_is_resent_by_our_record_layer(
+    client_rl: bool, client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    # The server's ChangeCipherSpec+Finished is lost: the client repeats its last
+    # flight, and the server (already on our record layer, mbed TLS released) resends
+    # its own from what it kept, without sealing anything new.
+    link = _link(
+        client_config,
+        server_config,
+        client_rl=client_rl,
+        drop=lambda d, n, _b: d == "s2c" and n == 3,
+    )
+    assert link.server.flight_resends == 1
+    assert link.server._buf is None
+    # The resent flight is the lost one, byte for byte: ChangeCipherSpec, Finished.
+    server_sent = [d for _, direction, d in link.wire if direction == "s2c"]
+    [final] = [d for d in server_sent if any(epoch == 1 for _, epoch, _ in records(d))][:1]
+    assert server_sent.count(final) == 2
+    assert [(t, e) for t, e, _ in records(final)] == [(20, 0), (22, 1)]
+    link.client.send_record(b"data")
+    assert _deliver(link.client.datagrams_to_send(), link.server) == [b"data"]
+    # Once the client sent data it has our Finished: a repeated Finished is refused.
+    assert link.server._final_flight is None
+    link.server.send_record(b"back")
+    assert _deliver(link.server.datagrams_to_send(), link.client) == [b"back"]
+
+
+def test_keys_are_dropped_when_the_session_ends(
+    client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    link = established(client_config, server_config)
+    for side in (link.client, link.server):
+        assert not side._keys.captured  # the exported copy was wiped at the hand-over
+        assert side._buf is None  # and mbed TLS's went with its context
+    server_records = link.server._records
+    assert server_records is not None
+    link.server.close()
+    assert server_records.closed and bytes(server_records._write_salt) == bytes(4)
+    [alert] = link.server.datagrams_to_send()
+    link.client.receive_datagram(alert, 1.0)
+    assert link.client._records is not None and link.client._records.closed
+
+
+def test_several_records_in_one_datagram_reach_the_session(
+    client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    link = established(client_config, server_config)
+    for packet in (b"a", b"b", b"c"):
+        link.client.send_record(packet)
+    assert _deliver([b"".join(link.client.datagrams_to_send())], link.server) == [b"a", b"b", b"c"]
+
+
+def test_application_data_right_after_the_finished_is_delivered(
+    client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    # A peer may pack its first application record behind its Finished: mbed TLS has
+    # not read it when the handshake completes, so our record layer opens it.
+    client = DtlsClientSession(client_config, 0.0)
+    server = DtlsServerSession(server_config, PEER, 0.0)
+    link = Link(client, server)
+    held: list[bytes] = []
+
+    def hold_finished(direction: str, _n: int, datagram: bytes) -> bool:
+        if direction == "s2c" and any(e == 1 for _, e, _ in records(datagram)):
+            held.append(datagram)
+            return True
+        return False
+
+    link.drop = hold_finished
+    link.pump()
+    assert server.established and not client.established and len(held) == 1
+    server.send_record(b"early")
+    [data] = server.datagrams_to_send()
+    client.receive_datagram(held[0] + data, 0.0)
+    events = client.events()
+    assert client.established
+    assert of_type(events, HandshakeComplete) and payloads(events) == [b"early"]
+    assert client.datagrams_ignored == 0
+
+
+def test_a_key_block_that_disagrees_with_ours_fails_the_session_closed(
+    monkeypatch: pytest.MonkeyPatch,
+    client_config: dtls.DtlsClientConfig,
+    server_config: dtls.DtlsServerConfig,
+) -> None:
+    monkeypatch.setattr(dtls, "derive_key_block", lambda *_args: bytearray(40))
+    link = connect(client_config, server_config)
+    assert closed_reasons(link.client_events) == [CloseReason.ERROR]
+    assert "differs" in of_type(link.client_events, ConnectionClosed)[0].detail
+    assert not of_type(link.client_events, HandshakeComplete)
+    assert not link.server.established
+
+
+def test_no_exported_keys_fails_the_session_closed(
+    monkeypatch: pytest.MonkeyPatch,
+    client_config: dtls.DtlsClientConfig,
+    server_config: dtls.DtlsServerConfig,
+) -> None:
+    @contextlib.contextmanager
+    def nowhere(_sink: object) -> Iterator[None]:
+        yield
+
+    monkeypatch.setattr(dtls.NativeHandle, "capture_keys", staticmethod(nowhere))
+    link = connect(client_config, server_config)
+    assert closed_reasons(link.client_events) == [CloseReason.ERROR]
+    assert not of_type(link.client_events + link.server_events, HandshakeComplete)
+
+
+_FUZZ_LINKS: dict[str, Link] = {}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_no_datagram_ends_an_established_session(
+    data: st.DataObject, client_config: dtls.DtlsClientConfig, server_config: dtls.DtlsServerConfig
+) -> None:
+    if "link" not in _FUZZ_LINKS:
+        _FUZZ_LINKS["link"] = established(client_config, server_config)
+    link = _FUZZ_LINKS["link"]
+    victim = data.draw(st.sampled_from(["client", "server"]))
+    session, peer = (link.client, link.server) if victim == "client" else (link.server, link.client)
+    peer.send_record(b"genuine")
+    [genuine] = peer.datagrams_to_send()
+    datagram = bytearray(
+        data.draw(
+            st.one_of(
+                st.binary(max_size=100),
+                st.just(genuine),
+                st.builds(lambda k: _forged(k), st.integers(1, 12)),
+            )
+        )
+    )
+    for _ in range(data.draw(st.integers(0, 3))):
+        if datagram:
+            datagram[data.draw(st.integers(0, len(datagram) - 1))] = data.draw(st.integers(0, 255))
+    datagram += data.draw(st.binary(max_size=13))
+    session.receive_datagram(bytes(datagram), 1.0)
+    assert not closed_reasons(session.events())
+    assert session.established
