@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from seng_fw.lab.lab import DEMO_WEBAPP, EnclaveSpec, Lab
-from seng_fw.netns import CLIENT_A, GATEWAY, netns_socket
-from tests.integration.seng_client import parse_udp, udp_packet
+from seng_fw.lab.topology import CLIENT_A, GATEWAY
+from seng_fw.system.netns import netns_socket
 from tests.integration.test_gateway import _make_lab, _scripted, _udp_listener
+from tests.support.seng_client import parse_udp, udp_packet
 
 pytestmark = pytest.mark.root
 
