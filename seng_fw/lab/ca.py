@@ -100,15 +100,11 @@ _BACKDATE = timedelta(hours=1)  # tolerate clocks a little behind the CA's
 
 
 @dataclass(frozen=True)
-class EnclaveCert:
-    """An RA-TLS client certificate with its key and the evidence inside it."""
+class LabCertificate:
+    """A lab client certificate and its key, in the forms the DTLS layer and files take."""
 
     cert_der: bytes
     private_key: ClientPrivateKey
-    report: bytes  # the exact JSON body that was signed
-    signature: bytes  # raw RSA signature over `report`
-    quote: QuoteBody
-    encoding: EvidenceEncoding
 
     @property
     def cert_pem(self) -> bytes:
@@ -123,6 +119,16 @@ class EnclaveCert:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+
+
+@dataclass(frozen=True)
+class EnclaveCert(LabCertificate):
+    """An RA-TLS client certificate with its key and the evidence inside it."""
+
+    report: bytes  # the exact JSON body that was signed
+    signature: bytes  # raw RSA signature over `report`
+    quote: QuoteBody
+    encoding: EvidenceEncoding
 
     @property
     def signature_b64(self) -> bytes:

@@ -59,7 +59,13 @@ from pyasn1.type import univ
 
 from seng_fw.attest.quote import FLAG_DEBUG, FLAG_INITTED, FLAG_MODE64BIT, REPORT_DATA_SIZE
 from seng_fw.attest.ratls import ClientPublicKey, report_data_for_key
-from seng_fw.lab.ca import ClientPrivateKey, KeyType, build_ratls_certificate, generate_client_key
+from seng_fw.lab.ca import (
+    ClientPrivateKey,
+    KeyType,
+    LabCertificate,
+    build_ratls_certificate,
+    generate_client_key,
+)
 from seng_fw.lab.ca import write_file as _write_file
 
 # --- file names in the lab CA directory (beside the EPID lab CA's) ---
@@ -350,29 +356,13 @@ def sign_raw(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class DcapEnclaveCert:
+class DcapEnclaveCert(LabCertificate):
     """A DCAP RA-TLS certificate with its key and the evidence inside it."""
 
-    cert_der: bytes
-    private_key: ClientPrivateKey
     quote: bytes  # the quote bound to the key (sgx-ra-tls .6 / Gramine legacy OID)
     platform: LabPlatform
     layout: Layout
     dice_evidence: bytes | None = None  # Gramine's TCG DICE extension value, if any
-
-    @property
-    def cert_pem(self) -> bytes:
-        cert = x509.load_der_x509_certificate(self.cert_der)
-        return cert.public_bytes(serialization.Encoding.PEM)
-
-    @property
-    def key_pem(self) -> bytes:
-        """PKCS#8 PEM, unencrypted (a lab key), as the DTLS layer loads it."""
-        return self.private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
 
 
 class LabDcapCA:
