@@ -238,10 +238,10 @@ class MemoryGateway:
                         enclave.record(endpoint, event.data)
                         moved = True
             self.to_tun += self.core.packets_for_tun()
-            for event in self.core.events():
-                self.events.append(event)
-                if isinstance(event, AddressReleased) and self.flush_released:
-                    self.core.address_flushed(event.address)
+            for happened in self.core.events():
+                self.events.append(happened)
+                if isinstance(happened, AddressReleased) and self.flush_released:
+                    self.core.address_flushed(happened.address)
             if not moved:
                 return
         raise AssertionError("the gateway and its clients did not settle")
