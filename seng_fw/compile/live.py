@@ -1,5 +1,5 @@
 """The live ruleset: apply a compiled table atomically, show what an apply would change,
-read the per-app counters, and tell a running gateway to reload.
+read the per-app counters and the digest of the policy the live table was compiled from.
 
 Everything goes through libnftables (the `nftables` Python binding, package
 `pip-nftables`, which needs Debian's libnftables1). Only seng-fw's own table is
@@ -10,31 +10,36 @@ and a failed apply's previous ruleset are left exactly as they were.
 State that lives in the table survives an apply: the per-app counters keep their
 values and the gateway's entries in `expose_addr` (which enclave serves an exposed
 service) are carried over while the exposure still exists.
+
+Every applied table carries the digest of its policy (`seng_fw.policy.digest`) as the
+comment of the one rule of an unhooked chain, `policy_digest` (libnftables 1.0.6 drops
+table comments given in JSON; rule comments it keeps): `seng-fw status` compares it
+with the digest of the policy the gateway admits by. Telling the gateway to reload is
+not done here: `seng-fw apply` asks it over the control socket (seng_fw.ops.control).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import difflib
 import functools
 import json
 import os
 import re
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import Any, TypeVar
 
 from seng_fw.compile.compiler import PROTOCOLS, TABLE
 from seng_fw.compile.nft import FAMILY, Json, Table
+from seng_fw.policy.digest import policy_digest
 from seng_fw.policy.models import Policy
 
 T = TypeVar("T")
-DEFAULT_PID_FILE = Path("/run/seng-fw/gateway.pid")
+DIGEST_CHAIN = "policy_digest"
+DIGEST_PREFIX = "sha256:"
 _PROTOCOL_NUMBERS = {name: low for name, (low, _) in PROTOCOLS.items() if name != "any"}
 
 
@@ -155,12 +160,51 @@ def carry_over(table: Table, policy: Policy, state: LiveState) -> None:
 # --- apply, diff --------------------------------------------------------------------
 
 
-def apply(table: Table, policy: Policy, nft: Nft | None = None, *, dry_run: bool = False) -> None:
+def stamped_transaction(table: Table, digest: str) -> Json:
+    """`table.transaction()` plus the `policy_digest` chain whose rule names `digest`."""
+    document = table.transaction()
+    chain = {"family": FAMILY, "table": table.name, "name": DIGEST_CHAIN}
+    rule = {**chain, "chain": DIGEST_CHAIN, "expr": [{"return": None}]}
+    del rule["name"]
+    document["nftables"] += [
+        {"add": {"chain": chain}},
+        {"add": {"rule": {**rule, "comment": f"{DIGEST_PREFIX}{digest}"}}},
+    ]
+    return document
+
+
+def apply(
+    table: Table,
+    policy: Policy,
+    nft: Nft | None = None,
+    *,
+    dry_run: bool = False,
+    digest: str | None = None,
+) -> str:
     """Replace seng-fw's table with `table` in one transaction (raises NftError and
-    changes nothing if the kernel refuses any part of it)."""
+    changes nothing if the kernel refuses any part of it). Returns the policy digest
+    stamped on the table (`digest`, else computed)."""
     nft = nft or Nft()
+    digest = digest or policy_digest(policy)
     carry_over(table, policy, read_state(nft, table.name))
-    nft.run_json(table.transaction(), dry_run=dry_run)
+    nft.run_json(stamped_transaction(table, digest), dry_run=dry_run)
+    return digest
+
+
+def live_digest(nft: Nft, table: str = TABLE) -> str | None:
+    """The policy digest stamped on the live table; None without table or stamp (a
+    table loaded by hand, or by an older seng-fw)."""
+    if not nft.table_exists(table):
+        return None
+    try:
+        objects = nft.list_json(f"chain {FAMILY} {table} {DIGEST_CHAIN}")
+    except NftError:
+        return None
+    for obj in objects:
+        comment = obj.get("rule", {}).get("comment", "")
+        if isinstance(comment, str) and comment.startswith(DIGEST_PREFIX):
+            return comment[len(DIGEST_PREFIX) :]
+    return None
 
 
 def _expand_elements(listing: str) -> list[str]:
@@ -211,9 +255,11 @@ def diff(table: Table, policy: Policy, nft: Nft | None = None) -> str:
     carry_over(table, policy, state)
     old = nft.list_text(f"table inet {table.name}") if state.exists else ""
 
+    digest = policy_digest(policy)
+
     def load_and_list() -> str:
         scratch = Nft()
-        scratch.run_json(table.transaction())
+        scratch.run_json(stamped_transaction(table, digest))
         return scratch.list_text(f"table inet {table.name}")
 
     new = in_scratch_namespace(load_and_list)
@@ -250,32 +296,3 @@ def set_exposure_target(
             commands.append({"add": {"element": {**body, "elem": [[key, str(enclave)]]}}})
     if commands:
         nft.run_json({"nftables": commands})
-
-
-# --- the gateway --------------------------------------------------------------------
-
-
-def reload_gateway(pid_file: Path) -> str:
-    """Send SIGHUP to the gateway whose pid is in `pid_file`; it reloads the policy,
-    disconnects enclaves of apps no longer allowed and deletes their conntrack entries.
-    Returns what happened, for the user."""
-    try:
-        text = pid_file.read_text().strip()
-    except FileNotFoundError:
-        return f"no gateway pid file {pid_file}: no running gateway to reload"
-    except OSError as exc:
-        return f"warning: cannot read {pid_file}: {exc}"
-    if not text.isdigit():
-        return f"warning: {pid_file} does not hold a pid ({text[:20]!r})"
-    pid = int(text)
-    # A stale pid file may name an unrelated process, which SIGHUP would kill.
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return f"warning: gateway pid {pid} from {pid_file} is not running"
-    if b"seng" not in cmdline:
-        return f"warning: pid {pid} from {pid_file} is not a seng-fw gateway; not signalled"
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGHUP)
-        return f"gateway (pid {pid}) told to reload its policy"
-    return f"warning: gateway pid {pid} from {pid_file} is not running"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class RunningGateway:
-    """A GatewayControl behind a real control socket, on an event loop in a thread."""
+    """A GatewayService behind a real control socket, on an event loop in a thread."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.gateway = Gateway(tmp_path)
@@ -87,8 +88,18 @@ def test_enclaves_and_revoke(running: RunningGateway, capsys: pytest.CaptureFixt
     ]  # fmt: skip
     assert out.splitlines()[1].split()[:4] == ["192.168.30.2", "nginx", NGINX.hex()[:16],
                                                "10.0.0.20"]  # fmt: skip
-    code, out, _ = run(capsys, "revoke", "--app", "webapp", "--socket", sock)
+    code, out, _ = run(capsys, "revoke", "--list", "--socket", sock)
+    assert code == 0 and out == "no revocations\n"
+    code, out, _ = run(
+        capsys, "revoke", "--app", "webapp", "--reason", "key leaked", "--socket", sock
+    )
     assert code == 0 and "revoked app webapp: 1 enclaves disconnected" in out
+    code, out, _ = run(capsys, "revoke", "--list", "--socket", sock)
+    header, row = out.splitlines()
+    assert header.split() == ["KIND", "WHAT", "WHO", "WHEN", "WHY"]
+    # who: the user on the other end of the socket (this test's process)
+    assert row.split()[:2] == ["app", "webapp"] and f"pid={os.getpid()})" in row
+    assert "2027-01-15T08:00:00Z" in row and row.endswith("key leaked")
     code, out, _ = run(capsys, "enclaves", "--socket", sock, "--json")
     assert [e["app"] for e in json.loads(out)] == ["nginx"]
     code, _, err = run(capsys, "revoke", "--app", "ghost", "--socket", sock)

@@ -29,6 +29,7 @@ def snapshot() -> Snapshot:
         labeller={"labelled": 5, "unknown": 1},
         firewall={"tx_webapp": (8, 800), "rx_webapp": (9, 900)},
         policy_digest="ab" * 32,
+        ruleset_digest="ab" * 32,
         policy_applied_at=1_700_000_100.0,
     )
 
