@@ -56,6 +56,7 @@ from typing import Final, Literal
 from seng_fw.compile.boxes import Box, Interval, disjoint, merge_intervals
 from seng_fw.compile.nft import (
     And,
+    AnonymousSet,
     Chain,
     Counter,
     Ct,
@@ -95,6 +96,10 @@ SADDR, DADDR = Payload("ip", "saddr"), Payload("ip", "daddr")
 L4PROTO, DPORT = Meta("l4proto"), Payload("th", "dport")
 ORIGINATOR: Final = And(Ct("mark"), 0x0000FFFF)  # label id of the connection's opener
 RESPONDER: Final = Shift(Ct("mark"), 16)  # label id of the end that accepted it
+ORIGINAL_DADDR, ORIGINAL_DPORT = Ct("ip daddr", "original"), Ct("proto-dst", "original")
+# Who may connect to an exposed service: by the connection's destination before DNAT
+# (gateway address and port), so that each exposure has its own sources.
+EXPOSE_KEY: Final = (SADDR, ORIGINATOR, ORIGINAL_DADDR, L4PROTO, ORIGINAL_DPORT)
 
 Direction = Literal["out", "in"]
 
@@ -337,7 +342,10 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
         for exposure in app.expose:
             address = (int(exposure.address), int(exposure.address))
             proto = PROTOCOLS[exposure.protocol]
-            port = (exposure.target_port, exposure.target_port)
+            # Keyed by the exposure's own gateway port (the connection's original
+            # destination), not the enclave port after DNAT: exposures with the same
+            # `to_port` on one address must not share their sources.
+            port = (exposure.port, exposure.port)
             expose_from += [
                 (peer, peer_ids, address, proto, port)
                 for peer, peer_ids in resolve.peers(exposure.from_)
@@ -410,7 +418,7 @@ def _declare_sets(table: Table) -> dict[str, NamedSet]:
             "expose_from",
             (addr, mark, addr, proto, port),
             comment="exposed services: source . its label . gateway address . protocol . "
-            "enclave port",
+            "gateway port",
         ),
         NamedSet(
             "expose_addr",
@@ -526,8 +534,10 @@ def _add_chains(table: Table, policy: Policy, opts: Options) -> None:
         "ingress", comment="new connections to enclaves: the app's chain returns if allowed"
     )
     ingress.add(
+        # (nft types `ct original proto-dst` by the protocol match before it)
+        Match(L4PROTO, AnonymousSet(("tcp", "udp"))),
         Match(Ct("status"), "dnat", "in"),
-        _lookup((SADDR, ORIGINATOR, Ct("ip daddr", "original"), L4PROTO, DPORT), "expose_from"),
+        _lookup(EXPOSE_KEY, "expose_from"),
         Verdict("return"),
         comment="connections to an exposed service, by their original destination",
     )

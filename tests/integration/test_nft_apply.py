@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from seng_fw.compile import live
 from seng_fw.compile.compiler import Options, compile_policy, label_table
@@ -327,6 +328,44 @@ def test_exposed_service(topo: Topology) -> None:
         # withdrawn when the enclave goes
         serve(None)
         assert not connects(topo, "ext", EXT, GW_EXT, 8443)
+
+
+def test_exposures_keep_their_own_sources(topo: Topology) -> None:
+    """Issue 13, defect 1: X exposes gateway port 8001 -> X:8080 to one admin host, Y
+    exposes 8002 -> Y:8080 to a /24. A host of that /24 reaches Y, and not X."""
+    policy = Policy.model_validate(
+        yaml.safe_load(
+            f"""
+apps:
+  - name: x
+    mrenclave: "{"11" * 32}"
+    hosts: 10.77.1.0/24
+    subnet: {{subnet: 192.168.28.0/24}}
+    expose: [{{address: {GW_EXT}, port: 8001, to_port: 8080, from: {EXT}/32}}]
+  - name: y
+    mrenclave: "{"22" * 32}"
+    hosts: 10.77.1.0/24
+    subnet: {{subnet: 172.16.28.0/26}}
+    expose: [{{address: {GW_EXT}, port: 8002, to_port: 8080, from: 10.77.3.0/24}}]
+"""
+        )
+    )
+    apply_in(topo, policy)
+    for app, enclave in (("x", DEMO), ("y", NGINX)):
+        topo.call(
+            "gw",
+            lambda a=app, e=enclave: live.set_exposure_target(  # type: ignore[misc]
+                live.Nft(), policy, a, IPv4Address(e)
+            ),
+        )
+    lan_host = "10.77.3.2"  # a host of Y's /24
+    ip("addr", "add", f"{lan_host}/32", "dev", "lo", netns=topo.ns("ext"))
+    ip("route", "add", "10.77.3.0/24", "via", EXT, netns=topo.ns("gw"))
+    with listening(topo, "enc1", DEMO, 8080), listening(topo, "enc2", NGINX, 8080):
+        assert connects(topo, "ext", EXT, GW_EXT, 8001)  # X's admin host
+        assert connects(topo, "ext", lan_host, GW_EXT, 8002)  # the /24, to Y
+        assert not connects(topo, "ext", lan_host, GW_EXT, 8001)  # the /24, to X
+        assert not connects(topo, "ext", EXT, GW_EXT, 8002)  # X's admin, to Y
 
 
 def test_admin_tables_survive_apply(topo: Topology, tmp_path: Path) -> None:
