@@ -368,6 +368,36 @@ apps:
         assert not connects(topo, "ext", EXT, GW_EXT, 8002)  # X's admin, to Y
 
 
+def test_the_gateway_is_reached_only_by_rules_that_name_it(topo: Topology, tmp_path: Path) -> None:
+    """Issue 13, defect 2: demo-enclave's `to: 0.0.0.0/0 tcp 80,443` (web-clients) opens
+    the web, not the gateway's own addresses (LAN, external side, its address on the
+    enclave's subnet); `{gateway: true}` does."""
+    ip("addr", "add", "192.168.28.1/32", "dev", "lo", netns=topo.ns("gw"))
+    gateway = (GW_EXT, "10.77.1.1", "192.168.28.1")
+
+    def reaches_gateway(port: int) -> list[bool]:
+        with ExitStack() as stack:
+            for address in gateway:
+                stack.enter_context(listening(topo, "gw", address, port))
+            return [connects(topo, "enc1", DEMO, address, port) for address in gateway]
+
+    apply_in(topo, load_policy(EXAMPLE))
+    assert tcp(topo, "enc1", DEMO, "ext", EXT, 443)  # the internet, as the rule says
+    assert reaches_gateway(443) == [False, False, False]
+    assert reaches_gateway(80) == [False, False, False]
+    named = tmp_path / "named.yaml"
+    named.write_text(
+        EXAMPLE.read_text().replace(
+            "      - to: 10.77.2.0/24\n        protocol: icmp\n",
+            "      - to: 10.77.2.0/24\n        protocol: icmp\n"
+            "      - {to: {gateway: true}, protocol: tcp, ports: 443}\n",
+        )
+    )
+    apply_in(topo, load_policy(named))
+    assert reaches_gateway(443) == [True, True, True]
+    assert reaches_gateway(80) == [False, False, False]
+
+
 def test_admin_tables_survive_apply(topo: Topology, tmp_path: Path) -> None:
     nft(
         topo,
