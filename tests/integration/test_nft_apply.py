@@ -17,6 +17,7 @@ stand-in for the labeller's marks.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -524,7 +525,8 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     pid_file.write_text(f"{gateway.pid}\n")
 
     shown = _cli(topo, "diff", str(EXAMPLE), "--tun", "lan")
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 1, shown.stderr  # like `git diff --exit-code`
+    assert "\033[" not in shown.stdout  # no colour: not a terminal
     assert "+++ policy" in shown.stdout and "+\t\t\t192.168.28.0/24 : goto out_demo-enclave" in (
         shown.stdout
     )
@@ -540,7 +542,8 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert marker.exists()
-    assert _cli(topo, "diff", str(EXAMPLE), "--tun", "lan").stdout.strip() == "no changes"
+    same = _cli(topo, "diff", str(EXAMPLE), "--tun", "lan")
+    assert same.returncode == 0 and same.stdout.strip() == "no changes"
 
     # an apply that removes an app: its enclaves' new connections are refused
     assert tcp(topo, "enc1", DEMO, "ext", EXT, 443)
@@ -548,7 +551,12 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     check = _cli(topo, "check", str(smaller))
     assert check.returncode == 0, check.stderr
     shown = _cli(topo, "diff", str(smaller), "--tun", "lan")
+    assert shown.returncode == 1
     assert "-\t\t\t192.168.28.0/24 : goto out_demo-enclave" in shown.stdout
+    stat = _cli(topo, "diff", str(smaller), "--tun", "lan", "--stat").stdout.splitlines()
+    demo = next(line for line in stat if line.split()[0] == "demo-enclave").split()
+    assert demo[3] == "+0" and demo[4] != "-0"  # its rules go, none come
+    assert re.fullmatch(r" \d+ app\(s\) changed; rules \+\d+ -[1-9]\d*, .*", stat[-1])
     assert _cli(topo, "apply", str(smaller), "--tun", "lan").returncode == 0
     assert not tcp(topo, "enc1", DEMO, "ext", EXT, 443)
     assert tcp(topo, "ext", EXT, "enc2", NGINX, 443)
