@@ -121,8 +121,7 @@ def test_apply_hands_the_policy_and_its_digest_to_the_gateway(
 ) -> None:
     """The gateway loads the very file apply applied (not its configured one), checks
     its digest, and admits by it; a digest that does not match is refused."""
-    from tests.unit.test_control import NGINX, WEBAPP
-    from tests.unit.test_control_cli import RunningGateway
+    from tests.support.gateway_service import NGINX, WEBAPP, RunningGateway
 
     applied = tmp_path / "applied.yaml"
     applied.write_text(POLICY_YAML.format(webapp=WEBAPP.hex()))

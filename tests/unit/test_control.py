@@ -11,115 +11,29 @@ import os
 import socket
 import stat
 import time
-from datetime import UTC, datetime
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from seng_fw.attest.identity import EnclaveIdentity
-from seng_fw.gateway.config import ControlConfig, GatewayConfig
-from seng_fw.gateway.core import Enclave, GatewayCore
+from seng_fw.gateway.config import ControlConfig
 from seng_fw.gateway.counters import Drop, EndKind, Revoked, Traffic
-from seng_fw.gateway.service import REVOKED_CHECK, ControlError, FirewallState, GatewayService
+from seng_fw.gateway.service import REVOKED_CHECK, ControlError, FirewallState
 from seng_fw.ops.control import (
     ControlClient,
     ControlRequestFailed,
     ControlServer,
     ControlUnavailable,
 )
-from seng_fw.policy.admission import Admission, AdmissionCheck, AdmissionRejected
+from seng_fw.policy.admission import AdmissionCheck
 from seng_fw.policy.digest import policy_digest
 from seng_fw.policy.models import Policy
-
-WEBAPP, NGINX, OTHER = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
-SIGNER = bytes([9]) * 32
-POLICY = {
-    "apps": [
-        {"name": "webapp", "mrenclave": WEBAPP.hex(), "hosts": ["10.0.0.0/24"],
-         "subnet": {"subnet": "192.168.29.0/24"}},
-        {"name": "nginx", "mrenclave": NGINX.hex(), "hosts": ["10.0.0.0/24"],
-         "subnet": {"subnet": "192.168.30.0/24"}},
-    ]
-}  # fmt: skip
-
-
-class FakeSession:
-    """What GatewayCore touches of a DTLS session when it ends an enclave."""
-
-    closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def datagrams_to_send(self) -> list[bytes]:
-        return []
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def identity(mrenclave: bytes, nonce: int = 0) -> EnclaveIdentity:
-    return EnclaveIdentity(
-        mrenclave=mrenclave, mrsigner=SIGNER, isv_prod_id=0, isv_svn=0, debug=False,
-        quote_status="OK", timestamp=datetime(2026, 1, 1, tzinfo=UTC),
-        report_data=nonce.to_bytes(64, "big"),
-    )  # fmt: skip
-
-
-def config(tmp_path: Path) -> GatewayConfig:
-    return GatewayConfig.model_validate(
-        {
-            "listen": {"address": "10.0.0.1", "port": 12345},
-            "tls": {"certificate": "s.pem", "key": "s.key"},
-            "attestation": {"roots": ["r.pem"]},
-            "policy": str(tmp_path / "policy.yaml"),
-            "control": {"socket": str(tmp_path / "ctl" / "control.sock")},
-        }
-    )
-
-
-class Gateway:
-    """A GatewayCore with enclaves put in place directly (no DTLS), and its control."""
-
-    def __init__(self, tmp_path: Path, policy: dict[str, Any] = POLICY, store: Any = None) -> None:
-        self.policy = Policy.model_validate(policy)
-        self.clock = Clock()
-        self.core = GatewayCore(Admission(self.policy), None, {}, config(tmp_path).timeouts)  # type: ignore[arg-type]
-        self.changes = 0
-        self.control = GatewayService(
-            self.core, config(tmp_path), load_policy=lambda path: self.policy,
-            after_change=self.changed, clock=self.clock, wall_clock=lambda: 1_800_000_000.0,
-            store=store,
-        )  # fmt: skip
-
-    def changed(self) -> None:
-        self.changes += 1
-
-    def add(self, app: str, mrenclave: bytes, host: str = "10.0.0.10", nonce: int = 0) -> Enclave:
-        policy_app = self.policy.app(app)
-        address = self.core.ipam.lease(self.policy.subnet_of(policy_app).subnet, app)
-        now = self.clock()
-        enclave = Enclave(
-            identity=identity(mrenclave, nonce), app=policy_app, host=IPv4Address(host),
-            address=address, uplink_peer=(host, 40000 + nonce), uplink=FakeSession(),  # type: ignore[arg-type]
-            setup=None, pairing_deadline=now + 30, admitted_at=now, last_activity=now,  # type: ignore[arg-type]
-            downlink_peer=(host, 50000 + nonce), downlink=FakeSession(),  # type: ignore[arg-type]
-        )  # fmt: skip
-        self.core._enclave_by_address[address.packed] = enclave
-        return enclave
-
-    def admit(self, mrenclave: bytes, host: str = "10.0.0.10", nonce: int = 0) -> str:
-        try:
-            return self.core.admission.admit(identity(mrenclave, nonce), IPv4Address(host)).name
-        except AdmissionRejected as refusal:
-            return refusal.check
+from tests.support.gateway_service import (
+    NGINX,
+    POLICY,
+    WEBAPP,
+    Gateway,
+)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from seng_fw.gateway.counters import Traffic
 from seng_fw.gateway.service import AppTraffic, Snapshot
 from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
 from seng_fw.policy.admission import AdmissionCheck
-from tests.unit.test_control import NGINX, WEBAPP, Gateway
+from tests.support.gateway_service import NGINX, WEBAPP, Gateway
 
 
 def snapshot() -> Snapshot:

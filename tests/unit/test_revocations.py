@@ -18,7 +18,8 @@ from seng_fw.gateway.revocations import (
     RevocationStoreError,
     write_atomically,
 )
-from tests.unit.test_control import NGINX, REVOKED_CHECK, WEBAPP, Gateway
+from seng_fw.gateway.service import REVOKED_CHECK
+from tests.support.gateway_service import NGINX, WEBAPP, Gateway
 
 
 @pytest.fixture
