@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ from seng_fw.compile.compiler import DEFAULT_TUN, TABLE, Options, compile_policy
 from seng_fw.compile.diff import SHARED, RulesetDiff
 from seng_fw.compile.nft import Table
 from seng_fw.policy.importdb import DbImportError, DbUnreadable, import_db
-from seng_fw.policy.loader import load_policy
+from seng_fw.policy.loader import load_policy, policy_files
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError
 
@@ -198,7 +199,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     policy, table = compiled
     try:
-        changes = live.diff(table, policy)
+        changes = live.diff(table, policy, source=_source_digest(args.policy))
     except (live.NftError, OSError) as exc:
         print(f"seng-fw diff: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -256,6 +257,15 @@ def stat_lines(changes: RulesetDiff) -> list[str]:
     return out
 
 
+def _source_digest(path: Path) -> str:
+    """sha256 of the policy's files (names and contents): with the compiled ruleset it
+    makes the digest that tells apply whether anything changed, admission included."""
+    digest = hashlib.sha256()
+    for file in policy_files(path):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 class _Progress:
     """Phases of a long apply on a terminal: a phase is shown once it has taken more than
     a second, with its time when it ends (stderr, so that stdout stays the result)."""
@@ -310,15 +320,22 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         table = compile_policy(policy, Options(tun=args.tun, table=TABLE))
     try:
         nft = live.Nft()
+        source = _source_digest(args.policy)
         result = live.apply(
-            table, policy, nft, dry_run=args.dry_run, force=args.force, step=progress.step
+            table,
+            policy,
+            nft,
+            dry_run=args.dry_run,
+            force=args.force,
+            step=progress.step,
+            source=source,
         )
         if not result.changed:
             print(f"no changes: the live table holds this ruleset (digest {result.digest[:12]})")
             return EXIT_OK
         if args.dry_run:
             with progress.step("diff"):
-                changes = live.diff(table, policy, nft)
+                changes = live.diff(table, policy, nft, source)
             _show_diff(changes, stat=args.stat, colour=_colour_wanted(args.color))
             print("dry run: the kernel accepts the ruleset; nothing was changed")
             return EXIT_OK

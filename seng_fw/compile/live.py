@@ -107,11 +107,12 @@ def _set_dry_run(nft: Any, enabled: bool) -> None:
 # --- live state carried over an apply ------------------------------------------------
 
 
-def ruleset_digest(table: Table) -> str:
+def ruleset_digest(table: Table, source: str = "") -> str:
     """sha256 of the compiled table, before any live state (counter values, exposure
-    targets) is carried over: the same policy and options give the same digest."""
+    targets) is carried over, and of `source` (the policy's own digest: admission
+    settings such as MRENCLAVE change no rule, yet the gateway must reload them)."""
     document = json.dumps(table.transaction(), separators=(",", ":")).encode()
-    return hashlib.sha256(document).hexdigest()
+    return hashlib.sha256(document + b"\0" + source.encode()).hexdigest()
 
 
 @dataclass
@@ -196,14 +197,16 @@ def apply(
     dry_run: bool = False,
     force: bool = False,
     step: Step = _quiet,
+    source: str = "",
 ) -> ApplyResult:
     """Replace seng-fw's table with `table` in one transaction (raises NftError and
     changes nothing if the kernel refuses any part of it). When the live table already
     holds this very ruleset (same digest) nothing is done, unless `force`. `step(name)`
-    wraps each phase (for progress output)."""
+    wraps each phase (for progress output); `source` goes into the digest (see
+    `ruleset_digest`)."""
     nft = nft or Nft()
     with step("render"):
-        digest = ruleset_digest(table)
+        digest = ruleset_digest(table, source)
     with step("read the live table"):
         state = read_state(nft, table.name)
     if state.digest == digest and not force:
@@ -240,11 +243,11 @@ def in_scratch_namespace(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def diff(table: Table, policy: Policy, nft: Nft | None = None) -> RulesetDiff:
+def diff(table: Table, policy: Policy, nft: Nft | None = None, source: str = "") -> RulesetDiff:
     """What `apply` would change in seng-fw's table, object by object (both listings
     normalised by the kernel: the new table is loaded into a scratch namespace)."""
     nft = nft or Nft()
-    digest = ruleset_digest(table)
+    digest = ruleset_digest(table, source)
     state = read_state(nft, table.name)
     carry_over(table, policy, state)
     old = nft.list_text(f"table inet {table.name}") if state.exists else ""

@@ -594,6 +594,11 @@ def test_apply_of_an_unchanged_policy_does_nothing(topo: Topology, tmp_path: Pat
     forced = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--force")
     assert forced.stdout.startswith("applied: table inet seng replaced: 4 apps")
     assert topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout != handles
+    # an admission change alone changes no rule, but the gateway must reload it
+    admission = tmp_path / "admission.yaml"
+    admission.write_text(EXAMPLE.read_text().replace("min_isv_svn: 3", "min_isv_svn: 4"))
+    changed = _cli(topo, "apply", str(admission), "--tun", "lan")
+    assert changed.stdout.startswith("applied: table inet seng replaced: 4 apps")
     smaller = _cli(topo, "apply", str(without_demo(tmp_path)), "--tun", "lan")
     assert smaller.stdout.startswith("applied: table inet seng replaced: 3 apps")
     # the digest is not part of the diff
