@@ -29,6 +29,7 @@ from seng_fw.gateway.core import (
     GatewayEvent,
     Port,
 )
+from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
@@ -96,7 +97,7 @@ class GatewayServer:
                 self.core.datagram_received(port, address, data, now)
             except Exception:
                 # One bad datagram must never stop the server from serving everyone else.
-                self.core.counters["internal_error.datagram"] += 1
+                self.core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
                 log.exception("internal error on a datagram from %s:%d", *address)
         self._flush()
 
@@ -116,14 +117,14 @@ class GatewayServer:
             try:
                 self.sockets[port].sendto(datagram, address)
             except OSError:
-                core.counters["dropped.send_error"] += 1
+                core.counters.dropped[Drop.SEND_ERROR] += 1
         for packet in core.packets_for_tun():
             try:
                 written = self.tun.write(packet)
             except OSError:
                 written = False
             if not written:
-                core.counters["dropped.tun_write_error"] += 1
+                core.counters.dropped[Drop.TUN_WRITE_ERROR] += 1
         for event in core.events():
             self._handle_event(event)
 
@@ -309,7 +310,7 @@ class GatewayServer:
         self.tun.close()
         for sock in self.sockets.values():
             sock.close()
-        log.info("gateway stopped: %s", dict(self.core.counters))
+        log.info("gateway stopped: %s", self.core.counters.flat())
 
 
 class Service(Protocol):

@@ -47,25 +47,17 @@ class _SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        counters = snap.counters
-
-        yield _counter("admissions", "Enclaves admitted", [((), counters.get("admitted", 0))])
+        yield _counter("admissions", "Enclaves admitted", [((), snap.admitted)])
         yield _counter(
-            "rejections",
-            "Tunnels refused, by failed check",
-            _labelled(counters, "rejected."),
-            ["reason"],
+            "rejections", "Tunnels refused, by failed check", _labelled(snap.rejected), ["reason"]
         )
         yield _counter(
-            "tunnel_ends",
-            "Enclave tunnels ended, by reason",
-            _labelled(counters, "ended."),
-            ["reason"],
+            "tunnel_ends", "Enclave tunnels ended, by reason", _labelled(snap.ended), ["reason"]
         )
         yield _counter(
             "dropped_packets",
             "Packets the gateway dropped, by reason",
-            _labelled(counters, "dropped."),
+            _labelled(snap.dropped),
             ["reason"],
         )
 
@@ -128,8 +120,8 @@ class _SnapshotCollector(Collector):
         yield info
 
 
-def _labelled(counters: dict[str, int], prefix: str) -> list[tuple[tuple[str, ...], int]]:
-    return [((k[len(prefix) :],), v) for k, v in sorted(counters.items()) if k.startswith(prefix)]
+def _labelled(by_reason: dict[str, int]) -> list[tuple[tuple[str, ...], int]]:
+    return [((reason,), value) for reason, value in sorted(by_reason.items())]
 
 
 def _counter(
