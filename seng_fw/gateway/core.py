@@ -425,6 +425,13 @@ class GatewayCore:
             self.counters["dropped.spoofed"] += 1
             enclave.counters["dropped_spoofed"] += 1
             return
+        if packets.has_options(data):
+            # IP options (source routes, record route, timestamps, router alert) are
+            # not forwarded: applications behind SENG never need them, and they are a
+            # way around the firewall's view of a packet. Dropped, not stripped (that
+            # would rewrite every such header on the data path), and counted.
+            self.counters["dropped.ip_options"] += 1
+            return
         enclave.setup.acknowledge_implicitly()
         enclave.last_activity = now
         enclave.counters["packets_in"] += 1
