@@ -22,6 +22,7 @@ from typing import Protocol
 
 from seng_fw.attest.identity import AttestationRejected, EnclaveIdentity, EvidenceVerifier
 from seng_fw.gateway.config import TimeoutConfig
+from seng_fw.gateway.handshakes import HalfOpenHandshakes, HandshakeLimits
 from seng_fw.policy.admission import Admission, AdmissionRejected
 from seng_fw.policy.ipam import EnclaveSubnet, Ipam, PoolExhausted
 from seng_fw.policy.models import App
@@ -108,6 +109,7 @@ class GatewayCore:
         verifier: EvidenceVerifier,
         dtls: dict[Port, DtlsServerConfig],
         timeouts: TimeoutConfig,
+        handshake_limits: HandshakeLimits | None = None,
     ) -> None:
         self.admission = admission
         self.verifier = verifier
@@ -127,6 +129,12 @@ class GatewayCore:
         self.observers: list[EnclaveObserver] = []
         # Seconds from a peer's first accepted datagram to its handshake's end (metrics).
         self.handshake_seconds: list[float] = []
+        # Sessions past the cookie check that have not completed (seng_fw.gateway.handshakes).
+        self.handshakes: HalfOpenHandshakes[tuple[Port, Address]] = HalfOpenHandshakes(
+            handshake_limits or HandshakeLimits(), self.counters
+        )
+        # DTLS sessions dropped so far (the adapter returns freed memory to the OS).
+        self.sessions_released = 0
 
     # ----- outputs -------------------------------------------------------------------
 
@@ -168,8 +176,12 @@ class GatewayCore:
                 else:
                     self.counters["dropped.not_client_hello"] += 1
                 return
+            if not self.handshakes.may_start(address[0], now):
+                return  # rate-limited (counted): the client retries with a new cookie
             session = DtlsServerSession(self._dtls[port], cookie_id, now)
             peer = self._peers[(port, address)] = Peer(port, address, session, now)
+            for key in self.handshakes.started((port, address), address[0], now):
+                self._drop_half_open(key)
         elif peer.candidate is not None:
             # A reconnect handshake is under way from this address: it sees every
             # datagram too (each session silently drops what is not its own epoch/keys).
@@ -206,6 +218,8 @@ class GatewayCore:
             if peer.candidate is not None and now >= (peer.candidate.next_timeout() or now + 1):
                 peer.candidate.handle_timeout(now)
                 self._candidate_events(peer, now)
+        for key in self.handshakes.expired(now, self._has_client_certificate):
+            self._drop_half_open(key)
         for enclave in list(self._enclave_by_address.values()):
             if enclave.downlink is None and now >= enclave.pairing_deadline:
                 self._end_enclave(enclave, "pairing_timeout", now)
@@ -216,6 +230,8 @@ class GatewayCore:
 
     def next_timeout(self) -> float | None:
         deadlines = [d for p in self._peers.values() if (d := p.session.next_timeout()) is not None]
+        if (half_open := self.handshakes.next_deadline()) is not None:
+            deadlines.append(half_open)
         for enclave in self._enclave_by_address.values():
             deadlines.append(enclave.last_activity + self.timeouts.idle)
             if enclave.downlink is None:
@@ -276,7 +292,20 @@ class GatewayCore:
             self._outgoing.append((port, address, datagram))
 
     def _forget(self, peer: Peer) -> None:
-        self._peers.pop((peer.port, peer.address), None)
+        key = (peer.port, peer.address)
+        self.handshakes.discard(key)
+        if self._peers.pop(key, None) is not None:
+            self.sessions_released += 1
+
+    def _has_client_certificate(self, key: tuple[Port, Address]) -> bool:
+        peer = self._peers.get(key)
+        return peer is not None and peer.session.client_certificate_received
+
+    def _drop_half_open(self, key: tuple[Port, Address]) -> None:
+        """Evicted or timed out before completing: forgotten without an alert."""
+        peer = self._peers.get(key)
+        if peer is not None and peer.enclave is None and not peer.session.established:
+            self._forget(peer)
 
     def _handle_events(self, peer: Peer, events: list[DtlsEvent], now: float) -> None:
         for event in events:
@@ -330,6 +359,7 @@ class GatewayCore:
         peer.session.close()
 
     def _handshake_complete(self, peer: Peer, cert_der: bytes, now: float) -> None:
+        self.handshakes.discard((peer.port, peer.address))
         self.handshake_seconds.append(now - peer.created)
         del self.handshake_seconds[:-1000]  # bounded if nobody drains it
         identity = self._attest(peer, cert_der)

@@ -26,6 +26,7 @@ from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
 from seng_fw.policy.ipam import EnclaveSubnet
 from seng_fw.system import sdnotify
+from seng_fw.system.memory import Trimmer
 from seng_fw.tunnel.tun import TunDevice
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class GatewayServer:
         self.services: list[Service] = []
         # Why the gateway stopped on its own (None: a signal asked it to).
         self.failure: str | None = None
+        # Returns the heap of dropped DTLS sessions to the kernel (system/memory.py).
+        self.trimmer = Trimmer()
 
     # ----- event handlers ------------------------------------------------------------
 
@@ -154,8 +157,10 @@ class GatewayServer:
             deadline = self.core.next_timeout()
             delay = TIMER_TICK if deadline is None else min(TIMER_TICK, max(0.0, deadline - now))
             await asyncio.sleep(delay)
-            self.core.handle_timers(time.monotonic())
+            now = time.monotonic()
+            self.core.handle_timers(now)
             self._flush()
+            self.trimmer.maybe_trim(self.core.sessions_released, now)
 
     # ----- lifecycle -----------------------------------------------------------------
 

@@ -129,6 +129,8 @@ class Snapshot:
     firewall: dict[str, tuple[int, int]]  # nftables counters tx_APP / rx_APP
     policy_digest: str
     policy_applied_at: float  # wall clock
+    half_open: int = 0  # handshakes past the cookie check, not completed
+    half_open_sources: int = 0  # source addresses they come from
 
 
 def policy_digest(policy: Policy) -> str:
@@ -359,6 +361,8 @@ class GatewayControl:
             firewall=self._firewall(),
             policy_digest=self.policy_digest(),
             policy_applied_at=self.policy_applied_at,
+            half_open=len(core.handshakes),
+            half_open_sources=core.handshakes.sources(),
         )
 
     def _firewall(self) -> dict[str, tuple[int, int]]:
@@ -412,6 +416,14 @@ class GatewayControl:
             "rejected": _by_prefix(snap.counters, "rejected."),
             "ended": _by_prefix(snap.counters, "ended."),
             "dropped": _by_prefix(snap.counters, "dropped."),
+            "handshakes": {
+                "half_open": snap.half_open,
+                "half_open_sources": snap.half_open_sources,
+                "started": snap.counters.get("handshakes.started", 0),
+                "certificate_timeouts": snap.counters.get("handshakes.certificate_timeout", 0),
+            },
+            # How often each limit (gateway.yaml `limits:`) refused or evicted something.
+            "limits": _by_prefix(snap.counters, "limit."),
             "revocations": self.revocations.describe(),
         }
 

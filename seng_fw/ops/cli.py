@@ -305,6 +305,13 @@ def format_status(status: dict[str, Any]) -> str:
         ("enclaves", str(status["enclaves"])),
         ("admitted", str(status["admitted"])),
     ]  # fmt: skip
+    handshakes = status.get("handshakes")
+    if handshakes is not None:
+        fields.append(("pending", (
+            f"{handshakes['half_open']} handshakes half-open from "
+            f"{handshakes['half_open_sources']} sources; {handshakes['started']} started, "
+            f"{handshakes['certificate_timeouts']} without a certificate in time"
+        )))  # fmt: skip
     if status.get("labeller"):
         labeller = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in status["labeller"].items())
         fields.append(("labeller", labeller))
@@ -330,8 +337,8 @@ def format_status(status: dict[str, Any]) -> str:
         rows,
     )  # fmt: skip
     for title, key in (("REJECTED (check)", "rejected"), ("ENDED (reason)", "ended"),
-                       ("DROPPED (reason)", "dropped")):  # fmt: skip
-        if status[key]:
+                       ("DROPPED (reason)", "dropped"), ("LIMIT HIT", "limits")):  # fmt: skip
+        if status.get(key):
             out += "\n" + table([title, "COUNT"], sorted(status[key].items()))
     return out
 

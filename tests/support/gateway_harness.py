@@ -108,6 +108,17 @@ class Harness:
         self.clients[(port, address)] = client
         return client
 
+    def abandon(self, address: Address, port: Port = Port.SETUP) -> None:
+        """A client that answers the cookie, gets the server's flight and walks away."""
+        client = self.open(port, address, "flood")
+        for _ in range(2):  # ClientHello, HelloVerifyRequest, ClientHello + cookie
+            for datagram in client.session.datagrams_to_send():
+                self.core.datagram_received(port, address, datagram, self.now)
+            for _port, to, datagram in self.core.datagrams_to_send():
+                if to == address:
+                    client.session.receive_datagram(datagram, self.now)
+        del self.clients[(port, address)]
+
     def pump(self, rounds: int = 50) -> None:
         """Move datagrams both ways until nothing moves (no time passes)."""
         for _ in range(rounds):

@@ -22,6 +22,8 @@ def snapshot() -> Snapshot:
             "rejected.quote_status": 1,
             "ended.idle_timeout": 3,
             "dropped.no_enclave": 7,
+            "handshakes.started": 40,
+            "limit.half_open_per_source": 6,
         },
         apps=[
             AppTraffic("webapp", 2, 10, 1000, 20, 2000, 1),
@@ -31,6 +33,7 @@ def snapshot() -> Snapshot:
         firewall={"tx_webapp": (8, 800), "rx_webapp": (9, 900)},
         policy_digest="ab" * 32,
         policy_applied_at=1_700_000_100.0,
+        half_open=9,
     )
 
 
@@ -52,6 +55,9 @@ def test_render_exposes_the_snapshot() -> None:
     assert values[("seng_fw_tunnel_ends_total", (("reason", "idle_timeout"),))] == 3
     assert values[("seng_fw_dropped_packets_total", (("reason", "no_enclave"),))] == 7
     assert values[("seng_fw_tunnels_active", (("app", "webapp"),))] == 2
+    assert values[("seng_fw_handshakes_half_open", ())] == 9
+    assert values[("seng_fw_handshakes_started_total", ())] == 40
+    assert values[("seng_fw_limit_hits_total", (("limit", "half_open_per_source"),))] == 6
     assert values[("seng_fw_tunnels_active", (("app", "nginx"),))] == 0
     key = (("app", "webapp"), ("direction", "from_enclave"))
     assert values[("seng_fw_forwarded_packets_total", key)] == 10
