@@ -10,8 +10,9 @@ import pytest
 
 from seng_fw.tunnel import packets
 from seng_fw.tunnel.packets import inet_checksum
-from tests.support.gateway_harness import Harness
+from tests.support.gateway_memory import MemoryGateway
 from tests.support.seng_client import udp_packet
+from tests.unit.test_gateway_core import WEBAPP, policy
 
 EXTERNAL = IPv4Address("10.77.2.2")
 # Record route (type 7, length 7, pointer 4, one empty slot) + end of options.
@@ -41,12 +42,11 @@ def test_has_options_reads_the_header_length() -> None:
     "options", [b"\x01\x00", RECORD_ROUTE, b"\x94\x04\x00\x00"], ids=["nop", "rr", "ra"]
 )
 def test_packets_with_ip_options_are_dropped_and_counted(options: bytes) -> None:
-    gateway = Harness()
-    uplink, _ = gateway.connect("10.0.0.10")
-    plain = udp_packet(uplink.address_assigned, EXTERNAL, 5000, 7, b"payload")
-    uplink.session.send_record(with_options(plain, options))
-    uplink.session.send_record(plain)
-    gateway.pump()
-    assert gateway.tun == [plain]
+    gateway = MemoryGateway(policy())
+    enclave = gateway.enclave(gateway.cert(WEBAPP)).connect()
+    plain = udp_packet(enclave.address, EXTERNAL, 5000, 7, b"payload")
+    enclave.send(with_options(plain, options))
+    enclave.send(plain)
+    assert gateway.to_tun == [plain]
     assert gateway.core.counters["dropped.ip_options"] == 1
     assert len(gateway.core.enclaves) == 1  # the tunnel carries on

@@ -10,8 +10,9 @@ from seng_fw.gateway.handshakes import HalfOpenHandshakes, HandshakeLimits, Toke
 from seng_fw.gateway.service import GatewayControl
 from seng_fw.ops.cli import format_status
 from seng_fw.ops.metrics import GatewayMetrics
-from tests.support.gateway_harness import Harness
+from tests.support.gateway_memory import MemoryGateway
 from tests.unit.test_control import config
+from tests.unit.test_gateway_core import WEBAPP, policy
 
 NO_RATE_LIMIT = {"rate_per_source": 1e9, "burst_per_source": 10**9,
                  "rate_total": 1e9, "burst_total": 10**9}  # fmt: skip
@@ -71,8 +72,14 @@ def test_token_bucket_refills_up_to_its_burst() -> None:
 # ----- on the core, with real DTLS handshakes ------------------------------------------
 
 
-def gateway(**limits: float) -> Harness:
-    return Harness(handshake_limits=HandshakeLimits(**{**NO_RATE_LIMIT, **limits}))  # type: ignore[arg-type]
+def gateway(**limits: float) -> MemoryGateway:
+    return MemoryGateway(
+        policy(), handshake_limits=HandshakeLimits(**{**NO_RATE_LIMIT, **limits})  # type: ignore[arg-type]
+    )
+
+
+def connect(gw: MemoryGateway, host: str = "10.0.0.10") -> None:
+    gw.enclave(gw.cert(WEBAPP), host).connect()
 
 
 def test_an_abandoning_flood_from_one_source_keeps_at_most_its_cap() -> None:
@@ -82,7 +89,7 @@ def test_an_abandoning_flood_from_one_source_keeps_at_most_its_cap() -> None:
     assert len(gw.core.handshakes) == 8
     assert len(gw.core._peers) == 8  # the evicted sessions are gone, not only untracked
     assert gw.core.counters["limit.half_open_per_source"] == 32
-    gw.connect("10.0.0.10")  # others are admitted meanwhile
+    connect(gw)  # others are admitted meanwhile
     assert len(gw.core.enclaves) == 1 and len(gw.core.handshakes) == 8
 
 
@@ -92,7 +99,7 @@ def test_a_flood_from_many_sources_keeps_at_most_the_total_cap() -> None:
         gw.abandon((f"10.0.1.{n}", 30000))
     assert len(gw.core.handshakes) == 20 and len(gw.core._peers) == 20
     assert gw.core.counters["limit.half_open"] == 30
-    gw.connect("10.0.0.10")
+    connect(gw)
     assert len(gw.core.enclaves) == 1
 
 
@@ -100,7 +107,7 @@ def test_abandoned_handshakes_end_after_the_certificate_timeout() -> None:
     gw = gateway(certificate_timeout=5.0)
     for n in range(10):
         gw.abandon((f"10.0.2.{n}", 30000))
-    gw.connect("10.0.0.10")
+    connect(gw)
     gw.advance(4.0)
     assert len(gw.core.handshakes) == 10
     assert gw.core.next_timeout() is not None
@@ -112,13 +119,15 @@ def test_abandoned_handshakes_end_after_the_certificate_timeout() -> None:
 
 
 def test_new_handshakes_beyond_the_source_rate_are_not_started() -> None:
-    gw = Harness(handshake_limits=HandshakeLimits(rate_per_source=1.0, burst_per_source=5))
+    gw = MemoryGateway(
+        policy(), handshake_limits=HandshakeLimits(rate_per_source=1.0, burst_per_source=5)
+    )
     for port in range(20):
         gw.abandon(("10.0.0.66", 20000 + port))
     assert len(gw.core.handshakes) == 5
     assert gw.core.counters["limit.handshake_rate_per_source"] == 15
     assert gw.core.counters["handshakes.started"] == 5
-    gw.connect("10.0.0.10")  # another host is not affected
+    connect(gw)  # another host is not affected
     assert len(gw.core.enclaves) == 1
 
 
