@@ -23,7 +23,8 @@ from ipaddress import IPv4Address
 
 from seng_fw.attest.identity import AttestationRejected, EnclaveIdentity, EvidenceVerifier
 from seng_fw.gateway.config import TimeoutConfig
-from seng_fw.gateway.handshakes import HalfOpenHandshakes, HandshakeLimits
+from seng_fw.gateway.handshakes import HalfOpenHandshakes
+from seng_fw.gateway.limits import LimitsConfig, TunnelCounts
 from seng_fw.policy.admission import Admission, AdmissionRejected
 from seng_fw.policy.ipam import EnclaveSubnet, Ipam, PoolExhausted
 from seng_fw.policy.models import App
@@ -139,7 +140,7 @@ class GatewayCore:
         verifier: EvidenceVerifier,
         dtls: dict[Port, DtlsServerConfig],
         timeouts: TimeoutConfig,
-        handshake_limits: HandshakeLimits | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self.admission = admission
         self.verifier = verifier
@@ -157,9 +158,11 @@ class GatewayCore:
         self._to_tun: list[bytes] = []
         self._events: list[GatewayEvent] = []
         # Sessions past the cookie check that have not completed (seng_fw.gateway.handshakes).
+        self.limits = limits = limits or LimitsConfig()
         self.handshakes: HalfOpenHandshakes[tuple[Port, Address]] = HalfOpenHandshakes(
-            handshake_limits or HandshakeLimits(), self.counters
+            limits.handshakes(), self.counters
         )
+        self.tunnel_counts = TunnelCounts(limits, self.counters)
         # DTLS sessions dropped so far (the adapter returns freed memory to the OS).
         self.sessions_released = 0
 
@@ -191,6 +194,9 @@ class GatewayCore:
     # ----- inputs --------------------------------------------------------------------
 
     def datagram_received(self, port: Port, address: Address, data: bytes, now: float) -> None:
+        if len(data) > self.limits.max_datagram:
+            self.counters["limit.max_datagram"] += 1
+            return
         peer = self._peers.get((port, address))
         if peer is None:
             # Datagrams from unknown addresses pass a stateless cookie check first, so
@@ -404,6 +410,9 @@ class GatewayCore:
         if (host, identity) in self._pending:
             # The same enclave retried before pairing: the old attempt is abandoned.
             self._end_enclave(self._pending[(host, identity)], "superseded", now)
+        if (limit := self.tunnel_counts.refusal(host)) is not None:
+            self._refuse(peer, *limit, host)
+            return
         try:
             address = self.ipam.lease(subnet.subnet, app.name)
         except PoolExhausted:
@@ -431,6 +440,7 @@ class GatewayCore:
         self._enclave_by_address[address.packed] = enclave
         self._pending[(host, identity)] = enclave
         self.counters["admitted"] += 1
+        self.tunnel_counts.admitted(host)
         self._events.append(EnclaveAdmitted(enclave))
         log.info("admitted %s quote_status=%s", enclave.describe(), identity.quote_status)
         log.info("leased %s to app=%s host=%s", address, app.name, host)
@@ -480,7 +490,7 @@ class GatewayCore:
             self.counters["dropped.spoofed"] += 1
             enclave.counters["dropped_spoofed"] += 1
             return
-        if packets.has_options(data):
+        if packets.has_options(data) and self.limits.ip_options == "drop":
             # IP options (source routes, record route, timestamps, router alert) are
             # not forwarded: applications behind SENG never need them, and they are a
             # way around the firewall's view of a packet. Dropped, not stripped (that
@@ -497,6 +507,7 @@ class GatewayCore:
         if self._enclave_by_address.get(enclave.address_bytes) is not enclave:
             return  # already ended
         del self._enclave_by_address[enclave.address_bytes]
+        self.tunnel_counts.ended(enclave.host)
         self._pending.pop((enclave.host, enclave.identity), None)
         for port, peer_address, session in (
             (Port.SETUP, enclave.uplink_peer, enclave.uplink),

@@ -105,7 +105,7 @@ class HalfOpenHandshakes(Generic[Key]):
                 self.limits.rate_per_source, self.limits.burst_per_source, now
             )
         if not bucket.take(now):
-            self.counts["limit.handshake_rate_per_source"] += 1
+            self.counts["limit.handshake_rate_per_host"] += 1
             return False
         if not self._total_bucket.take(now):
             self.counts["limit.handshake_rate"] += 1
@@ -126,10 +126,10 @@ class HalfOpenHandshakes(Generic[Key]):
         if self._per_source[source] >= self.limits.max_per_source:
             oldest = next(k for k, e in self._entries.items() if e.source == source)
             evict.append(oldest)
-            self.counts["limit.half_open_per_source"] += 1
+            self.counts["limit.max_half_open_per_source"] += 1
         elif len(self._entries) >= self.limits.max_total:
             evict.append(next(iter(self._entries)))
-            self.counts["limit.half_open"] += 1
+            self.counts["limit.max_half_open"] += 1
         for key_ in evict:
             self.discard(key_)
         self._entries[key] = _Entry(source, now)

@@ -399,6 +399,19 @@ timeouts:                   # seconds
   assignment_resend: 1.0    # resend IpAssignment until it is acknowledged...
   assignment_attempts: 8    # ...this many times
 
+limits:                     # what clients may cost; each hit: `seng-fw status` LIMIT HIT
+  max_tunnels: 4096         # enclaves (tunnel pairs) at once...
+  max_tunnels_per_host: 1024  # ...and per client host
+  max_half_open: 512        # handshakes past the cookie check, not completed...
+  max_half_open_per_source: 16  # ...and per source address (the oldest is evicted)
+  certificate_timeout: 5    # seconds a half-open handshake has to send its certificate
+  handshake_rate_per_host: 50   # new handshakes per second per client address...
+  handshake_burst_per_host: 10
+  handshake_rate: 200       # ...and from everyone together
+  handshake_burst: 20
+  max_datagram: 18445       # bytes; larger datagrams are dropped unread
+  ip_options: drop          # IPv4 options from enclaves: drop (or forward)
+
 policy: policies            # a policy file, or a directory of *.yaml parts
 
 control:                    # `seng-fw status | enclaves | revoke | reload`

@@ -105,6 +105,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
         build_verifier(config),
         {Port.SETUP: dtls, Port.DOWNLINK: dtls},
         config.timeouts,
+        config.limits,
     )
     labelling = None
     if config.mode == "shared":

@@ -27,7 +27,7 @@ from seng_fw.attest.policy import AttestationPolicy
 from seng_fw.attest.verifier import IasVerifier
 from seng_fw.gateway.config import TimeoutConfig
 from seng_fw.gateway.core import AddressReleased, GatewayCore, GatewayEvent, Port
-from seng_fw.gateway.handshakes import HandshakeLimits
+from seng_fw.gateway.limits import LimitsConfig
 from seng_fw.lab.ca import EnclaveCert, LabCA
 from seng_fw.policy.admission import Admission
 from seng_fw.policy.models import Policy
@@ -188,7 +188,7 @@ class MemoryGateway:
         *,
         timeouts: TimeoutConfig | None = None,
         ca: LabCA | None = None,
-        handshake_limits: HandshakeLimits | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             policy = Policy.model_validate(policy)
@@ -198,7 +198,7 @@ class MemoryGateway:
             verifier(ca),
             {Port.SETUP: server_config(), Port.DOWNLINK: server_config()},
             timeouts or TimeoutConfig(),
-            handshake_limits,
+            limits,
         )
         self.events: list[GatewayEvent] = []
         self.to_tun: list[bytes] = []

@@ -23,7 +23,7 @@ def snapshot() -> Snapshot:
             "ended.idle_timeout": 3,
             "dropped.no_enclave": 7,
             "handshakes.started": 40,
-            "limit.half_open_per_source": 6,
+            "limit.max_half_open_per_source": 6,
         },
         apps=[
             AppTraffic("webapp", 2, 10, 1000, 20, 2000, 1),
@@ -57,7 +57,7 @@ def test_render_exposes_the_snapshot() -> None:
     assert values[("seng_fw_tunnels_active", (("app", "webapp"),))] == 2
     assert values[("seng_fw_handshakes_half_open", ())] == 9
     assert values[("seng_fw_handshakes_started_total", ())] == 40
-    assert values[("seng_fw_limit_hits_total", (("limit", "half_open_per_source"),))] == 6
+    assert values[("seng_fw_limit_hits_total", (("limit", "max_half_open_per_source"),))] == 6
     assert values[("seng_fw_tunnels_active", (("app", "nginx"),))] == 0
     key = (("app", "webapp"), ("direction", "from_enclave"))
     assert values[("seng_fw_forwarded_packets_total", key)] == 10
