@@ -201,6 +201,8 @@ class GatewayCore:
         if peer is None:
             # Datagrams from unknown addresses pass a stateless cookie check first, so
             # spoofed floods cost no per-peer state (RFC 6347 4.2.1).
+            if self.handshakes.throttled(address[0], now):
+                return  # over its handshake rate (counted): not even a cookie check
             cookie_id = peer_id(address)
             verdict = self._dtls[port].cookie_gate.check(data, cookie_id)
             if not verdict.accepted:

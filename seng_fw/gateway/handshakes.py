@@ -36,10 +36,10 @@ class HandshakeLimits:
     max_total: int = 512
     max_per_source: int = 16
     certificate_timeout: float = 5.0
-    rate_per_source: float = 50.0  # new handshakes per second per source address
-    burst_per_source: int = 10
-    rate_total: float = 200.0  # new handshakes per second, all sources
-    burst_total: int = 20
+    rate_per_source: float = 20.0  # new handshakes per second per source address
+    burst_per_source: int = 5
+    rate_total: float = 100.0  # new handshakes per second, all sources
+    burst_total: int = 10
 
 
 class TokenBucket:
@@ -52,6 +52,9 @@ class TokenBucket:
         self.burst = float(burst)
         self.tokens = float(burst)
         self.updated = now
+
+    def peek(self, now: float) -> float:
+        return min(self.burst, self.tokens + (now - self.updated) * self.rate)
 
     def take(self, now: float) -> bool:
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
@@ -94,6 +97,15 @@ class HalfOpenHandshakes(Generic[Key]):
 
     def sources(self) -> int:
         return len(self._per_source)
+
+    def throttled(self, source: str, now: float) -> bool:
+        """`source` has no handshake left in its rate right now: its datagrams need not
+        even reach the cookie check (which costs a partial mbed TLS handshake)."""
+        bucket = self._buckets.get(source)
+        if bucket is None or bucket.peek(now) >= 1.0:
+            return False
+        self.counts["limit.handshake_rate_per_host"] += 1
+        return True
 
     def may_start(self, source: str, now: float) -> bool:
         """May `source` start a new handshake now (rate limits)? Counts a refusal."""

@@ -38,10 +38,10 @@ class LimitsConfig(StrictModel):
     # enclave needs two), with bursts of up to `handshake_burst_per_host`; and for all
     # addresses together. A burst is processed in one go on the event loop: keep it
     # small, or a burst of handshakes delays the established tunnels' packets.
-    handshake_rate_per_host: float = Field(default=50.0, gt=0)
-    handshake_burst_per_host: int = Field(default=10, ge=1)
-    handshake_rate: float = Field(default=200.0, gt=0)
-    handshake_burst: int = Field(default=20, ge=1)
+    handshake_rate_per_host: float = Field(default=20.0, gt=0)
+    handshake_burst_per_host: int = Field(default=5, ge=1)
+    handshake_rate: float = Field(default=100.0, gt=0)
+    handshake_burst: int = Field(default=10, ge=1)
     # Larger datagrams are dropped before any parsing.
     max_datagram: int = Field(default=MAX_DTLS_RECORD_DATAGRAM, ge=256, le=65535)
     # IPv4 packets with options (IHL > 5) from enclaves: dropped by default.

@@ -405,10 +405,10 @@ limits:                     # what clients may cost; each hit: `seng-fw status` 
   max_half_open: 512        # handshakes past the cookie check, not completed...
   max_half_open_per_source: 16  # ...and per source address (the oldest is evicted)
   certificate_timeout: 5    # seconds a half-open handshake has to send its certificate
-  handshake_rate_per_host: 50   # new handshakes per second per client address...
-  handshake_burst_per_host: 10
-  handshake_rate: 200       # ...and from everyone together
-  handshake_burst: 20
+  handshake_rate_per_host: 20   # new handshakes per second per client address...
+  handshake_burst_per_host: 5
+  handshake_rate: 100       # ...and from everyone together
+  handshake_burst: 10
   max_datagram: 18445       # bytes; larger datagrams are dropped unread
   ip_options: drop          # IPv4 options from enclaves: drop (or forward)
 

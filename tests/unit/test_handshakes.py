@@ -161,7 +161,7 @@ def test_status_and_metrics_show_half_open_handshakes_and_limit_hits(tmp_path: P
 
 
 def test_max_tunnels_per_host_and_in_total_refuse_admission() -> None:
-    gw = MemoryGateway(policy(), limits=LimitsConfig(max_tunnels=3, max_tunnels_per_host=2))
+    gw = gateway(max_tunnels=3, max_tunnels_per_host=2)
     for _ in range(2):
         gw.enclave(gw.cert(WEBAPP), "10.0.0.10").connect()
     refused = gw.enclave(gw.cert(WEBAPP), "10.0.0.10")
