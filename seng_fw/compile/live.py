@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import difflib
 import functools
 import json
 import os
-import re
 import signal
 import threading
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from seng_fw.compile.compiler import PROTOCOLS, TABLE
+from seng_fw.compile.diff import RulesetDiff, compare
 from seng_fw.compile.nft import FAMILY, Json, Table
 from seng_fw.policy.models import Policy
 
@@ -163,23 +162,6 @@ def apply(table: Table, policy: Policy, nft: Nft | None = None, *, dry_run: bool
     nft.run_json(table.transaction(), dry_run=dry_run)
 
 
-def _expand_elements(listing: str) -> list[str]:
-    """nft's listing with one set element per line (sorted), so a diff shows elements."""
-    out: list[str] = []
-    pattern = re.compile(r"^([ \t]*)elements = \{ (.*?) \}\n?", re.S | re.M)
-    position = 0
-    for match in pattern.finditer(listing):
-        out += listing[position : match.start()].splitlines()
-        indent = match.group(1)
-        elements = [e.strip() for e in match.group(2).replace("\n", " ").split(",")]
-        out.append(f"{indent}elements = {{")
-        out += [f"{indent}\t{element}" for element in sorted(elements)]
-        out.append(f"{indent}}}")
-        position = match.end()
-    out += listing[position:].splitlines()
-    return out
-
-
 def in_scratch_namespace(fn: Callable[[], T]) -> T:
     """Run `fn` in a thread that has its own, new and empty, network namespace."""
     result: list[T] = []
@@ -203,9 +185,9 @@ def in_scratch_namespace(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def diff(table: Table, policy: Policy, nft: Nft | None = None) -> str:
-    """What `apply` would change in seng-fw's table, as a unified diff of nft listings
-    (both normalised by the kernel: the new table is loaded into a scratch namespace)."""
+def diff(table: Table, policy: Policy, nft: Nft | None = None) -> RulesetDiff:
+    """What `apply` would change in seng-fw's table, object by object (both listings
+    normalised by the kernel: the new table is loaded into a scratch namespace)."""
     nft = nft or Nft()
     state = read_state(nft, table.name)
     carry_over(table, policy, state)
@@ -217,14 +199,7 @@ def diff(table: Table, policy: Policy, nft: Nft | None = None) -> str:
         return scratch.list_text(f"table inet {table.name}")
 
     new = in_scratch_namespace(load_and_list)
-    lines = difflib.unified_diff(
-        _expand_elements(old),
-        _expand_elements(new),
-        "live" if state.exists else "live (no seng table)",
-        "policy",
-        lineterm="",
-    )
-    return "\n".join(lines)
+    return compare(old, new, old_exists=state.exists)
 
 
 def counters(nft: Nft, table: str) -> dict[str, tuple[int, int]]:

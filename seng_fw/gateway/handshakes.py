@@ -28,6 +28,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from seng_fw.gateway.counters import GatewayCounters, Limit
+
 Key = TypeVar("Key", bound=Hashable)
 
 
@@ -79,15 +81,15 @@ class HalfOpenHandshakes(Generic[Key]):
     """Half-open handshakes by key (the core's (port, peer address)), oldest first."""
 
     def __init__(
-        self, limits: HandshakeLimits, counters: Counter[str] | None = None, now: float = 0.0
+        self, limits: HandshakeLimits, counters: GatewayCounters | None = None, now: float = 0.0
     ) -> None:
         self.limits = limits
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         self._per_source: Counter[str] = Counter()
         self._buckets: dict[str, TokenBucket] = {}
         self._total_bucket = TokenBucket(limits.rate_total, limits.burst_total, now)
-        # What happened (the core's counters): limit.<name> and handshakes.<name>.
-        self.counts: Counter[str] = Counter() if counters is None else counters
+        # What happened: the core's counters (limit hits, handshakes started, timeouts).
+        self.counters = GatewayCounters() if counters is None else counters
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -104,7 +106,7 @@ class HalfOpenHandshakes(Generic[Key]):
         bucket = self._buckets.get(source)
         if bucket is None or bucket.peek(now) >= 1.0:
             return False
-        self.counts["limit.handshake_rate_per_host"] += 1
+        self.counters.limits[Limit.HANDSHAKE_RATE_PER_HOST] += 1
         return True
 
     def may_start(self, source: str, now: float) -> bool:
@@ -117,10 +119,10 @@ class HalfOpenHandshakes(Generic[Key]):
                 self.limits.rate_per_source, self.limits.burst_per_source, now
             )
         if not bucket.take(now):
-            self.counts["limit.handshake_rate_per_host"] += 1
+            self.counters.limits[Limit.HANDSHAKE_RATE_PER_HOST] += 1
             return False
         if not self._total_bucket.take(now):
-            self.counts["limit.handshake_rate"] += 1
+            self.counters.limits[Limit.HANDSHAKE_RATE] += 1
             return False
         return True
 
@@ -138,15 +140,15 @@ class HalfOpenHandshakes(Generic[Key]):
         if self._per_source[source] >= self.limits.max_per_source:
             oldest = next(k for k, e in self._entries.items() if e.source == source)
             evict.append(oldest)
-            self.counts["limit.max_half_open_per_source"] += 1
+            self.counters.limits[Limit.MAX_HALF_OPEN_PER_SOURCE] += 1
         elif len(self._entries) >= self.limits.max_total:
             evict.append(next(iter(self._entries)))
-            self.counts["limit.max_half_open"] += 1
+            self.counters.limits[Limit.MAX_HALF_OPEN] += 1
         for key_ in evict:
             self.discard(key_)
         self._entries[key] = _Entry(source, now)
         self._per_source[source] += 1
-        self.counts["handshakes.started"] += 1
+        self.counters.handshakes_started += 1
         return evict
 
     def discard(self, key: Key) -> None:
@@ -174,7 +176,7 @@ class HalfOpenHandshakes(Generic[Key]):
                 late.append(key)
         for key in late:
             self.discard(key)
-        self.counts["handshakes.certificate_timeout"] += len(late)
+        self.counters.certificate_timeouts += len(late)
         return late
 
     def next_deadline(self) -> float | None:

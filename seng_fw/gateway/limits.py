@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from seng_fw.gateway.counters import GatewayCounters, Limit, Refusal
 from seng_fw.gateway.handshakes import HandshakeLimits
 from seng_fw.policy.models import StrictModel
 
@@ -62,21 +63,21 @@ class LimitsConfig(StrictModel):
 class TunnelCounts:
     """Enclaves per client host, against `max_tunnels` and `max_tunnels_per_host`."""
 
-    def __init__(self, limits: LimitsConfig, counters: Counter[str]) -> None:
+    def __init__(self, limits: LimitsConfig, counters: GatewayCounters) -> None:
         self.limits = limits
         self.counters = counters
         self._per_host: Counter[IPv4Address] = Counter()
         self.total = 0
 
-    def refusal(self, host: IPv4Address) -> tuple[str, str] | None:
+    def refusal(self, host: IPv4Address) -> tuple[Refusal, str] | None:
         """(check, reason) if one more enclave from `host` would exceed a limit."""
         if self.total >= self.limits.max_tunnels:
-            self.counters["limit.max_tunnels"] += 1
-            return "max_tunnels", f"the gateway holds its maximum of {self.total} enclaves"
+            self.counters.limits[Limit.MAX_TUNNELS] += 1
+            return Refusal.MAX_TUNNELS, f"the gateway holds its maximum of {self.total} enclaves"
         if self._per_host[host] >= self.limits.max_tunnels_per_host:
-            self.counters["limit.max_tunnels_per_host"] += 1
+            self.counters.limits[Limit.MAX_TUNNELS_PER_HOST] += 1
             return (
-                "max_tunnels_per_host",
+                Refusal.MAX_TUNNELS_PER_HOST,
                 f"host {host} holds its maximum of {self._per_host[host]} enclaves",
             )
         return None

@@ -31,6 +31,7 @@ from seng_fw.gateway.core import (
     GatewayEvent,
     Port,
 )
+from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
@@ -107,7 +108,7 @@ class GatewayServer:
                 self.core.datagram_received(port, address, data, now)
             except Exception:
                 # One bad datagram must never stop the server from serving everyone else.
-                self.core.counters["internal_error.datagram"] += 1
+                self.core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
                 log.exception("internal error on a datagram from %s:%d", *address)
         self._flush()
 
@@ -118,7 +119,7 @@ class GatewayServer:
             if exc.errno in TUN_GONE_ERRNOS:
                 self._tun_failed("read", exc)
             else:
-                self.core.counters["tun_read_error"] += 1
+                self.core.counters.faults[Fault.TUN_READ_ERROR] += 1
                 log.error("TUN read failed: %s", exc)
             return
         if batch:
@@ -131,7 +132,7 @@ class GatewayServer:
             try:
                 self.sockets[port].sendto(datagram, address)
             except OSError:
-                core.counters["dropped.send_error"] += 1
+                core.counters.dropped[Drop.SEND_ERROR] += 1
         for packet in core.packets_for_tun():
             try:
                 written = self.tun.write(packet)
@@ -140,7 +141,7 @@ class GatewayServer:
                 if exc.errno in TUN_GONE_ERRNOS:
                     self._tun_failed("write", exc)
             if not written:
-                core.counters["dropped.tun_write_error"] += 1
+                core.counters.dropped[Drop.TUN_WRITE_ERROR] += 1
         for event in core.events():
             self._handle_event(event)
 
@@ -216,7 +217,7 @@ class GatewayServer:
         if self.failure is not None:
             return
         self.failure = f"TUN device {self.tun.name} lost ({what}: {exc.strerror})"
-        self.core.counters["tun_lost"] += 1
+        self.core.counters.faults[Fault.TUN_LOST] += 1
         log.error("%s: stopping, to be restarted", self.failure)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, OSError):
@@ -344,7 +345,7 @@ class GatewayServer:
         self.tun.close()
         for sock in self.sockets.values():
             sock.close()
-        log.info("gateway stopped: %s", dict(self.core.counters))
+        log.info("gateway stopped: %s", self.core.counters.flat())
 
 
 class Service(Protocol):

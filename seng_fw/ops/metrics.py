@@ -48,25 +48,17 @@ class _SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        counters = snap.counters
-
-        yield _counter("admissions", "Enclaves admitted", [((), counters.get("admitted", 0))])
+        yield _counter("admissions", "Enclaves admitted", [((), snap.admitted)])
         yield _counter(
-            "rejections",
-            "Tunnels refused, by failed check",
-            _labelled(counters, "rejected."),
-            ["reason"],
+            "rejections", "Tunnels refused, by failed check", _labelled(snap.rejected), ["reason"]
         )
         yield _counter(
-            "tunnel_ends",
-            "Enclave tunnels ended, by reason",
-            _labelled(counters, "ended."),
-            ["reason"],
+            "tunnel_ends", "Enclave tunnels ended, by reason", _labelled(snap.ended), ["reason"]
         )
         yield _counter(
             "dropped_packets",
             "Packets the gateway dropped, by reason",
-            _labelled(counters, "dropped."),
+            _labelled(snap.dropped),
             ["reason"],
         )
 
@@ -78,12 +70,12 @@ class _SnapshotCollector(Collector):
         yield _counter(
             "handshakes_started",
             "DTLS handshakes started (past the cookie check and the rate limits)",
-            [((), counters.get("handshakes.started", 0))],
+            [((), snap.handshakes_started)],
         )
         yield _counter(
             "limit_hits",
             "Times a configured limit refused or evicted something, by limit",
-            _labelled(counters, "limit."),
+            _labelled(snap.limits),
             ["limit"],
         )
 
@@ -146,8 +138,8 @@ class _SnapshotCollector(Collector):
         yield info
 
 
-def _labelled(counters: dict[str, int], prefix: str) -> list[tuple[tuple[str, ...], int]]:
-    return [((k[len(prefix) :],), v) for k, v in sorted(counters.items()) if k.startswith(prefix)]
+def _labelled(by_reason: dict[str, int]) -> list[tuple[tuple[str, ...], int]]:
+    return [((reason,), value) for reason, value in sorted(by_reason.items())]
 
 
 def _counter(

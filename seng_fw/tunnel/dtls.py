@@ -176,10 +176,9 @@ class CloseReason(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed:
-    """The session is over; it ignores further input. `reason` is a `CloseReason`
-    value (a str), `detail` free text for logs."""
+    """The session is over; it ignores further input. `detail` is free text for logs."""
 
-    reason: str
+    reason: CloseReason
     detail: str = ""
 
 
@@ -944,7 +943,7 @@ class _DtlsSession:
         self._keys.wipe()
         self._final_flight = None
         self._last_output = []
-        self._events.append(ConnectionClosed(reason.value, detail))
+        self._events.append(ConnectionClosed(reason, detail))
 
 
 class _HandOverError(Exception):

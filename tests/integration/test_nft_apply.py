@@ -17,6 +17,7 @@ stand-in for the labeller's marks.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from seng_fw.compile import live
 from seng_fw.compile.compiler import Options, compile_policy, label_table
@@ -329,6 +331,74 @@ def test_exposed_service(topo: Topology) -> None:
         assert not connects(topo, "ext", EXT, GW_EXT, 8443)
 
 
+def test_exposures_keep_their_own_sources(topo: Topology) -> None:
+    """Issue 13, defect 1: X exposes gateway port 8001 -> X:8080 to one admin host, Y
+    exposes 8002 -> Y:8080 to a /24. A host of that /24 reaches Y, and not X."""
+    policy = Policy.model_validate(
+        yaml.safe_load(
+            f"""
+apps:
+  - name: x
+    mrenclave: "{"11" * 32}"
+    hosts: 10.77.1.0/24
+    subnet: {{subnet: 192.168.28.0/24}}
+    expose: [{{address: {GW_EXT}, port: 8001, to_port: 8080, from: {EXT}/32}}]
+  - name: y
+    mrenclave: "{"22" * 32}"
+    hosts: 10.77.1.0/24
+    subnet: {{subnet: 172.16.28.0/26}}
+    expose: [{{address: {GW_EXT}, port: 8002, to_port: 8080, from: 10.77.3.0/24}}]
+"""
+        )
+    )
+    apply_in(topo, policy)
+    for app, enclave in (("x", DEMO), ("y", NGINX)):
+        topo.call(
+            "gw",
+            lambda a=app, e=enclave: live.set_exposure_target(  # type: ignore[misc]
+                live.Nft(), policy, a, IPv4Address(e)
+            ),
+        )
+    lan_host = "10.77.3.2"  # a host of Y's /24
+    ip("addr", "add", f"{lan_host}/32", "dev", "lo", netns=topo.ns("ext"))
+    ip("route", "add", "10.77.3.0/24", "via", EXT, netns=topo.ns("gw"))
+    with listening(topo, "enc1", DEMO, 8080), listening(topo, "enc2", NGINX, 8080):
+        assert connects(topo, "ext", EXT, GW_EXT, 8001)  # X's admin host
+        assert connects(topo, "ext", lan_host, GW_EXT, 8002)  # the /24, to Y
+        assert not connects(topo, "ext", lan_host, GW_EXT, 8001)  # the /24, to X
+        assert not connects(topo, "ext", EXT, GW_EXT, 8002)  # X's admin, to Y
+
+
+def test_the_gateway_is_reached_only_by_rules_that_name_it(topo: Topology, tmp_path: Path) -> None:
+    """Issue 13, defect 2: demo-enclave's `to: 0.0.0.0/0 tcp 80,443` (web-clients) opens
+    the web, not the gateway's own addresses (LAN, external side, its address on the
+    enclave's subnet); `{gateway: true}` does."""
+    ip("addr", "add", "192.168.28.1/32", "dev", "lo", netns=topo.ns("gw"))
+    gateway = (GW_EXT, "10.77.1.1", "192.168.28.1")
+
+    def reaches_gateway(port: int) -> list[bool]:
+        with ExitStack() as stack:
+            for address in gateway:
+                stack.enter_context(listening(topo, "gw", address, port))
+            return [connects(topo, "enc1", DEMO, address, port) for address in gateway]
+
+    apply_in(topo, load_policy(EXAMPLE))
+    assert tcp(topo, "enc1", DEMO, "ext", EXT, 443)  # the internet, as the rule says
+    assert reaches_gateway(443) == [False, False, False]
+    assert reaches_gateway(80) == [False, False, False]
+    named = tmp_path / "named.yaml"
+    named.write_text(
+        EXAMPLE.read_text().replace(
+            "      - to: 10.77.2.0/24\n        protocol: icmp\n",
+            "      - to: 10.77.2.0/24\n        protocol: icmp\n"
+            "      - {to: {gateway: true}, protocol: tcp, ports: 443}\n",
+        )
+    )
+    apply_in(topo, load_policy(named))
+    assert reaches_gateway(443) == [True, True, True]
+    assert reaches_gateway(80) == [False, False, False]
+
+
 def test_admin_tables_survive_apply(topo: Topology, tmp_path: Path) -> None:
     nft(
         topo,
@@ -455,7 +525,8 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     pid_file.write_text(f"{gateway.pid}\n")
 
     shown = _cli(topo, "diff", str(EXAMPLE), "--tun", "lan")
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 1, shown.stderr  # like `git diff --exit-code`
+    assert "\033[" not in shown.stdout  # no colour: not a terminal
     assert "+++ policy" in shown.stdout and "+\t\t\t192.168.28.0/24 : goto out_demo-enclave" in (
         shown.stdout
     )
@@ -471,7 +542,8 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert marker.exists()
-    assert _cli(topo, "diff", str(EXAMPLE), "--tun", "lan").stdout.strip() == "no changes"
+    same = _cli(topo, "diff", str(EXAMPLE), "--tun", "lan")
+    assert same.returncode == 0 and same.stdout.strip() == "no changes"
 
     # an apply that removes an app: its enclaves' new connections are refused
     assert tcp(topo, "enc1", DEMO, "ext", EXT, 443)
@@ -479,7 +551,12 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     check = _cli(topo, "check", str(smaller))
     assert check.returncode == 0, check.stderr
     shown = _cli(topo, "diff", str(smaller), "--tun", "lan")
+    assert shown.returncode == 1
     assert "-\t\t\t192.168.28.0/24 : goto out_demo-enclave" in shown.stdout
+    stat = _cli(topo, "diff", str(smaller), "--tun", "lan", "--stat").stdout.splitlines()
+    demo = next(line for line in stat if line.split()[0] == "demo-enclave").split()
+    assert demo[3] == "+0" and demo[4] != "-0"  # its rules go, none come
+    assert re.fullmatch(r" \d+ app\(s\) changed; rules \+\d+ -[1-9]\d*, .*", stat[-1])
     assert _cli(topo, "apply", str(smaller), "--tun", "lan").returncode == 0
     assert not tcp(topo, "enc1", DEMO, "ext", EXT, 443)
     assert tcp(topo, "ext", EXT, "enc2", NGINX, 443)

@@ -103,25 +103,6 @@ def test_carry_over_keeps_counters_and_valid_exposures() -> None:
     assert table.set("expose_addr").elements == []
 
 
-def test_diff_lists_one_element_per_line() -> None:
-    listing = (
-        "table inet seng {\n\tset s {\n\t\ttype ipv4_addr\n"
-        "\t\telements = { 10.0.0.2, 10.0.0.1,\n\t\t\t     10.0.0.3 }\n\t}\n}\n"
-    )
-    assert live._expand_elements(listing) == [
-        "table inet seng {",
-        "\tset s {",
-        "\t\ttype ipv4_addr",
-        "\t\telements = {",
-        "\t\t\t10.0.0.1",
-        "\t\t\t10.0.0.2",
-        "\t\t\t10.0.0.3",
-        "\t\t}",
-        "\t}",
-        "}",
-    ]
-
-
 def test_reload_gateway(tmp_path: Path) -> None:
     pid_file = tmp_path / "gateway.pid"
     assert "no gateway pid file" in live.reload_gateway(pid_file)

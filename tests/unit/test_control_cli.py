@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from seng_fw.cli import main
 from seng_fw.gateway.config import load_gateway_config
+from seng_fw.gateway.counters import Traffic
 from seng_fw.ops.cli import EXIT_UNREACHABLE, human_bytes, human_duration, render_config, table
 from seng_fw.ops.control import ControlServer
 from seng_fw.ops.servercert import fingerprint
@@ -50,7 +51,7 @@ class RunningGateway:
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[RunningGateway]:
     with RunningGateway(tmp_path) as gateway:
-        gateway.gateway.add("webapp", WEBAPP).counters.update(bytes_in=2048, bytes_out=10)
+        gateway.gateway.add("webapp", WEBAPP).traffic = Traffic(bytes_in=2048, bytes_out=10)
         gateway.gateway.add("nginx", NGINX, host="10.0.0.20")
         yield gateway
 

@@ -8,6 +8,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from seng_fw.gateway.counters import Drop
 from seng_fw.tunnel import packets
 from seng_fw.tunnel.packets import inet_checksum
 from tests.support.gateway_memory import MemoryGateway
@@ -48,5 +49,5 @@ def test_packets_with_ip_options_are_dropped_and_counted(options: bytes) -> None
     enclave.send(with_options(plain, options))
     enclave.send(plain)
     assert gateway.to_tun == [plain]
-    assert gateway.core.counters["dropped.ip_options"] == 1
+    assert gateway.core.counters.dropped[Drop.IP_OPTIONS] == 1
     assert len(gateway.core.enclaves) == 1  # the tunnel carries on

@@ -4,7 +4,6 @@ short timeout until the client certificate arrives and rate limits on new ones."
 from __future__ import annotations
 
 import re
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,7 @@ def test_per_source_cap_evicts_that_sources_oldest() -> None:
     assert half_open.started(100, "10.0.0.8", now=4) == []
     assert half_open.started(3, "10.0.0.9", now=5) == [0]
     assert len(half_open) == 4 and 0 not in half_open and 100 in half_open
-    assert half_open.counts["limit.max_half_open_per_source"] == 1
+    assert half_open.counters.flat()["limit.max_half_open_per_source"] == 1
 
 
 def test_total_cap_evicts_the_oldest_of_all() -> None:
@@ -47,7 +46,7 @@ def test_total_cap_evicts_the_oldest_of_all() -> None:
     for key in range(5):
         half_open.started(key, f"10.0.0.{key}", now=key)
     assert [k for k in range(5) if k in half_open] == [2, 3, 4]
-    assert half_open.counts["limit.max_half_open"] == 2
+    assert half_open.counters.flat()["limit.max_half_open"] == 2
     assert half_open.sources() == 3
 
 
@@ -65,12 +64,12 @@ def test_certificate_timeout_spares_handshakes_that_have_one() -> None:
 
 def test_rate_limits_per_source_and_in_total() -> None:
     limits = HandshakeLimits(rate_per_source=2, burst_per_source=3, rate_total=1, burst_total=5)
-    half_open: HalfOpenHandshakes[int] = HalfOpenHandshakes(limits, Counter())
+    half_open: HalfOpenHandshakes[int] = HalfOpenHandshakes(limits)
     assert [half_open.may_start("a", 0.0) for _ in range(4)] == [True, True, True, False]
     assert half_open.may_start("a", 0.5)  # one token back after 0.5 s
     assert [half_open.may_start("b", 0.5) for _ in range(2)] == [True, False]  # total: 5 used
-    assert half_open.counts["limit.handshake_rate_per_host"] == 1
-    assert half_open.counts["limit.handshake_rate"] == 1
+    assert half_open.counters.flat()["limit.handshake_rate_per_host"] == 1
+    assert half_open.counters.flat()["limit.handshake_rate"] == 1
 
 
 def test_token_bucket_refills_up_to_its_burst() -> None:
@@ -96,7 +95,7 @@ def test_an_abandoning_flood_from_one_source_keeps_at_most_its_cap() -> None:
         gw.abandon(("10.0.0.66", 20000 + port))
     assert len(gw.core.handshakes) == 8
     assert len(gw.core._peers) == 8  # the evicted sessions are gone, not only untracked
-    assert gw.core.counters["limit.max_half_open_per_source"] == 32
+    assert gw.core.counters.flat()["limit.max_half_open_per_source"] == 32
     connect(gw)  # others are admitted meanwhile
     assert len(gw.core.enclaves) == 1 and len(gw.core.handshakes) == 8
 
@@ -106,7 +105,7 @@ def test_a_flood_from_many_sources_keeps_at_most_the_total_cap() -> None:
     for n in range(50):
         gw.abandon((f"10.0.1.{n}", 30000))
     assert len(gw.core.handshakes) == 20 and len(gw.core._peers) == 20
-    assert gw.core.counters["limit.max_half_open"] == 30
+    assert gw.core.counters.flat()["limit.max_half_open"] == 30
     connect(gw)
     assert len(gw.core.enclaves) == 1
 
@@ -121,7 +120,7 @@ def test_abandoned_handshakes_end_after_the_certificate_timeout() -> None:
     assert gw.core.next_timeout() is not None
     gw.advance(1.5)
     assert len(gw.core.handshakes) == 0
-    assert gw.core.counters["handshakes.certificate_timeout"] == 10
+    assert gw.core.counters.flat()["handshakes.certificate_timeout"] == 10
     assert all(peer.session.established for peer in gw.core._peers.values())
     assert gw.core.sessions_released >= 10
 
@@ -133,8 +132,8 @@ def test_new_handshakes_beyond_the_source_rate_are_not_started() -> None:
     for port in range(20):
         gw.abandon(("10.0.0.66", 20000 + port))
     assert len(gw.core.handshakes) == 5
-    assert gw.core.counters["limit.handshake_rate_per_host"] == 15
-    assert gw.core.counters["handshakes.started"] == 5
+    assert gw.core.counters.flat()["limit.handshake_rate_per_host"] == 15
+    assert gw.core.counters.flat()["handshakes.started"] == 5
     connect(gw)  # another host is not affected
     assert len(gw.core.enclaves) == 1
 
@@ -168,13 +167,13 @@ def test_max_tunnels_per_host_and_in_total_refuse_admission() -> None:
     refused.open_uplink()
     gw.pump()
     assert refused.assignment is None
-    assert gw.core.counters["limit.max_tunnels_per_host"] == 1
-    assert gw.core.counters["rejected.max_tunnels_per_host"] == 1
+    assert gw.core.counters.flat()["limit.max_tunnels_per_host"] == 1
+    assert gw.core.counters.flat()["rejected.max_tunnels_per_host"] == 1
     gw.enclave(gw.cert(WEBAPP), "10.0.0.11").connect()  # another host: admitted
     last = gw.enclave(gw.cert(WEBAPP), "10.0.0.12")
     last.open_uplink()
     gw.pump()
-    assert last.assignment is None and gw.core.counters["limit.max_tunnels"] == 1
+    assert last.assignment is None and gw.core.counters.flat()["limit.max_tunnels"] == 1
     assert len(gw.core.enclaves) == 3
     # An enclave that ends frees its host's place.
     gw.core.revoke(lambda enclave: str(enclave.host) == "10.0.0.10", "test", gw.now)
@@ -188,7 +187,7 @@ def test_datagrams_beyond_max_datagram_are_dropped_before_parsing() -> None:
     gw = MemoryGateway(policy(), limits=LimitsConfig(max_datagram=1500))
     enclave = gw.enclave(gw.cert(WEBAPP)).connect()
     gw.inject(Port.SETUP, ("10.0.0.99", 5000), b"\x16\xfe\xfd" + bytes(1600))
-    assert gw.core.counters["limit.max_datagram"] == 1
+    assert gw.core.counters.flat()["limit.max_datagram"] == 1
     assert enclave.uplink is not None and not enclave.uplink.closed_reasons
 
 
