@@ -1,5 +1,5 @@
 """The live ruleset: apply a compiled table atomically, show what an apply would change,
-read the per-app counters and the digest of the policy the live table was compiled from.
+read the per-app counters and the digests stamped on the live table.
 
 Everything goes through libnftables (the `nftables` Python binding, package
 `pip-nftables`, which needs Debian's libnftables1). Only seng-fw's own table is
@@ -11,34 +11,38 @@ State that lives in the table survives an apply: the per-app counters keep their
 values and the gateway's entries in `expose_addr` (which enclave serves an exposed
 service) are carried over while the exposure still exists.
 
-Every applied table carries the digest of its policy (`seng_fw.policy.digest`) as the
-comment of the one rule of an unhooked chain, `policy_digest` (libnftables 1.0.6 drops
-table comments given in JSON; rule comments it keeps): `seng-fw status` compares it
-with the digest of the policy the gateway admits by. Telling the gateway to reload is
-not done here: `seng-fw apply` asks it over the control socket (seng_fw.ops.control).
+Every applied table carries two digests, as the names of counters (libnftables 1.0.6
+drops table comments given in JSON; diffs do not show them): the ruleset's
+(`seng_fw_digest_<hex>`: apply skips a ruleset the table already holds) and the
+policy's (`seng_fw_digest_policy_<hex>`, `seng_fw.policy.digest`), which `seng-fw
+status` compares with the policy the gateway admits by. Telling the gateway to reload
+is not done here: `seng-fw apply` hands it the policy over its control socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import functools
+import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any, TypeVar
 
 from seng_fw.compile.compiler import PROTOCOLS, TABLE
-from seng_fw.compile.diff import RulesetDiff, compare
-from seng_fw.compile.nft import FAMILY, Json, Table
+from seng_fw.compile.diff import DIGEST_COUNTER, RulesetDiff, compare
+from seng_fw.compile.nft import FAMILY, Counter, Json, Table
 from seng_fw.policy.digest import policy_digest
 from seng_fw.policy.models import Policy
 
 T = TypeVar("T")
-DIGEST_CHAIN = "policy_digest"
-DIGEST_PREFIX = "sha256:"
+# The policy's digest (not the ruleset's): what the gateway compares with its own.
+POLICY_DIGEST_COUNTER = DIGEST_COUNTER + "policy_"
 _PROTOCOL_NUMBERS = {name: low for name, (low, _) in PROTOCOLS.items() if name != "any"}
 
 
@@ -110,9 +114,19 @@ def _set_dry_run(nft: Any, enabled: bool) -> None:
 # --- live state carried over an apply ------------------------------------------------
 
 
+def ruleset_digest(table: Table, source: str = "") -> str:
+    """sha256 of the compiled table, before any live state (counter values, exposure
+    targets) is carried over, and of `source` (the policy's own digest: admission
+    settings such as MRENCLAVE change no rule, yet the gateway must reload them)."""
+    document = json.dumps(table.transaction(), separators=(",", ":")).encode()
+    return hashlib.sha256(document + b"\0" + source.encode()).hexdigest()
+
+
 @dataclass
 class LiveState:
     exists: bool = False
+    digest: str | None = None  # of the ruleset the last apply loaded
+    policy_digest: str | None = None  # of the policy it was compiled from
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)
     # (gateway address, protocol number, port) -> serving enclave address
     exposed: dict[tuple[int, int, int], IPv4Address] = field(default_factory=dict)
@@ -127,6 +141,12 @@ def read_state(nft: Nft, table: str) -> LiveState:
     for obj in nft.list_json(f"counters table {FAMILY} {table}"):
         if "counter" in obj:
             counter = obj["counter"]
+            if counter["name"].startswith(POLICY_DIGEST_COUNTER):
+                state.policy_digest = counter["name"].removeprefix(POLICY_DIGEST_COUNTER)
+                continue
+            if counter["name"].startswith(DIGEST_COUNTER):
+                state.digest = counter["name"].removeprefix(DIGEST_COUNTER)
+                continue
             state.counters[counter["name"]] = (counter.get("packets", 0), counter.get("bytes", 0))
     try:
         exposed = nft.list_json(f"map {FAMILY} {table} expose_addr")
@@ -150,6 +170,7 @@ def carry_over(table: Table, policy: Policy, state: LiveState) -> None:
         for e in app.expose
     }
     exposed = table.set("expose_addr")
+    exposed.elements, exposed.values = [], []  # (carried over once, however often called)
     for (address, proto, port), target in sorted(state.exposed.items()):
         subnet = owners.get((address, proto, port))
         if subnet is not None and target in subnet:
@@ -159,17 +180,25 @@ def carry_over(table: Table, policy: Policy, state: LiveState) -> None:
 # --- apply, diff --------------------------------------------------------------------
 
 
-def stamped_transaction(table: Table, digest: str) -> Json:
-    """`table.transaction()` plus the `policy_digest` chain whose rule names `digest`."""
-    document = table.transaction()
-    chain = {"family": FAMILY, "table": table.name, "name": DIGEST_CHAIN}
-    rule = {**chain, "chain": DIGEST_CHAIN, "expr": [{"return": None}]}
-    del rule["name"]
-    document["nftables"] += [
-        {"add": {"chain": chain}},
-        {"add": {"rule": {**rule, "comment": f"{DIGEST_PREFIX}{digest}"}}},
-    ]
-    return document
+def _with_digest(table: Table, digest: str, policy: str) -> Table:
+    stamps = [Counter(DIGEST_COUNTER + digest), Counter(POLICY_DIGEST_COUNTER + policy)]
+    return dataclasses.replace(table, counters=[*table.counters, *stamps])
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    changed: bool  # False: the live table already holds this ruleset; nothing was done
+    replaced: bool  # there was a seng table before
+    digest: str
+    policy_digest: str  # `seng_fw.policy.digest` of the policy applied
+
+
+Step = Callable[[str], contextlib.AbstractContextManager[None]]
+
+
+@contextlib.contextmanager
+def _quiet(_: str) -> Iterator[None]:
+    yield
 
 
 def apply(
@@ -178,32 +207,36 @@ def apply(
     nft: Nft | None = None,
     *,
     dry_run: bool = False,
-    digest: str | None = None,
-) -> str:
+    force: bool = False,
+    step: Step = _quiet,
+    source: str = "",
+) -> ApplyResult:
     """Replace seng-fw's table with `table` in one transaction (raises NftError and
-    changes nothing if the kernel refuses any part of it). Returns the policy digest
-    stamped on the table (`digest`, else computed)."""
+    changes nothing if the kernel refuses any part of it). When the live table already
+    holds this very ruleset (same digest) nothing is done, unless `force`. `step(name)`
+    wraps each phase (for progress output); `source` goes into the digest (see
+    `ruleset_digest`)."""
     nft = nft or Nft()
-    digest = digest or policy_digest(policy)
-    carry_over(table, policy, read_state(nft, table.name))
-    nft.run_json(stamped_transaction(table, digest), dry_run=dry_run)
-    return digest
+    with step("render"):
+        digest = ruleset_digest(table, source)
+        admission = policy_digest(policy)
+    with step("read the live table"):
+        state = read_state(nft, table.name)
+    if state.digest == digest and not force:
+        return ApplyResult(False, state.exists, digest, admission)
+    carry_over(table, policy, state)
+    marked = _with_digest(table, digest, admission)
+    with step("render"):
+        transaction = marked.transaction()
+    with step("kernel transaction"):
+        nft.run_json(transaction, dry_run=dry_run)
+    return ApplyResult(True, state.exists, digest, admission)
 
 
 def live_digest(nft: Nft, table: str = TABLE) -> str | None:
     """The policy digest stamped on the live table; None without table or stamp (a
     table loaded by hand, or by an older seng-fw)."""
-    if not nft.table_exists(table):
-        return None
-    try:
-        objects = nft.list_json(f"chain {FAMILY} {table} {DIGEST_CHAIN}")
-    except NftError:
-        return None
-    for obj in objects:
-        comment = obj.get("rule", {}).get("comment", "")
-        if isinstance(comment, str) and comment.startswith(DIGEST_PREFIX):
-            return comment[len(DIGEST_PREFIX) :]
-    return None
+    return read_state(nft, table).policy_digest
 
 
 def in_scratch_namespace(fn: Callable[[], T]) -> T:
@@ -229,19 +262,19 @@ def in_scratch_namespace(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def diff(table: Table, policy: Policy, nft: Nft | None = None) -> RulesetDiff:
+def diff(table: Table, policy: Policy, nft: Nft | None = None, source: str = "") -> RulesetDiff:
     """What `apply` would change in seng-fw's table, object by object (both listings
     normalised by the kernel: the new table is loaded into a scratch namespace)."""
     nft = nft or Nft()
+    digest = ruleset_digest(table, source)
     state = read_state(nft, table.name)
     carry_over(table, policy, state)
     old = nft.list_text(f"table inet {table.name}") if state.exists else ""
-
-    digest = policy_digest(policy)
+    transaction = _with_digest(table, digest, policy_digest(policy)).transaction()
 
     def load_and_list() -> str:
         scratch = Nft()
-        scratch.run_json(stamped_transaction(table, digest))
+        scratch.run_json(transaction)
         return scratch.list_text(f"table inet {table.name}")
 
     new = in_scratch_namespace(load_and_list)

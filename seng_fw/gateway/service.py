@@ -87,6 +87,11 @@ class Snapshot:
     policy_digest: str  # of the policy the gateway admits by
     ruleset_digest: str | None  # of the policy the live ruleset was compiled from
     policy_applied_at: float  # wall clock
+    half_open: int = 0  # handshakes past the cookie check, not completed
+    half_open_sources: int = 0  # source addresses they come from
+    handshakes_started: int = 0
+    certificate_timeouts: int = 0  # half-open handshakes dropped without a certificate
+    limits: dict[str, int] = field(default_factory=dict)  # hits by Limit
 
 
 def _nothing() -> None:
@@ -393,6 +398,11 @@ class GatewayService:
             policy_digest=self.policy_digest(),
             ruleset_digest=self._firewall.policy_digest,
             policy_applied_at=self.policy_applied_at,
+            half_open=len(core.handshakes),
+            half_open_sources=core.handshakes.sources(),
+            handshakes_started=counters.handshakes_started,
+            certificate_timeouts=counters.certificate_timeouts,
+            limits=by_reason(counters.limits),
         )
 
     async def status(self) -> dict[str, Any]:
@@ -442,6 +452,14 @@ class GatewayService:
             "rejected": snap.rejected,
             "ended": snap.ended,
             "dropped": snap.dropped,
+            "handshakes": {
+                "half_open": snap.half_open,
+                "half_open_sources": snap.half_open_sources,
+                "started": snap.handshakes_started,
+                "certificate_timeouts": snap.certificate_timeouts,
+            },
+            # How often each limit (gateway.yaml `limits:`) refused or evicted something.
+            "limits": snap.limits,
             "revocations": self.revocations.describe(),
         }
 

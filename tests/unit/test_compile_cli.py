@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -140,3 +141,42 @@ def test_apply_hands_the_policy_and_its_digest_to_the_gateway(
         assert service.policy_digest() == digest and service.policy_path == applied
         assert running.gateway.admit(NGINX) == "unknown_mrenclave"
         assert running.gateway.admit(WEBAPP) == "webapp"
+
+
+# --- apply: progress and summary ------------------------------------------------------
+
+
+def test_progress_shows_slow_phases_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from seng_fw.compile.cli import _Progress
+
+    monkeypatch.setattr(_Progress, "DELAY", 0.05)
+    progress = _Progress(enabled=True)
+    with progress.step("quick"):
+        pass
+    with progress.step("kernel transaction"):
+        time.sleep(0.3)
+    err = capsys.readouterr().err
+    assert "quick" not in err
+    assert err.startswith("seng-fw apply: kernel transaction... ") and err.endswith(" s\n")
+    with _Progress(enabled=False).step("kernel transaction"):  # not a terminal
+        time.sleep(0.1)
+    assert capsys.readouterr().err == ""
+
+
+def test_apply_summary() -> None:
+    from seng_fw.compile.cli import summary
+
+    table = compile_policy(load_policy(EXAMPLE))
+    result = live.ApplyResult(
+        changed=True, replaced=False, digest=live.ruleset_digest(table), policy_digest="ab" * 32
+    )
+    line = summary(table, result, 4)
+    assert line.startswith("applied: table inet seng created: 4 apps, ")
+    assert f"{len(table.chains)} chains with " in line and line.endswith(f"{result.digest[:12]})")
+    # the digest: of the compiled table only, stable, and changed by any change
+    again = compile_policy(load_policy(EXAMPLE))
+    assert live.ruleset_digest(again) == result.digest
+    again.chains[-1].rules.pop()
+    assert live.ruleset_digest(again) != result.digest
