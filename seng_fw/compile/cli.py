@@ -16,9 +16,14 @@ no longer allowed and deletes their leases' conntrack entries.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,7 @@ from seng_fw.compile.compiler import DEFAULT_TUN, TABLE, Options, compile_policy
 from seng_fw.compile.diff import SHARED, RulesetDiff
 from seng_fw.compile.nft import Table
 from seng_fw.policy.importdb import DbImportError, DbUnreadable, import_db
-from seng_fw.policy.loader import load_policy
+from seng_fw.policy.loader import load_policy, policy_files
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError
 
@@ -87,6 +92,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="let the kernel check the transaction and show the diff; change nothing",
     )
     apply.add_argument("--stat", action="store_true", help="with --dry-run: the diff's summary")
+    apply.add_argument(
+        "--force",
+        action="store_true",
+        help="load the ruleset even if the live table holds the same one (same digest)",
+    )
     _colour_argument(apply)
     apply.add_argument(
         "--gateway-pid-file",
@@ -189,7 +199,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     policy, table = compiled
     try:
-        changes = live.diff(table, policy)
+        changes = live.diff(table, policy, source=_source_digest(args.policy))
     except (live.NftError, OSError) as exc:
         print(f"seng-fw diff: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -247,24 +257,92 @@ def stat_lines(changes: RulesetDiff) -> list[str]:
     return out
 
 
+def _source_digest(path: Path) -> str:
+    """sha256 of the policy's files (names and contents): with the compiled ruleset it
+    makes the digest that tells apply whether anything changed, admission included."""
+    digest = hashlib.sha256()
+    for file in policy_files(path):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+class _Progress:
+    """Phases of a long apply on a terminal: a phase is shown once it has taken more than
+    a second, with its time when it ends (stderr, so that stdout stays the result)."""
+
+    DELAY = 1.0
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        started = time.monotonic()
+        timer = threading.Timer(
+            self.DELAY,
+            lambda: print(f"seng-fw apply: {name}...", end="", file=sys.stderr, flush=True),
+        )
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()
+            took = time.monotonic() - started
+            if took >= self.DELAY:
+                print(f" {took:.1f} s", file=sys.stderr, flush=True)
+
+
+def summary(table: Table, result: live.ApplyResult, apps: int) -> str:
+    """One line: what the transaction wrote (it replaces the whole table)."""
+    sets = len(table.sets)
+    elements = sum(len(named.elements) for named in table.sets)
+    rules = sum(len(chain.rules) for chain in table.chains)
+    how = "replaced" if result.replaced else "created"
+    return (
+        f"applied: table inet {table.name} {how}: {apps} apps, {sets} sets and maps with "
+        f"{elements} elements, {len(table.chains)} chains with {rules} rules, "
+        f"{len(table.counters)} counters (digest {result.digest[:12]})"
+    )
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
-    compiled = _compiled(args)
-    if compiled is None:
+    progress = _Progress(sys.stderr.isatty())
+    with progress.step("load the policy"):
+        policy = _load(args.policy)
+    if policy is None:
         return EXIT_REJECTED
-    policy, table = compiled
+    with progress.step("compile"):
+        table = compile_policy(policy, Options(tun=args.tun, table=TABLE))
     try:
         nft = live.Nft()
+        source = _source_digest(args.policy)
+        result = live.apply(
+            table,
+            policy,
+            nft,
+            dry_run=args.dry_run,
+            force=args.force,
+            step=progress.step,
+            source=source,
+        )
+        if not result.changed:
+            print(f"no changes: the live table holds this ruleset (digest {result.digest[:12]})")
+            return EXIT_OK
         if args.dry_run:
-            changes = live.diff(table, policy, nft)
-            live.apply(table, policy, nft, dry_run=True)
+            with progress.step("diff"):
+                changes = live.diff(table, policy, nft, source)
             _show_diff(changes, stat=args.stat, colour=_colour_wanted(args.color))
             print("dry run: the kernel accepts the ruleset; nothing was changed")
             return EXIT_OK
-        live.apply(table, policy, nft)
     except (live.NftError, OSError) as exc:
         print(f"seng-fw apply: the ruleset was not changed: {exc}", file=sys.stderr)
         return EXIT_REJECTED
-    print(f"applied table inet {table.name}: {len(policy.apps)} apps")
+    print(summary(table, result, len(policy.apps)))
     print(live.reload_gateway(args.gateway_pid_file))
     return EXIT_OK
 

@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 # indentation of an object's lines, and of its elements, in nft's listing
 _OBJECT, _LINE, _ELEMENT = "\t", "\t\t", "\t\t\t"
 SHARED = "(shared)"  # objects of no single app
+# The digest of the compiled ruleset that the last apply loaded lives in the table as
+# the name of an (unused) counter: libnftables 1.0.6 does not give back a table's
+# comment in JSON, and apply lists the counters anyway to carry their values over.
+# (Not shown in diffs: it changes whenever anything else does.)
+DIGEST_COUNTER = "seng_fw_digest_"
 
 
 @dataclass
@@ -59,7 +64,8 @@ def parse_listing(listing: str) -> dict[str, NftObject]:
         header = _HEADER.match(raw)
         if header:
             current = NftObject(header[1], header[2])
-            objects[f"{current.kind} {current.name}"] = current
+            if not current.name.startswith(DIGEST_COUNTER):
+                objects[f"{current.kind} {current.name}"] = current
             continue
         line = raw.strip()
         if current is None or not line:

@@ -27,12 +27,15 @@ from seng_fw.gateway.counters import (
     EndKind,
     EndReason,
     GatewayCounters,
+    Limit,
     PeerClosed,
     Refusal,
     RejectReason,
     Revoked,
     Traffic,
 )
+from seng_fw.gateway.handshakes import HalfOpenHandshakes
+from seng_fw.gateway.limits import LimitsConfig, TunnelCounts
 from seng_fw.policy.admission import Admission, AdmissionRejected
 from seng_fw.policy.ipam import EnclaveSubnet, Ipam, PoolExhausted
 from seng_fw.policy.models import App
@@ -148,6 +151,7 @@ class GatewayCore:
         verifier: EvidenceVerifier,
         dtls: dict[Port, DtlsServerConfig],
         timeouts: TimeoutConfig,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self.admission = admission
         self.verifier = verifier
@@ -164,6 +168,14 @@ class GatewayCore:
         self._outgoing: list[tuple[Port, Address, bytes]] = []
         self._to_tun: list[bytes] = []
         self._events: list[GatewayEvent] = []
+        # Sessions past the cookie check that have not completed (seng_fw.gateway.handshakes).
+        self.limits = limits = limits or LimitsConfig()
+        self.handshakes: HalfOpenHandshakes[tuple[Port, Address]] = HalfOpenHandshakes(
+            limits.handshakes(), self.counters
+        )
+        self.tunnel_counts = TunnelCounts(limits, self.counters)
+        # DTLS sessions dropped so far (the adapter returns freed memory to the OS).
+        self.sessions_released = 0
 
     # ----- outputs -------------------------------------------------------------------
 
@@ -193,10 +205,15 @@ class GatewayCore:
     # ----- inputs --------------------------------------------------------------------
 
     def datagram_received(self, port: Port, address: Address, data: bytes, now: float) -> None:
+        if len(data) > self.limits.max_datagram:
+            self.counters.limits[Limit.MAX_DATAGRAM] += 1
+            return
         peer = self._peers.get((port, address))
         if peer is None:
             # Datagrams from unknown addresses pass a stateless cookie check first, so
             # spoofed floods cost no per-peer state (RFC 6347 4.2.1).
+            if self.handshakes.throttled(address[0], now):
+                return  # over its handshake rate (counted): not even a cookie check
             cookie_id = peer_id(address)
             verdict = self._dtls[port].cookie_gate.check(data, cookie_id)
             if not verdict.accepted:
@@ -205,8 +222,12 @@ class GatewayCore:
                 else:
                     self.counters.dropped[Drop.NOT_CLIENT_HELLO] += 1
                 return
+            if not self.handshakes.may_start(address[0], now):
+                return  # rate-limited (counted): the client retries with a new cookie
             session = DtlsServerSession(self._dtls[port], cookie_id, now)
             peer = self._peers[(port, address)] = Peer(port, address, session, now)
+            for key in self.handshakes.started((port, address), address[0], now):
+                self._drop_half_open(key)
         elif peer.candidate is not None:
             # A reconnect handshake is under way from this address: it sees every
             # datagram too (each session silently drops what is not its own epoch/keys).
@@ -243,6 +264,8 @@ class GatewayCore:
             if peer.candidate is not None and now >= (peer.candidate.next_timeout() or now + 1):
                 peer.candidate.handle_timeout(now)
                 self._candidate_events(peer, now)
+        for key in self.handshakes.expired(now, self._has_client_certificate):
+            self._drop_half_open(key)
         for enclave in list(self._enclave_by_address.values()):
             if enclave.downlink is None and now >= enclave.pairing_deadline:
                 self._end_enclave(enclave, EndKind.PAIRING_TIMEOUT, now)
@@ -253,6 +276,8 @@ class GatewayCore:
 
     def next_timeout(self) -> float | None:
         deadlines = [d for p in self._peers.values() if (d := p.session.next_timeout()) is not None]
+        if (half_open := self.handshakes.next_deadline()) is not None:
+            deadlines.append(half_open)
         for enclave in self._enclave_by_address.values():
             deadlines.append(enclave.last_activity + self.timeouts.idle)
             if enclave.downlink is None:
@@ -313,7 +338,20 @@ class GatewayCore:
             self._outgoing.append((port, address, datagram))
 
     def _forget(self, peer: Peer) -> None:
-        self._peers.pop((peer.port, peer.address), None)
+        key = (peer.port, peer.address)
+        self.handshakes.discard(key)
+        if self._peers.pop(key, None) is not None:
+            self.sessions_released += 1
+
+    def _has_client_certificate(self, key: tuple[Port, Address]) -> bool:
+        peer = self._peers.get(key)
+        return peer is not None and peer.session.client_certificate_received
+
+    def _drop_half_open(self, key: tuple[Port, Address]) -> None:
+        """Evicted or timed out before completing: forgotten without an alert."""
+        peer = self._peers.get(key)
+        if peer is not None and peer.enclave is None and not peer.session.established:
+            self._forget(peer)
 
     def _handle_events(self, peer: Peer, events: list[DtlsEvent], now: float) -> None:
         for event in events:
@@ -367,6 +405,7 @@ class GatewayCore:
         peer.session.close()
 
     def _handshake_complete(self, peer: Peer, cert_der: bytes, now: float) -> None:
+        self.handshakes.discard((peer.port, peer.address))
         self._events.append(HandshakeCompleted(peer.port, now - peer.created))
         identity = self._attest(peer, cert_der)
         if identity is None:
@@ -384,6 +423,9 @@ class GatewayCore:
         if (host, identity) in self._pending:
             # The same enclave retried before pairing: the old attempt is abandoned.
             self._end_enclave(self._pending[(host, identity)], EndKind.SUPERSEDED, now)
+        if (limit := self.tunnel_counts.refusal(host)) is not None:
+            self._refuse(peer, *limit, host)
+            return
         try:
             address = self.ipam.lease(subnet.subnet, app.name)
         except PoolExhausted:
@@ -411,6 +453,7 @@ class GatewayCore:
         self._enclave_by_address[address.packed] = enclave
         self._pending[(host, identity)] = enclave
         self.counters.admitted += 1
+        self.tunnel_counts.admitted(host)
         self._events.append(EnclaveAdmitted(enclave))
         log.info("admitted %s quote_status=%s", enclave.describe(), identity.quote_status)
         log.info("leased %s to app=%s host=%s", address, app.name, host)
@@ -461,6 +504,13 @@ class GatewayCore:
             self.counters.dropped[Drop.SPOOFED] += 1
             enclave.traffic.dropped_spoofed += 1
             return
+        if packets.has_options(data) and self.limits.ip_options == "drop":
+            # IP options (source routes, record route, timestamps, router alert) are
+            # not forwarded: applications behind SENG never need them, and they are a
+            # way around the firewall's view of a packet. Dropped, not stripped (that
+            # would rewrite every such header on the data path), and counted.
+            self.counters.dropped[Drop.IP_OPTIONS] += 1
+            return
         enclave.setup.acknowledge_implicitly()
         enclave.last_activity = now
         enclave.traffic.packets_in += 1
@@ -471,6 +521,7 @@ class GatewayCore:
         if self._enclave_by_address.get(enclave.address_bytes) is not enclave:
             return  # already ended
         del self._enclave_by_address[enclave.address_bytes]
+        self.tunnel_counts.ended(enclave.host)
         self._pending.pop((enclave.host, enclave.identity), None)
         for port, peer_address, session in (
             (Port.SETUP, enclave.uplink_peer, enclave.uplink),

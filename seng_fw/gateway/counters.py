@@ -32,6 +32,7 @@ class Drop(enum.StrEnum):
     SPOOFED = "spoofed"  # source address not the enclave's
     SEND_ERROR = "send_error"  # sendto failed
     TUN_WRITE_ERROR = "tun_write_error"
+    IP_OPTIONS = "ip_options"  # IPv4 options from an enclave (limits.ip_options: drop)
 
 
 class Refusal(enum.StrEnum):
@@ -39,6 +40,20 @@ class Refusal(enum.StrEnum):
 
     POOL_EXHAUSTED = "pool_exhausted"
     UNPAIRED_DOWNLINK = "unpaired_downlink"
+    MAX_TUNNELS = "max_tunnels"  # gateway.yaml limits
+    MAX_TUNNELS_PER_HOST = "max_tunnels_per_host"
+
+
+class Limit(enum.StrEnum):
+    """A limit of gateway.yaml `limits:` that refused or evicted something (its key)."""
+
+    MAX_TUNNELS = "max_tunnels"
+    MAX_TUNNELS_PER_HOST = "max_tunnels_per_host"
+    MAX_HALF_OPEN = "max_half_open"  # the oldest half-open handshake evicted
+    MAX_HALF_OPEN_PER_SOURCE = "max_half_open_per_source"
+    HANDSHAKE_RATE_PER_HOST = "handshake_rate_per_host"  # a datagram not even cookie-checked
+    HANDSHAKE_RATE = "handshake_rate"
+    MAX_DATAGRAM = "max_datagram"
 
 
 # Why a tunnel was refused: attestation, admission, or the gateway itself.
@@ -80,6 +95,8 @@ class Fault(enum.StrEnum):
 
     INTERNAL_ERROR_DATAGRAM = "internal_error.datagram"  # an exception handling one
     PEER_SOCKET_ERROR = "peer_socket_error"  # no receive queue of its own (peersockets)
+    TUN_READ_ERROR = "tun_read_error"  # a read of the TUN device failed (not fatal)
+    TUN_LOST = "tun_lost"  # the TUN device is gone: the gateway stops (exit 4)
 
 
 @dataclass(slots=True)
@@ -116,6 +133,9 @@ class GatewayCounters:
     closed: Counter[CloseReason] = field(default_factory=Counter)  # DTLS sessions ended
     reconnect_failed: Counter[CloseReason] = field(default_factory=Counter)
     faults: Counter[Fault] = field(default_factory=Counter)
+    limits: Counter[Limit] = field(default_factory=Counter)
+    handshakes_started: int = 0  # past the cookie check and the rate limits
+    certificate_timeouts: int = 0  # half-open, dropped without a client certificate
     # Traffic of ended enclaves, per app, so that totals never go backwards.
     ended_traffic: dict[str, Traffic] = field(default_factory=dict)
 
@@ -125,6 +145,8 @@ class GatewayCounters:
         for name, value in (
             ("admitted", self.admitted),
             ("reconnect_attempts", self.reconnect_attempts),
+            ("handshakes.started", self.handshakes_started),
+            ("handshakes.certificate_timeout", self.certificate_timeouts),
         ):
             if value:
                 out[name] = value
@@ -134,6 +156,7 @@ class GatewayCounters:
             ("dropped", self.dropped),
             ("closed", self.closed),
             ("reconnect_failed", self.reconnect_failed),
+            ("limit", self.limits),
         )
         for prefix, counter in groups:
             for reason, value in counter.items():

@@ -129,6 +129,11 @@ class Snapshot:
     firewall: dict[str, tuple[int, int]]  # nftables counters tx_APP / rx_APP
     policy_digest: str
     policy_applied_at: float  # wall clock
+    half_open: int = 0  # handshakes past the cookie check, not completed
+    half_open_sources: int = 0  # source addresses they come from
+    handshakes_started: int = 0
+    certificate_timeouts: int = 0  # half-open handshakes dropped without a certificate
+    limits: dict[str, int] = field(default_factory=dict)  # hits by Limit
 
 
 def policy_digest(policy: Policy) -> str:
@@ -354,6 +359,11 @@ class GatewayControl:
             firewall=self._firewall(),
             policy_digest=self.policy_digest(),
             policy_applied_at=self.policy_applied_at,
+            half_open=len(core.handshakes),
+            half_open_sources=core.handshakes.sources(),
+            handshakes_started=counters.handshakes_started,
+            certificate_timeouts=counters.certificate_timeouts,
+            limits=by_reason(counters.limits),
         )
 
     def _firewall(self) -> dict[str, tuple[int, int]]:
@@ -407,5 +417,13 @@ class GatewayControl:
             "rejected": snap.rejected,
             "ended": snap.ended,
             "dropped": snap.dropped,
+            "handshakes": {
+                "half_open": snap.half_open,
+                "half_open_sources": snap.half_open_sources,
+                "started": snap.handshakes_started,
+                "certificate_timeouts": snap.certificate_timeouts,
+            },
+            # How often each limit (gateway.yaml `limits:`) refused or evicted something.
+            "limits": snap.limits,
             "revocations": self.revocations.describe(),
         }

@@ -16,7 +16,8 @@ Metric names (all prefixed ``seng_fw_``):
   forwarded_bytes_total{app,direction}, spoofed_packets_total{app},
   dropped_packets_total{reason}, firewall_packets_total{app,direction},
   firewall_bytes_total{app,direction}, labeller_events_total{event},
-  handshake_duration_seconds (histogram), start_time_seconds,
+  handshake_duration_seconds (histogram), handshakes_half_open, handshakes_started_total,
+  limit_hits_total{limit}, start_time_seconds,
   policy_applied_timestamp_seconds, policy_info{digest}.
 """
 
@@ -59,6 +60,23 @@ class _SnapshotCollector(Collector):
             "Packets the gateway dropped, by reason",
             _labelled(snap.dropped),
             ["reason"],
+        )
+
+        yield GaugeMetricFamily(
+            f"{PREFIX}_handshakes_half_open",
+            "DTLS handshakes past the cookie check and not completed",
+            snap.half_open,
+        )
+        yield _counter(
+            "handshakes_started",
+            "DTLS handshakes started (past the cookie check and the rate limits)",
+            [((), snap.handshakes_started)],
+        )
+        yield _counter(
+            "limit_hits",
+            "Times a configured limit refused or evicted something, by limit",
+            _labelled(snap.limits),
+            ["limit"],
         )
 
         active = GaugeMetricFamily(

@@ -321,7 +321,7 @@ def test_exposed_service(topo: Topology) -> None:
         serve(NGINX)
         assert connects(topo, "ext", EXT, GW_EXT, 8443)
         # an apply keeps the gateway's entry while the exposure exists
-        apply_in(topo, policy)
+        apply_in(topo, policy, force=True)
         assert connects(topo, "ext", EXT, GW_EXT, 8443)
         # only from the exposure's `from` (10.77.2.0/24)
         ip("addr", "add", "10.77.3.2/32", "dev", "lo", netns=topo.ns("ext"))
@@ -486,7 +486,7 @@ def test_established_connections_survive_apply(topo: Topology) -> None:
         replies = 0
         for i in range(300):
             if i in (50, 150, 250):  # applies while the flow runs
-                apply_in(topo, policy)
+                apply_in(topo, policy, force=True)
             client.sendto(str(i).encode(), (RESOLVER, 53))
             if client.recv(100) == str(i).encode():
                 replies += 1
@@ -570,6 +570,40 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     assert ruleset(topo) == before
     gateway.terminate()
     gateway.wait()
+
+
+def test_apply_of_an_unchanged_policy_does_nothing(topo: Topology, tmp_path: Path) -> None:
+    first = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan")
+    assert first.returncode == 0, first.stderr
+    summary = first.stdout.splitlines()[0]
+    assert re.fullmatch(
+        r"applied: table inet seng created: 4 apps, \d+ sets and maps with \d+ elements, "
+        r"\d+ chains with \d+ rules, 8 counters \(digest [0-9a-f]{12}\)",
+        summary,
+    ), summary
+    assert first.stderr == ""  # no progress output: not a terminal
+    handles = topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout
+    again = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan")
+    assert again.returncode == 0
+    assert again.stdout.startswith("no changes: the live table holds this ruleset")
+    # not even reloaded: the same objects, with the same handles
+    assert topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout == handles
+    dry = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.startswith("no changes")
+    # --force loads it anyway; a changed policy is applied (replacing the table)
+    forced = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--force")
+    assert forced.stdout.startswith("applied: table inet seng replaced: 4 apps")
+    assert topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout != handles
+    # an admission change alone changes no rule, but the gateway must reload it
+    admission = tmp_path / "admission.yaml"
+    admission.write_text(EXAMPLE.read_text().replace("min_isv_svn: 3", "min_isv_svn: 4"))
+    changed = _cli(topo, "apply", str(admission), "--tun", "lan")
+    assert changed.stdout.startswith("applied: table inet seng replaced: 4 apps")
+    smaller = _cli(topo, "apply", str(without_demo(tmp_path)), "--tun", "lan")
+    assert smaller.stdout.startswith("applied: table inet seng replaced: 3 apps")
+    # the digest is not part of the diff
+    same = _cli(topo, "diff", str(without_demo(tmp_path)), "--tun", "lan")
+    assert same.returncode == 0 and same.stdout.strip() == "no changes"
 
 
 def _objects(topo: Topology) -> list[str]:

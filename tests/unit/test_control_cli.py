@@ -67,6 +67,7 @@ def test_status_table_and_json(running: RunningGateway, capsys: pytest.CaptureFi
     assert code == 0
     assert "listen    10.0.0.1:12345 (tunnel #1), 10.0.0.1:12346 (tunnel #2)" in out
     assert "mode      per_app, queue: none" in out
+    assert "pending   0 handshakes half-open from 0 sources; 0 started" in out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("APP "))
     webapp = next(line for line in lines if line.startswith("webapp "))

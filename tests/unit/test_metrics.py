@@ -30,6 +30,9 @@ def snapshot() -> Snapshot:
         firewall={"tx_webapp": (8, 800), "rx_webapp": (9, 900)},
         policy_digest="ab" * 32,
         policy_applied_at=1_700_000_100.0,
+        half_open=9,
+        handshakes_started=40,
+        limits={"max_half_open_per_source": 6},
     )
 
 
@@ -51,6 +54,9 @@ def test_render_exposes_the_snapshot() -> None:
     assert values[("seng_fw_tunnel_ends_total", (("reason", "idle_timeout"),))] == 3
     assert values[("seng_fw_dropped_packets_total", (("reason", "no_enclave"),))] == 7
     assert values[("seng_fw_tunnels_active", (("app", "webapp"),))] == 2
+    assert values[("seng_fw_handshakes_half_open", ())] == 9
+    assert values[("seng_fw_handshakes_started_total", ())] == 40
+    assert values[("seng_fw_limit_hits_total", (("limit", "max_half_open_per_source"),))] == 6
     assert values[("seng_fw_tunnels_active", (("app", "nginx"),))] == 0
     key = (("app", "webapp"), ("direction", "from_enclave"))
     assert values[("seng_fw_forwarded_packets_total", key)] == 10
