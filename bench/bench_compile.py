@@ -280,9 +280,10 @@ def commands(count: int, trees: dict[str, Path]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         policy, changed = Path(tmp) / "policy.yaml", Path(tmp) / "changed.yaml"
         data = policy_data(count)
-        policy.write_text(yaml.safe_dump(data, sort_keys=False))
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        policy.write_text(yaml.dump(data, Dumper=dumper, sort_keys=False))
         data["apps"][count // 2]["egress"][1]["ports"] = [4242]
-        changed.write_text(yaml.safe_dump(data, sort_keys=False))
+        changed.write_text(yaml.dump(data, Dumper=dumper, sort_keys=False))
         argvs = {
             "check": ["check", str(policy)],
             "apply": ["apply", str(policy), "--gateway-pid-file", "/nonexistent"],
