@@ -601,7 +601,7 @@ def _apply_and_reload(
     assert re.fullmatch(r" \d+ app\(s\) changed; rules \+\d+ -[1-9]\d*, .*", stat[-1])
     alone = _cli(topo, "apply", str(smaller), "--tun", "lan", *nowhere)
     assert alone.returncode == 3 and "no gateway answering" in alone.stderr
-    assert "applied: table inet seng" in alone.stdout
+    assert "applied: table inet seng replaced" in alone.stdout
     assert not tcp(topo, "enc1", DEMO, "ext", EXT, 443)
     assert tcp(topo, "ext", EXT, "enc2", NGINX, 443)
     assert topo.call("gw", lambda: live.live_digest(live.Nft())) == policy_digest(
