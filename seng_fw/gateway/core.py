@@ -2,8 +2,10 @@
 
 Inputs: datagrams received on the two SENG ports, packets read from the TUN device, the
 passage of time, policy reloads. Outputs, drained by the asyncio adapter: datagrams to
-send, packets to write to the TUN device, and released addresses whose conntrack entries
-must be deleted before the address may be leased again.
+send, packets to write to the TUN device, and events (`events()`): what happened, for
+the adapter to act on (peer sockets, the labeller's registry, exposures, metrics) and
+released addresses whose conntrack entries must be deleted before the address may be
+leased again. Nothing here does I/O or calls out while it handles an input.
 
 One enclave = tunnel #1 (port P: enclave -> gateway packets and the setup exchange) and
 tunnel #2 (port P+1: gateway -> enclave packets), paired by client host address and
@@ -18,7 +20,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Protocol
 
 from seng_fw.attest.identity import AttestationRejected, EnclaveIdentity, EvidenceVerifier
 from seng_fw.gateway.config import TimeoutConfig
@@ -92,13 +93,42 @@ class Peer:
     candidate: DtlsServerSession | None = None
 
 
-class EnclaveObserver(Protocol):
-    """Told when an enclave's address starts and stops belonging to it (the labeller's
-    registry, metrics). Called synchronously from the core: keep it cheap."""
+# ----- events: what happened, drained by the adapter (in order) ------------------------
 
-    def enclave_admitted(self, enclave: Enclave) -> None: ...
 
-    def enclave_ended(self, enclave: Enclave, reason: str) -> None: ...
+@dataclass(frozen=True, eq=False)
+class EnclaveAdmitted:
+    """An enclave was admitted and leased `enclave.address` (tunnel #2 may follow)."""
+
+    enclave: Enclave
+
+
+@dataclass(frozen=True, eq=False)
+class EnclaveEnded:
+    """An enclave's tunnels were closed; its address no longer belongs to it."""
+
+    enclave: Enclave
+    reason: str
+
+
+@dataclass(frozen=True)
+class AddressReleased:
+    """A released address: delete its conntrack entries, then call `address_flushed()`.
+    Always after the `EnclaveEnded` of its enclave."""
+
+    address: IPv4Address
+
+
+@dataclass(frozen=True)
+class HandshakeCompleted:
+    """A DTLS handshake ended (before attestation): seconds since the peer's first
+    datagram that passed the cookie check."""
+
+    port: Port
+    seconds: float
+
+
+GatewayEvent = EnclaveAdmitted | EnclaveEnded | AddressReleased | HandshakeCompleted
 
 
 class GatewayCore:
@@ -123,10 +153,7 @@ class GatewayCore:
         self._pending: dict[tuple[IPv4Address, EnclaveIdentity], Enclave] = {}
         self._outgoing: list[tuple[Port, Address, bytes]] = []
         self._to_tun: list[bytes] = []
-        self._to_flush: list[IPv4Address] = []
-        self.observers: list[EnclaveObserver] = []
-        # Seconds from a peer's first accepted datagram to its handshake's end (metrics).
-        self.handshake_seconds: list[float] = []
+        self._events: list[GatewayEvent] = []
 
     # ----- outputs -------------------------------------------------------------------
 
@@ -138,9 +165,9 @@ class GatewayCore:
         out, self._to_tun = self._to_tun, []
         return out
 
-    def addresses_to_flush(self) -> list[IPv4Address]:
-        """Released addresses; call `address_flushed()` once their conntrack entries are gone."""
-        out, self._to_flush = self._to_flush, []
+    def events(self) -> list[GatewayEvent]:
+        """What happened since the last call, in order."""
+        out, self._events = self._events, []
         return out
 
     def address_flushed(self, address: IPv4Address) -> None:
@@ -330,8 +357,7 @@ class GatewayCore:
         peer.session.close()
 
     def _handshake_complete(self, peer: Peer, cert_der: bytes, now: float) -> None:
-        self.handshake_seconds.append(now - peer.created)
-        del self.handshake_seconds[:-1000]  # bounded if nobody drains it
+        self._events.append(HandshakeCompleted(peer.port, now - peer.created))
         identity = self._attest(peer, cert_der)
         if identity is None:
             return
@@ -375,8 +401,7 @@ class GatewayCore:
         self._enclave_by_address[address.packed] = enclave
         self._pending[(host, identity)] = enclave
         self.counters["admitted"] += 1
-        for observer in self.observers:
-            observer.enclave_admitted(enclave)
+        self._events.append(EnclaveAdmitted(enclave))
         log.info("admitted %s quote_status=%s", enclave.describe(), identity.quote_status)
         log.info("leased %s to app=%s host=%s", address, app.name, host)
         self._send_setup(enclave, now)
@@ -447,12 +472,13 @@ class GatewayCore:
             peer = self._peers.get((port, peer_address))
             if peer is not None and peer.session is session:
                 self._forget(peer)
-        self._to_flush.append(self.ipam.release(enclave.address))
+        released = self.ipam.release(enclave.address)
         for key, value in enclave.counters.items():
             # Per-app totals outlive the enclave, so status and metrics never go back.
             self.counters[f"app.{enclave.app.name}.{key}"] += value
-        for observer in self.observers:
-            observer.enclave_ended(enclave, reason)
+        # The labeller forgets the address before its conntrack entries go (the other
+        # order lets a connection opened in between keep the old label).
+        self._events += [EnclaveEnded(enclave, reason), AddressReleased(released)]
         self.counters[f"ended.{reason}"] += 1
         log.info(
             "tunnel end %s reason=%s duration=%.1fs in=%d/%dB out=%d/%dB",

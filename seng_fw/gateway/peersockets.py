@@ -41,9 +41,10 @@ def reuse_port(sock: socket.socket) -> None:
 
 
 class PeerSockets:
-    """An EnclaveObserver of the core: opens a connected socket when an enclave is
-    admitted and closes it when the enclave ends. Failing to open one (e.g. out of file
-    descriptors) is counted and logged; that enclave is then served by the listener."""
+    """The adapter opens a connected socket when the core reports an enclave admitted
+    (`open`) and closes it when the enclave ends (`close_for`), on the event loop.
+    Failing to open one (e.g. out of file descriptors) is counted and logged; that
+    enclave is then served by the listener."""
 
     def __init__(
         self,
@@ -56,7 +57,7 @@ class PeerSockets:
         self.counters = counters
         self._sockets: dict[int, socket.socket] = {}  # by id(enclave)
 
-    def enclave_admitted(self, enclave: Enclave) -> None:
+    def open(self, enclave: Enclave) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             reuse_port(sock)
@@ -73,7 +74,7 @@ class PeerSockets:
             return
         self._sockets[id(enclave)] = sock
 
-    def enclave_ended(self, enclave: Enclave, reason: str) -> None:
+    def close_for(self, enclave: Enclave) -> None:
         sock = self._sockets.pop(id(enclave), None)
         if sock is not None:
             _close(sock)

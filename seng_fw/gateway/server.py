@@ -1,6 +1,9 @@
 """asyncio adapter around `GatewayCore`: two UDP sockets (and one per admitted enclave's
 tunnel #1, `peersockets`), the TUN device, timers, conntrack flushes and signals. All
-protocol decisions live in the core.
+protocol decisions live in the core; all I/O lives here. After every input the adapter
+sends the core's datagrams, writes its packets and acts on its events (`_flush`):
+peer sockets, the labeller's registry, conntrack flushes (in a worker thread), and the
+`event_consumers` the process adds (exposures, metrics), which must not block the loop.
 
 Sockets and the TUN fd are read with `loop.add_reader` and drained in batches per wakeup
 (up to `BATCH` datagrams or packets): one event-loop iteration per datagram was about 3x
@@ -18,7 +21,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any, Protocol
 
-from seng_fw.gateway.core import Enclave, GatewayCore, Port
+from seng_fw.gateway.core import (
+    AddressReleased,
+    EnclaveAdmitted,
+    EnclaveEnded,
+    GatewayCore,
+    GatewayEvent,
+    Port,
+)
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
@@ -48,8 +58,6 @@ class GatewayServer:
         self.core = core
         # Shared-subnet mode: the NFQUEUE labeller's registry follows the leases.
         self.labelling = labelling
-        if labelling is not None:
-            core.observers.append(_RegistryFeed(labelling))
         self.sockets = sockets
         self.tun = tun
         self._flush_conntrack = flush_conntrack
@@ -60,6 +68,7 @@ class GatewayServer:
         # so that the tasks are not garbage-collected while they run.
         self._tasks: set[asyncio.Task[None]] = set()
         self._tun_addresses: set[IPv4Interface] = set()
+        self._unflushed: list[IPv4Address] = []
         self._tun_lock = asyncio.Lock()
         self.peer_sockets = PeerSockets(
             sockets[Port.SETUP], lambda sock: self._on_datagrams(Port.SETUP, sock), core.counters
@@ -67,6 +76,9 @@ class GatewayServer:
         # Started once sockets and TUN are up, closed first at shutdown (control socket,
         # metrics endpoint).
         self.services: list[Service] = []
+        # Told every core event after the adapter's own handling, on the event loop:
+        # anything slow goes to a worker thread (`spawn`).
+        self.event_consumers: list[Callable[[GatewayEvent], None]] = []
 
     # ----- event handlers ------------------------------------------------------------
 
@@ -112,8 +124,30 @@ class GatewayServer:
                 written = False
             if not written:
                 core.counters["dropped.tun_write_error"] += 1
-        for released in core.addresses_to_flush():
-            self._spawn(self._flush_address(released))
+        for event in core.events():
+            self._handle_event(event)
+
+    def _handle_event(self, event: GatewayEvent) -> None:
+        if isinstance(event, EnclaveAdmitted):
+            self.peer_sockets.open(event.enclave)
+            if self.labelling is not None:
+                self.labelling.admitted(event.enclave)
+        elif isinstance(event, EnclaveEnded):
+            self.peer_sockets.close_for(event.enclave)
+            if self.labelling is not None:
+                # Before the address's conntrack flush (its AddressReleased comes next),
+                # so no new connection can pick up the old label.
+                self.labelling.released(event.enclave.address)
+        elif isinstance(event, AddressReleased):
+            if self._stopping.is_set():
+                self._unflushed.append(event.address)  # flushed before the process ends
+            else:
+                self._spawn(self._flush_address(event.address))
+        for consumer in self.event_consumers:
+            try:
+                consumer(event)
+            except Exception:
+                log.exception("internal error handling %s", type(event).__name__)
 
     async def _flush_address(self, address: IPv4Address) -> None:
         """Delete the conntrack entries of a released address, then free it for leasing."""
@@ -144,6 +178,10 @@ class GatewayServer:
             self._flush()
 
     # ----- lifecycle -----------------------------------------------------------------
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run background work on the loop, kept referenced until it ends."""
+        self._spawn(coroutine)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -224,7 +262,6 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         for port, sock in self.sockets.items():
             loop.add_reader(sock.fileno(), self._on_datagrams, port, sock)
-        self.core.observers.append(self.peer_sockets)
         loop.add_reader(self.tun.fileno(), self._on_tun_readable)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
@@ -258,12 +295,13 @@ class GatewayServer:
                 await self.labelling.stop()
 
     def _shutdown(self) -> None:
+        self._stopping.set()
         self.core.shutdown(time.monotonic())
         self._flush()  # sends the close_notify alerts
         self.peer_sockets.close()
         for task in self._tasks:
             task.cancel()
-        for address in self.core.addresses_to_flush():
+        for address in self._unflushed:
             try:
                 self._flush_conntrack(address)
             except Exception as exc:
@@ -278,21 +316,6 @@ class Service(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
-
-
-class _RegistryFeed:
-    """Keeps the labeller's registry in step with leases. An address leaves the registry
-    when its enclave ends, before its conntrack entries are flushed (the flush runs
-    later, from `_flush`), so no new connection can pick up the old label."""
-
-    def __init__(self, labelling: Labelling) -> None:
-        self.labelling = labelling
-
-    def enclave_admitted(self, enclave: Enclave) -> None:
-        self.labelling.admitted(enclave)
-
-    def enclave_ended(self, enclave: Enclave, reason: str) -> None:
-        self.labelling.released(enclave.address)
 
 
 def bind_udp(address: IPv4Address, port: int) -> socket.socket:
