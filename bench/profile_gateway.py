@@ -44,8 +44,14 @@ def iperf_thread(lab: Lab, source: str, seconds: float, extra: tuple[str, ...]) 
     return thread
 
 
+IDLE_FRAMES = ("EpollSelector.select", "select (selectors.py")
+
+
 def py_spy_tops(raw: Path, top: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-    """(own, inclusive) shares per frame from py-spy's raw (collapsed) output."""
+    """(own, inclusive) shares per frame from py-spy's raw (collapsed) output, of the
+    samples where the gateway was busy (not waiting in epoll). A frame's own time
+    includes the system calls it makes (TUN writes, sendto): the kernel's forwarding
+    work runs inside them."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
@@ -56,8 +62,8 @@ def py_spy_tops(raw: Path, top: int) -> tuple[list[tuple[str, float]], list[tupl
         n = int(count)
         frames = [f for f in stack.split(";") if f and not f.startswith("process ")]
         frames = [f for f in frames if not f.startswith("thread ")]
-        if not frames:
-            continue
+        if not frames or frames[-1].startswith(IDLE_FRAMES):
+            continue  # waiting in epoll: idle, not work
         total += n
         own[frames[-1]] += n
         for frame in set(frames):
@@ -87,7 +93,13 @@ def run_perf(pid: int, seconds: float, out: Path, top: int) -> str:
     )  # fmt: skip
     lines = [line for line in report.stdout.splitlines() if line.strip() and line[0] != "#"]
     (out / "perf-report.txt").write_text(report.stdout)
-    return "\n".join(lines[:top])
+    by_dso = subprocess.run(
+        ["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso",
+         "-g", "none"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    shares = [line for line in by_dso.stdout.splitlines() if line.strip() and line[0] != "#"]
+    return "\n".join(["by shared object:", *shares[:6], "by symbol:", *lines[:top]])
 
 
 def main() -> int:
@@ -142,7 +154,7 @@ def main() -> int:
                 own, inclusive = py_spy_tops(raw, args.top)
                 print(f"\n== TCP {direction}: gateway "
                       f"{(cpu1 - cpu0) / args.seconds:.2f} CPU s/s while sampled ==")  # fmt: skip
-                print("py-spy, own time (innermost frame):")
+                print("py-spy, own time (innermost frame), share of busy samples:")
                 for frame, pct in own:
                     print(f"  {pct:5.1f}%  {frame}")
                 print("py-spy, inclusive time:")
