@@ -29,6 +29,7 @@ from seng_fw.gateway.core import (
     GatewayEvent,
     Port,
 )
+from seng_fw.gateway.fastpath import FastPath
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
@@ -70,8 +71,11 @@ class GatewayServer:
         self._tun_addresses: set[IPv4Interface] = set()
         self._unflushed: list[IPv4Address] = []
         self._tun_lock = asyncio.Lock()
+        # Packets of paired enclaves bypass the core (fastpath.py); the rest, and every
+        # protocol decision, is the core's.
+        self.fastpath = FastPath(core, tun.fileno(), sockets[Port.DOWNLINK].sendto, self._flush)
         self.peer_sockets = PeerSockets(
-            sockets[Port.SETUP], lambda sock: self._on_datagrams(Port.SETUP, sock), core.counters
+            sockets[Port.SETUP], self.fastpath.drain_uplink, core.counters
         )
         # Started once sockets and TUN are up, closed first at shutdown (control socket,
         # metrics endpoint).
@@ -107,8 +111,7 @@ class GatewayServer:
             log.error("TUN read failed: %s", exc)
             return
         if batch:
-            self.core.tun_packets(batch, time.monotonic())
-            self._flush()
+            self.fastpath.tun_packets(batch)
 
     def _flush(self) -> None:
         core = self.core
@@ -133,6 +136,7 @@ class GatewayServer:
             if self.labelling is not None:
                 self.labelling.admitted(event.enclave)
         elif isinstance(event, EnclaveEnded):
+            self.fastpath.forget(event.enclave)
             self.peer_sockets.close_for(event.enclave)
             if self.labelling is not None:
                 # Before the address's conntrack flush (its AddressReleased comes next),
