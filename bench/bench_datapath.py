@@ -611,7 +611,7 @@ def markdown(
             o, s = row["openvpn"][f"{side}_us"], row["seng-fw"][f"{side}_us"]
             lines.append(f"| {side} CPU per packet, {what} (µs) | – | {_fmt(o, 1)} | "
                          f"{_fmt(s, 1)} | {_ratio(s, o)} | – |")  # fmt: skip
-    rss = scale["rss_kib"]
+    rss = scale.get("rss_kib", {})
     for n, kib in rss.items():
         lines.append(f"| gateway RSS, {n} idle tunnel(s) (MiB) | – | "
                      f"{_fmt(scale['openvpn_rss_kib_1'] / 1024, 1) if n == '1' else '–'} | "
@@ -620,7 +620,7 @@ def markdown(
     if len(counts) > 1:
         per = (rss[str(counts[-1])] - rss[str(counts[0])]) / (counts[-1] - counts[0])
         lines.append(f"| gateway RSS per idle tunnel (KiB) | – | – | {per:.1f} | – | – |")
-    for adm in scale["admission"]:
+    for adm in scale.get("admission", []):
         lines.append(
             f"| admission, {adm['enclaves']} enclaves at once: joined, wall (s), rate (/s) "
             f"| – | – | {adm['joined']}, {adm['wall_s']:.1f}, {adm['rate_per_s']:.1f} | – | – |"
@@ -655,7 +655,8 @@ def markdown(
     )  # fmt: skip
     if "rss_note" in scale:
         notes.append(f"RSS: {scale['rss_note']}.")
-    notes.append("OpenVPN's RSS is its server process with its one (point-to-point) tunnel.")
+    if rss:
+        notes.append("OpenVPN's RSS is its server process with its one (point-to-point) tunnel.")
     return "\n".join([*lines, "", *notes, ""])
 
 
@@ -723,6 +724,9 @@ def main() -> int:
     parser.add_argument("--joiners", default=None, help="enclaves joining at once, e.g. 100,1000")
     parser.add_argument("--join-timeout", type=float, default=120.0, metavar="S")
     parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument(
+        "--skip-scale", action="store_true", help="no idle-tunnel RSS or admission figures"
+    )
     parser.add_argument("--prefix", default="sfwdp-", help="namespace prefix")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -779,10 +783,12 @@ def main() -> int:
             print(f"bench_datapath: {rounds} rounds, {seconds} s per test; results in {out}")
             samples = run_rounds(lab, contenders, rounds, seconds, pings)
             summary = summarize(samples)
-            print("bench_datapath: idle tunnels and admission", flush=True)
-            scale = measure_scale(
-                lab, contenders[2], ovpn_server.pid, idle, joiners, args.join_timeout
-            )
+            scale: dict[str, Any] = {}
+            if not args.skip_scale:
+                print("bench_datapath: idle tunnels and admission", flush=True)
+                scale = measure_scale(
+                    lab, contenders[2], ovpn_server.pid, idle, joiners, args.join_timeout
+                )
             iperf_server.terminate()
             for process in (ovpn_client, ovpn_server):
                 process.terminate()
