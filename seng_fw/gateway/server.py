@@ -29,7 +29,7 @@ from seng_fw.gateway.core import (
     GatewayEvent,
     Port,
 )
-from seng_fw.gateway.fastpath import FastPath
+from seng_fw.gateway.fastpath import FastPath, gso_sender
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
@@ -73,7 +73,10 @@ class GatewayServer:
         self._tun_lock = asyncio.Lock()
         # Packets of paired enclaves bypass the core (fastpath.py); the rest, and every
         # protocol decision, is the core's.
-        self.fastpath = FastPath(core, tun.fileno(), sockets[Port.DOWNLINK].sendto, self._flush)
+        downlink = sockets[Port.DOWNLINK]
+        self.fastpath = FastPath(
+            core, tun.fileno(), downlink.sendto, self._flush, send_gso=gso_sender(downlink)
+        )
         self.peer_sockets = PeerSockets(
             sockets[Port.SETUP], self.fastpath.drain_uplink, core.counters
         )
