@@ -2,7 +2,8 @@
 
 Each area of the product registers its own subcommands (one module per concern),
 so this file only wires them together. Exit codes shared by every command:
-0 success / trusted, 1 rejected / check failed, 2 usage error or unreadable input.
+0 success / trusted, 1 rejected / check failed, 2 usage error or unreadable input;
+`serve` exits 4 when it stopped on a fault a restart repairs (its TUN device deleted).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 EXIT_OK = 0
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
+EXIT_FAULT = 4  # serve: stopped on a fault; systemd's Restart=on-failure restarts it
 
 # Modules exposing `register(subparsers)`; each parser it adds sets `func(args) -> int`.
 _COMMAND_MODULES = (

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
+from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.tunnel.dtls import DtlsServerSession
 from seng_fw.tunnel.record import CONTENT_APPLICATION_DATA, RecordLayer
 
@@ -100,7 +101,8 @@ class FastPath:
         write, fd = os.write, self.tun_fd
         address = enclave.address_bytes
         receive = session.receive_data
-        packets = octets = spoofed = not_ipv4 = write_errors = 0
+        packets = octets = spoofed = not_ipv4 = options = write_errors = 0
+        drop_options = core.limits.ip_options == "drop"
         fallback = False
         for _ in range(BATCH):
             try:
@@ -125,7 +127,7 @@ class FastPath:
                 try:
                     core.session_activity(Port.SETUP, peer, now)
                 except Exception:
-                    core.counters["internal_error.datagram"] += 1
+                    core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
                     log.exception("internal error on a datagram from %s:%d", *peer)
                 fallback = True
                 if session.record_layer is None:
@@ -148,6 +150,9 @@ class FastPath:
                 if packet[12:16] != address:
                     spoofed += 1
                     continue
+                if first != 0x45 and drop_options:
+                    options += 1  # IP options: dropped, as the core does (core._record)
+                    continue
                 try:
                     write(fd, packet)
                 except OSError:  # as the adapter's TUN writes: counted, never fatal here
@@ -157,15 +162,16 @@ class FastPath:
                 octets += size
         if packets:
             enclave.last_activity = now
-            counters = enclave.counters
-            counters["packets_in"] += packets
-            counters["bytes_in"] += octets
-        if spoofed or not_ipv4 or write_errors:
-            counters = core.counters
-            counters["dropped.spoofed"] += spoofed
-            enclave.counters["dropped_spoofed"] += spoofed
-            counters["dropped.not_ipv4"] += not_ipv4
-            counters["dropped.tun_write_error"] += write_errors
+            traffic = enclave.traffic
+            traffic.packets_in += packets
+            traffic.bytes_in += octets
+        if spoofed or not_ipv4 or options or write_errors:
+            dropped = core.counters.dropped
+            dropped[Drop.SPOOFED] += spoofed
+            enclave.traffic.dropped_spoofed += spoofed
+            dropped[Drop.NOT_IPV4] += not_ipv4
+            dropped[Drop.IP_OPTIONS] += options
+            dropped[Drop.TUN_WRITE_ERROR] += write_errors
         if fallback:
             self._flush()
 
@@ -187,7 +193,7 @@ class FastPath:
             core.datagram_received(Port.SETUP, peer, data, now)
         except Exception:
             # One bad datagram must never stop the server from serving everyone else.
-            core.counters["internal_error.datagram"] += 1
+            core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
             log.exception("internal error on a datagram from %s:%d", *peer)
 
     # ----- downlink: TUN -> gateway -> enclave --------------------------------------
@@ -231,13 +237,14 @@ class FastPath:
         for lane, datagrams in sealed.items():
             send_errors += self._send_all(datagrams, lane.peer)
             count = len(datagrams)
-            counters = lane.enclave.counters
-            counters["packets_out"] += count
-            counters["bytes_out"] += octets[lane]
+            traffic = lane.enclave.traffic
+            traffic.packets_out += count
+            traffic.bytes_out += octets[lane]
             lane.session.records_out += count
         if send_errors or too_big:
-            self.core.counters["dropped.send_error"] += send_errors
-            self.core.counters["dropped.too_big"] += too_big
+            # Too big: larger than tunnel #2's records can carry (someone raised the
+            # TUN MTU); counted as a send error, the record could not be sent.
+            self.core.counters.dropped[Drop.SEND_ERROR] += send_errors + too_big
         if rest:
             self.core.tun_packets(rest, self._clock())
             self._flush()

@@ -25,10 +25,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import Counter
 from collections.abc import Callable
 
 from seng_fw.gateway.core import Enclave
+from seng_fw.gateway.counters import Fault, GatewayCounters
 
 log = logging.getLogger("seng_fw.gateway")
 
@@ -50,7 +50,7 @@ class PeerSockets:
         self,
         listener: socket.socket,
         on_readable: Callable[[socket.socket, Enclave], None],
-        counters: Counter[str],
+        counters: GatewayCounters,
     ) -> None:
         self.listener = listener
         self.on_readable = on_readable
@@ -68,7 +68,7 @@ class PeerSockets:
             asyncio.get_running_loop().add_reader(sock.fileno(), self.on_readable, sock, enclave)
         except (OSError, RuntimeError) as exc:
             sock.close()
-            self.counters["peer_socket_error"] += 1
+            self.counters.faults[Fault.PEER_SOCKET_ERROR] += 1
             log.warning("no socket of its own for %s (%s): it shares the listener",
                         enclave.describe(), exc)  # fmt: skip
             return

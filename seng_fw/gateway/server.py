@@ -13,6 +13,8 @@ slower (DESIGN.md section 6).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -29,12 +31,14 @@ from seng_fw.gateway.core import (
     GatewayEvent,
     Port,
 )
+from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.gateway.fastpath import FastPath, gso_sender
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
 from seng_fw.policy.ipam import EnclaveSubnet
 from seng_fw.system import sdnotify
+from seng_fw.system.memory import Trimmer
 from seng_fw.tunnel.tun import TunDevice
 
 if TYPE_CHECKING:
@@ -45,6 +49,10 @@ log = logging.getLogger("seng_fw.gateway")
 BATCH = 64
 MAX_DATAGRAM = 65535
 TIMER_TICK = 0.2  # upper bound on the timer sleep: handshake and setup timers are >= 1 s
+# The TUN device is gone (`ip link del`) or broken: every read fails at once, forever.
+# The gateway stops and exits non-zero for its supervisor to restart it (recreating
+# the device and its addresses from the configuration).
+TUN_GONE_ERRNOS = frozenset({errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF})
 
 
 class GatewayServer:
@@ -83,6 +91,10 @@ class GatewayServer:
         # Started once sockets and TUN are up, closed first at shutdown (control socket,
         # metrics endpoint).
         self.services: list[Service] = []
+        # Why the gateway stopped on its own (None: a signal asked it to).
+        self.failure: str | None = None
+        # Returns the heap of dropped DTLS sessions to the kernel (system/memory.py).
+        self.trimmer = Trimmer()
         # Told every core event after the adapter's own handling, on the event loop:
         # anything slow goes to a worker thread (`spawn`).
         self.event_consumers: list[Callable[[GatewayEvent], None]] = []
@@ -103,7 +115,7 @@ class GatewayServer:
                 self.core.datagram_received(port, address, data, now)
             except Exception:
                 # One bad datagram must never stop the server from serving everyone else.
-                self.core.counters["internal_error.datagram"] += 1
+                self.core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
                 log.exception("internal error on a datagram from %s:%d", *address)
         self._flush()
 
@@ -111,7 +123,11 @@ class GatewayServer:
         try:
             batch = self.tun.read_batch(BATCH)
         except OSError as exc:
-            log.error("TUN read failed: %s", exc)
+            if exc.errno in TUN_GONE_ERRNOS:
+                self._tun_failed("read", exc)
+            else:
+                self.core.counters.faults[Fault.TUN_READ_ERROR] += 1
+                log.error("TUN read failed: %s", exc)
             return
         if batch:
             self.fastpath.tun_packets(batch)
@@ -122,14 +138,16 @@ class GatewayServer:
             try:
                 self.sockets[port].sendto(datagram, address)
             except OSError:
-                core.counters["dropped.send_error"] += 1
+                core.counters.dropped[Drop.SEND_ERROR] += 1
         for packet in core.packets_for_tun():
             try:
                 written = self.tun.write(packet)
-            except OSError:
+            except OSError as exc:
                 written = False
+                if exc.errno in TUN_GONE_ERRNOS:
+                    self._tun_failed("write", exc)
             if not written:
-                core.counters["dropped.tun_write_error"] += 1
+                core.counters.dropped[Drop.TUN_WRITE_ERROR] += 1
         for event in core.events():
             self._handle_event(event)
 
@@ -181,8 +199,10 @@ class GatewayServer:
             deadline = self.core.next_timeout()
             delay = TIMER_TICK if deadline is None else min(TIMER_TICK, max(0.0, deadline - now))
             await asyncio.sleep(delay)
-            self.core.handle_timers(time.monotonic())
+            now = time.monotonic()
+            self.core.handle_timers(now)
             self._flush()
+            self.trimmer.maybe_trim(self.core.sessions_released, now)
 
     # ----- lifecycle -----------------------------------------------------------------
 
@@ -197,6 +217,21 @@ class GatewayServer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _tun_failed(self, what: str, exc: OSError) -> None:
+        """The TUN device is gone: stop reading it (a level-triggered reader on a dead
+        fd spins the loop), admit no one, and stop; `failure` says why."""
+        if self.failure is not None:
+            return
+        self.failure = f"TUN device {self.tun.name} lost ({what}: {exc.strerror})"
+        self.core.counters.faults[Fault.TUN_LOST] += 1
+        log.error("%s: stopping, to be restarted", self.failure)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(self.tun.fileno())
+        for sock in self.sockets.values():  # no new handshakes meanwhile
+            loop.remove_reader(sock.fileno())
+        self.stop()
 
     def set_reload(self, reload: Callable[[], Awaitable[object]]) -> None:
         """What SIGHUP runs: `GatewayControl.reload` (loads the policy off the loop,
@@ -292,7 +327,8 @@ class GatewayServer:
                 await service.close()
             for sock in self.sockets.values():
                 loop.remove_reader(sock.fileno())
-            loop.remove_reader(self.tun.fileno())
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(self.tun.fileno())
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             self._shutdown()
@@ -316,7 +352,7 @@ class GatewayServer:
         self.tun.close()
         for sock in self.sockets.values():
             sock.close()
-        log.info("gateway stopped: %s", dict(self.core.counters))
+        log.info("gateway stopped: %s", self.core.counters.flat())
 
 
 class Service(Protocol):

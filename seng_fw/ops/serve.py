@@ -17,7 +17,7 @@ from seng_fw.attest.dcap import AnyEvidenceVerifier, DcapPolicy, DcapVerifier
 from seng_fw.attest.identity import EvidenceVerifier
 from seng_fw.attest.policy import AttestationPolicy, load_root_certificates
 from seng_fw.attest.verifier import IasVerifier
-from seng_fw.cli import EXIT_OK, EXIT_USAGE, UsageError
+from seng_fw.cli import EXIT_FAULT, EXIT_OK, EXIT_USAGE, UsageError
 from seng_fw.compile.live import Nft, counters, set_exposure_target
 from seng_fw.gateway.config import GatewayConfig, load_gateway_config
 from seng_fw.gateway.conntrack import flush_address
@@ -37,7 +37,7 @@ from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
 from seng_fw.policy.admission import Admission
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.yamlfile import ConfigError
-from seng_fw.system.logs import setup_logging
+from seng_fw.system.logs import flush_repeats, setup_logging
 from seng_fw.tunnel.dtls import make_server_config
 from seng_fw.tunnel.tun import TunDevice, TunError
 
@@ -105,6 +105,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
         build_verifier(config),
         {Port.SETUP: dtls, Port.DOWNLINK: dtls},
         config.timeouts,
+        config.limits,
     )
     labelling = None
     if config.mode == "shared":
@@ -221,4 +222,8 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     finally:
         pid_file.unlink(missing_ok=True)
+        flush_repeats()
+    if server.failure is not None:
+        print(f"seng-fw serve: {server.failure}", file=sys.stderr)
+        return EXIT_FAULT
     return EXIT_OK

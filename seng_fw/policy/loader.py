@@ -80,6 +80,7 @@ def load_policy(path: Path) -> Policy:
         except pydantic.ValidationError as exc:
             _point_at_keys(doc)
             issues += validation_issues(doc, exc)
+    issues += _missing_apps(docs, path)
     if issues:
         raise ConfigError(issues)
     policy, origins, merge_issues = _merge(parts)
@@ -91,6 +92,24 @@ def load_policy(path: Path) -> Policy:
         issues = merge_issues + [origins.issue(where, msg) for where, msg in problems]
         raise ConfigError(issues)
     return policy
+
+
+def _missing_apps(docs: list[YamlDocument], path: Path) -> list[ConfigIssue]:
+    """An empty file, or a policy without `apps`, is refused: it is more likely truncated
+    or the wrong file than meant, and applying it would refuse every enclave. A policy
+    without apps says so: `apps: []`."""
+    issues = [
+        ConfigIssue(doc.file, 1, "", "the file is empty (a policy without apps says `apps: []`)")
+        for doc in docs
+        if doc.data is None or doc.data == {}
+    ]
+    if issues or not all(isinstance(doc.data, dict) for doc in docs):
+        return issues  # (a file that is not a mapping: pydantic says so)
+    if any("apps" in doc.data for doc in docs):
+        return []
+    where = f" from every file in {path}" if path.is_dir() else ""
+    message = f"missing{where}: the policy names no apps (a policy without apps says `apps: []`)"
+    return [ConfigIssue(docs[0].file, 1, "apps", message)]
 
 
 def _point_at_keys(doc: YamlDocument) -> None:

@@ -27,6 +27,7 @@ from seng_fw.attest.policy import AttestationPolicy
 from seng_fw.attest.verifier import IasVerifier
 from seng_fw.gateway.config import TimeoutConfig
 from seng_fw.gateway.core import AddressReleased, GatewayCore, GatewayEvent, Port
+from seng_fw.gateway.limits import LimitsConfig
 from seng_fw.lab.ca import EnclaveCert, LabCA
 from seng_fw.policy.admission import Admission
 from seng_fw.policy.models import Policy
@@ -70,6 +71,13 @@ def server_identity() -> Identity:
 def server_config() -> DtlsServerConfig:
     server = server_identity()
     return make_server_config(server.cert_pem, server.key_pem)
+
+
+@functools.cache
+def flood_config() -> DtlsClientConfig:
+    """A client that never gets as far as sending its certificate."""
+    flood = make_identity("p256", "flood")
+    return make_client_config(flood.cert_pem, flood.key_pem, server_identity().cert_der)
 
 
 def verifier(ca: LabCA | None = None) -> EvidenceVerifier:
@@ -180,6 +188,7 @@ class MemoryGateway:
         *,
         timeouts: TimeoutConfig | None = None,
         ca: LabCA | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             policy = Policy.model_validate(policy)
@@ -189,6 +198,7 @@ class MemoryGateway:
             verifier(ca),
             {Port.SETUP: server_config(), Port.DOWNLINK: server_config()},
             timeouts or TimeoutConfig(),
+            limits,
         )
         self.events: list[GatewayEvent] = []
         self.to_tun: list[bytes] = []
@@ -212,6 +222,24 @@ class MemoryGateway:
         self._endpoints[(port, address)] = (enclave, endpoint)
         return endpoint
 
+    def abandon(self, address: tuple[str, int], port: Port = Port.SETUP) -> None:
+        """A client that answers the cookie, takes the server's first flight and walks
+        away (a handshake flood): the gateway is left with a half-open handshake."""
+        session = DtlsClientSession(flood_config(), self.now)
+        for _ in range(2):  # ClientHello; HelloVerifyRequest; ClientHello with the cookie
+            for datagram in session.datagrams_to_send():
+                self.core.datagram_received(port, address, datagram, self.now)
+            for to_port, to, datagram in self.core.datagrams_to_send():
+                if (to_port, to) == (port, address):
+                    session.receive_datagram(datagram, self.now)
+                else:
+                    self._deliver(to_port, to, datagram)
+
+    def _deliver(self, port: Port, address: tuple[str, int], datagram: bytes) -> None:
+        found = self._endpoints.get((port, address))
+        if found is not None:
+            found[1].session.receive_datagram(datagram, self.now)
+
     def inject(self, port: Port, address: tuple[str, int], data: bytes) -> None:
         """A raw datagram from anywhere (forged, replayed, garbage)."""
         self.core.datagram_received(port, address, data, self.now)
@@ -225,9 +253,7 @@ class MemoryGateway:
             moved = False
             for port, address, datagram in self.core.datagrams_to_send():
                 moved = True
-                found = self._endpoints.get((port, address))
-                if found is not None:
-                    found[1].session.receive_datagram(datagram, self.now)
+                self._deliver(port, address, datagram)
             for enclave, endpoint in list(self._endpoints.values()):
                 for datagram in endpoint.session.datagrams_to_send():
                     moved = True

@@ -13,6 +13,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from seng_fw.gateway.core import Enclave, EnclaveEnded
+from seng_fw.gateway.counters import Drop, Revoked
 from seng_fw.gateway.fastpath import FastPath, gso_sender
 from seng_fw.tunnel.dtls import RecordReceived
 from seng_fw.tunnel.record import CLOSE_NOTIFY_ALERT, CONTENT_ALERT, DropReason
@@ -107,8 +108,8 @@ def test_uplink_packets_reach_the_tun_device_and_are_counted(rig: Rig) -> None:
     packets = [ipv4_packet(rig.enclave.address, EXTERNAL, 28 + i) for i in range(5)]
     rig.deliver(*(rig.uplink_datagram(p) for p in packets))
     assert rig.tun_packets() == packets
-    assert rig.core_enclave.counters["packets_in"] == 5
-    assert rig.core_enclave.counters["bytes_in"] == sum(map(len, packets))
+    assert rig.core_enclave.traffic.packets_in == 5
+    assert rig.core_enclave.traffic.bytes_in == sum(map(len, packets))
     assert rig.gateway.to_tun == []  # nothing went through the core
 
 
@@ -117,8 +118,8 @@ def test_a_spoofed_source_is_dropped_and_counted(rig: Rig) -> None:
     good = ipv4_packet(rig.enclave.address, EXTERNAL)
     rig.deliver(rig.uplink_datagram(spoofed), rig.uplink_datagram(good))
     assert rig.tun_packets() == [good]
-    assert rig.gateway.core.counters["dropped.spoofed"] == 1
-    assert rig.core_enclave.counters["dropped_spoofed"] == 1
+    assert rig.gateway.core.counters.dropped[Drop.SPOOFED] == 1
+    assert rig.core_enclave.traffic.dropped_spoofed == 1
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,15 @@ def test_a_record_that_is_not_one_ipv4_packet_is_dropped(rig: Rig, mangle: objec
     bad = mangle(ipv4_packet(rig.enclave.address, EXTERNAL, 40))
     rig.deliver(rig.uplink_datagram(bad))
     assert rig.tun_packets() == []
-    assert rig.gateway.core.counters["dropped.not_ipv4"] == 1
+    assert rig.gateway.core.counters.dropped[Drop.NOT_IPV4] == 1
+
+
+def test_ip_options_are_dropped_as_the_core_drops_them(rig: Rig) -> None:
+    plain = ipv4_packet(rig.enclave.address, EXTERNAL, 40)
+    with_options = bytes([0x46]) + plain[1:]  # IHL 6: four bytes of options
+    rig.deliver(rig.uplink_datagram(with_options), rig.uplink_datagram(plain))
+    assert rig.tun_packets() == [plain]
+    assert rig.gateway.core.counters.dropped[Drop.IP_OPTIONS] == 1
 
 
 def test_replays_and_tampered_records_are_refused(rig: Rig) -> None:
@@ -148,7 +157,7 @@ def test_replays_and_tampered_records_are_refused(rig: Rig) -> None:
     drops = rig.core_enclave.uplink.drops
     assert drops[DropReason.REPLAY] == 1
     assert drops[DropReason.BAD_TAG] == 1
-    assert rig.core_enclave.counters["packets_in"] == 1
+    assert rig.core_enclave.traffic.packets_in == 1
 
 
 def test_close_notify_through_the_fast_path_ends_the_enclave_in_the_core(rig: Rig) -> None:
@@ -162,12 +171,12 @@ def test_close_notify_through_the_fast_path_ends_the_enclave_in_the_core(rig: Ri
     assert client_records is not None
     rig.deliver(client_records.seal(CLOSE_NOTIFY_ALERT, CONTENT_ALERT))
     ended = rig.gateway.events_of(EnclaveEnded)
-    assert [e.reason for e in ended] == ["peer_closed.close_notify"]
+    assert [str(e.reason) for e in ended] == ["peer_closed.close_notify"]
     assert rig.gateway.core.enclave_at(address.packed) is None
     rig.fast.forget(enclave)  # what the adapter does on EnclaveEnded
     rig.fast.tun_packets([ipv4_packet(EXTERNAL, address)])
     assert rig.sent == []
-    assert rig.gateway.core.counters["dropped.no_enclave"] == 1
+    assert rig.gateway.core.counters.dropped[Drop.NO_ENCLAVE] == 1
 
 
 def test_downlink_packets_are_sealed_for_the_destination_enclave(rig: Rig) -> None:
@@ -181,16 +190,16 @@ def test_downlink_packets_are_sealed_for_the_destination_enclave(rig: Rig) -> No
     rig.sent = [(d, a) for d, a in rig.sent if a != other_address]
     assert rig.downlink_records() == to_first
     assert len(to_other_datagrams) == 1
-    assert rig.core_enclave.counters["packets_out"] == 3
-    assert rig.core_enclave.counters["bytes_out"] == sum(map(len, to_first))
+    assert rig.core_enclave.traffic.packets_out == 3
+    assert rig.core_enclave.traffic.bytes_out == sum(map(len, to_first))
 
 
 def test_unknown_destinations_and_non_ipv4_go_to_the_core(rig: Rig) -> None:
     rig.fast.tun_packets([ipv4_packet(EXTERNAL, "192.168.29.250"), b"\x60" + bytes(39)])
     assert rig.sent == []
     counters = rig.gateway.core.counters
-    assert counters["dropped.no_enclave"] == 1
-    assert counters["dropped.tun_not_ipv4"] == 1
+    assert counters.dropped[Drop.NO_ENCLAVE] == 1
+    assert counters.dropped[Drop.TUN_NOT_IPV4] == 1
 
 
 def test_an_enclave_not_paired_yet_is_served_by_the_core(rig: Rig) -> None:
@@ -215,7 +224,10 @@ def test_packets_to_a_revoked_enclave_are_not_sealed(rig: Rig) -> None:
     rig.fast.tun_packets([ipv4_packet(EXTERNAL, address)])  # makes the lane
     assert len(rig.downlink_records()) == 1
     enclave = rig.core_enclave
-    assert rig.gateway.core.revoke(lambda e: e is enclave, "revoked.test", rig.gateway.now) == 1
+    assert (
+        rig.gateway.core.revoke(lambda e: e is enclave, Revoked("subnet_changed"), rig.gateway.now)
+        == 1
+    )
     rig.gateway.pump()
     # Before the adapter forgets the lane, the closed record layer keeps it from sealing.
     rig.fast.tun_packets([ipv4_packet(EXTERNAL, address)])
@@ -262,4 +274,4 @@ def test_udp_gso_sends_each_record_as_its_own_datagram_in_order(rig: Rig) -> Non
                 break
     rig.sent = [(d, rig.enclave.downlink.address) for d in datagrams]  # type: ignore[union-attr]
     assert rig.downlink_records() == packets
-    assert rig.core_enclave.counters["packets_out"] == len(packets)
+    assert rig.core_enclave.traffic.packets_out == len(packets)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from seng_fw.attest.identity import Check
 from seng_fw.gateway.config import TimeoutConfig
 from seng_fw.gateway.core import (
     AddressReleased,
@@ -17,7 +18,8 @@ from seng_fw.gateway.core import (
     HandshakeCompleted,
     Port,
 )
-from seng_fw.policy.admission import Admission
+from seng_fw.gateway.counters import Drop, EndKind, Refusal, RejectReason, Revoked, Traffic
+from seng_fw.policy.admission import Admission, AdmissionCheck
 from seng_fw.policy.models import Policy
 from tests.support.gateway_memory import MemoryGateway, ipv4_packet, other_ca
 
@@ -40,7 +42,7 @@ def gateway() -> MemoryGateway:
 
 
 def ended_reasons(gateway: MemoryGateway) -> list[str]:
-    return [event.reason for event in gateway.events_of(EnclaveEnded)]
+    return [str(event.reason) for event in gateway.events_of(EnclaveEnded)]
 
 
 # ----- admission ---------------------------------------------------------------------
@@ -56,7 +58,7 @@ def test_an_attested_enclave_is_admitted_leased_and_paired(gateway: MemoryGatewa
     assert admitted.enclave.address == enclave.address
     [live] = gateway.core.enclaves
     assert live.downlink is not None  # tunnel #2 paired
-    assert gateway.core.counters["admitted"] == 1
+    assert gateway.core.counters.admitted == 1
     # One handshake per tunnel, each reported with its duration.
     handshakes = gateway.events_of(HandshakeCompleted)
     assert [h.port for h in handshakes] == [Port.SETUP, Port.DOWNLINK]
@@ -66,21 +68,25 @@ def test_an_attested_enclave_is_admitted_leased_and_paired(gateway: MemoryGatewa
 @pytest.mark.parametrize(
     ("cert_args", "host", "check"),
     [
-        ({"mrenclave": UNKNOWN}, "10.0.0.10", "unknown_mrenclave"),
-        ({"mrenclave": WEBAPP}, "10.9.9.9", "host_not_allowed"),
-        ({"mrenclave": WEBAPP, "debug": True}, "10.0.0.10", "debug_enclave"),
-        ({"mrenclave": WEBAPP, "mrsigner": bytes(32)}, "10.0.0.10", "mrsigner_mismatch"),
-        ({"mrenclave": WEBAPP, "status": "GROUP_REVOKED"}, "10.0.0.10", "quote_status"),
+        ({"mrenclave": UNKNOWN}, "10.0.0.10", AdmissionCheck.UNKNOWN_MRENCLAVE),
+        ({"mrenclave": WEBAPP}, "10.9.9.9", AdmissionCheck.HOST_NOT_ALLOWED),
+        ({"mrenclave": WEBAPP, "debug": True}, "10.0.0.10", AdmissionCheck.DEBUG_ENCLAVE),
+        (
+            {"mrenclave": WEBAPP, "mrsigner": bytes(32)},
+            "10.0.0.10",
+            AdmissionCheck.MRSIGNER_MISMATCH,
+        ),
+        ({"mrenclave": WEBAPP, "status": "GROUP_REVOKED"}, "10.0.0.10", Check.QUOTE_STATUS),
     ],
 )
 def test_refusals_close_the_tunnel_and_count_the_check(
-    cert_args: dict[str, Any], host: str, check: str
+    cert_args: dict[str, Any], host: str, check: RejectReason
 ) -> None:
     gateway = MemoryGateway(policy(mrsigner=(bytes([0xCD]) * 32).hex()))
     enclave = gateway.enclave(gateway.cert(**cert_args), host=host)
     uplink = enclave.open_uplink()
     gateway.pump()
-    assert gateway.core.counters[f"rejected.{check}"] == 1
+    assert gateway.core.counters.rejected[check] == 1
     assert enclave.assignment is None
     assert uplink.session.closed  # close_notify reached the client
     assert gateway.events_of(EnclaveAdmitted) == []
@@ -92,7 +98,7 @@ def test_an_untrusted_attestation_root_is_refused() -> None:
     enclave = gateway.enclave(gateway.cert(WEBAPP, ca=other_ca()))
     enclave.open_uplink()
     gateway.pump()
-    assert gateway.core.counters["rejected.untrusted_root"] == 1
+    assert gateway.core.counters.rejected[Check.UNTRUSTED_ROOT] == 1
     assert gateway.core.enclaves == []
 
 
@@ -105,17 +111,17 @@ def test_a_full_pool_refuses_and_a_released_address_waits_for_its_flush(
     second = gateway.enclave(gateway.cert(NGINX), host="10.0.0.11")
     second.open_uplink()
     gateway.pump()
-    assert gateway.core.counters["rejected.pool_exhausted"] == 1
+    assert gateway.core.counters.rejected[Refusal.POOL_EXHAUSTED] == 1
     # The first one leaves: its address is released, but not leased again before the
     # adapter confirms that its conntrack entries are gone.
-    gateway.core.revoke(lambda e: True, "test", gateway.now)
+    gateway.core.revoke(lambda e: True, EndKind.SHUTDOWN, gateway.now)
     gateway.pump()
     [released] = gateway.events_of(AddressReleased)
     assert released.address == first.address
     third = gateway.enclave(gateway.cert(NGINX), host="10.0.0.12")
     third.open_uplink()
     gateway.pump()
-    assert gateway.core.counters["rejected.pool_exhausted"] == 2
+    assert gateway.core.counters.rejected[Refusal.POOL_EXHAUSTED] == 2
     gateway.core.address_flushed(released.address)
     gateway.enclave(gateway.cert(NGINX), host="10.0.0.13").connect()
     assert [e.enclave.address for e in gateway.events_of(EnclaveAdmitted)][-1] == first.address
@@ -128,7 +134,7 @@ def test_tunnel_2_without_tunnel_1_is_refused(gateway: MemoryGateway) -> None:
     enclave = gateway.enclave(gateway.cert(WEBAPP))
     downlink = enclave.open_downlink()
     gateway.pump()
-    assert gateway.core.counters["rejected.unpaired_downlink"] == 1
+    assert gateway.core.counters.rejected[Refusal.UNPAIRED_DOWNLINK] == 1
     assert downlink.session.closed
 
 
@@ -140,7 +146,7 @@ def test_tunnel_2_of_another_enclave_does_not_pair(gateway: MemoryGateway) -> No
     impostor = gateway.enclave(gateway.cert(WEBAPP))
     impostor.open_downlink()
     gateway.pump()
-    assert gateway.core.counters["rejected.unpaired_downlink"] == 1
+    assert gateway.core.counters.rejected[Refusal.UNPAIRED_DOWNLINK] == 1
     assert gateway.core.enclaves[0].downlink is None
 
 
@@ -196,30 +202,29 @@ def test_packets_flow_both_ways_and_are_counted(gateway: MemoryGateway) -> None:
     down = ipv4_packet(EXTERNAL, enclave.address, 60)
     gateway.from_tun(down)
     assert enclave.received == [down]
-    counters = gateway.core.enclaves[0].counters
-    assert (counters["packets_in"], counters["bytes_in"]) == (1, 100)
-    assert (counters["packets_out"], counters["bytes_out"]) == (1, 60)
+    traffic = gateway.core.enclaves[0].traffic
+    assert traffic == Traffic(packets_in=1, bytes_in=100, packets_out=1, bytes_out=60)
 
 
 def test_a_spoofed_source_is_dropped_and_counted(gateway: MemoryGateway) -> None:
     enclave = gateway.enclave(gateway.cert(WEBAPP)).connect()
     enclave.send(ipv4_packet("192.168.29.77", EXTERNAL))
     assert gateway.to_tun == []
-    assert gateway.core.counters["dropped.spoofed"] == 1
-    assert gateway.core.enclaves[0].counters["dropped_spoofed"] == 1
+    assert gateway.core.counters.dropped[Drop.SPOOFED] == 1
+    assert gateway.core.enclaves[0].traffic.dropped_spoofed == 1
 
 
 def test_tun_packets_for_nobody_are_dropped_and_counted(gateway: MemoryGateway) -> None:
     enclave = gateway.enclave(gateway.cert(WEBAPP)).connect()
     gateway.from_tun(ipv4_packet(EXTERNAL, "192.168.29.200"), b"\x60" + bytes(39))
     assert enclave.received == []
-    assert gateway.core.counters["dropped.no_enclave"] == 1
-    assert gateway.core.counters["dropped.tun_not_ipv4"] == 1
+    assert gateway.core.counters.dropped[Drop.NO_ENCLAVE] == 1
+    assert gateway.core.counters.dropped[Drop.TUN_NOT_IPV4] == 1
 
 
 def test_garbage_from_an_unknown_address_gets_no_state(gateway: MemoryGateway) -> None:
     gateway.inject(Port.SETUP, ("10.0.0.66", 5555), b"\x17\xfe\xfd" + bytes(40))
-    assert gateway.core.counters["dropped.not_client_hello"] == 1
+    assert gateway.core.counters.dropped[Drop.NOT_CLIENT_HELLO] == 1
     assert gateway.core._peers == {}
 
 
@@ -256,10 +261,11 @@ def test_an_idle_enclave_is_closed() -> None:
 def test_revoke_closes_only_the_chosen_enclaves(gateway: MemoryGateway) -> None:
     web = gateway.enclave(gateway.cert(WEBAPP)).connect()
     nginx = gateway.enclave(gateway.cert(NGINX)).connect()
-    closed = gateway.core.revoke(lambda e: e.app.name == "webapp", "revoked.test", gateway.now)
+    revoked = Revoked(AdmissionCheck.REVOKED_BY_OPERATOR)
+    closed = gateway.core.revoke(lambda e: e.app.name == "webapp", revoked, gateway.now)
     gateway.pump()
     assert closed == 1
-    assert ended_reasons(gateway) == ["revoked.test"]
+    assert ended_reasons(gateway) == ["revoked.revoked_by_operator"]
     assert web.uplink is not None and "close_notify" in web.uplink.closed_reasons
     assert [e.app.name for e in gateway.core.enclaves] == ["nginx"]
     # Ended before its address is released (the labeller forgets it before the flush).
@@ -285,7 +291,7 @@ def test_reload_closes_enclaves_the_new_policy_refuses_and_keeps_the_others(
     # A new enclave of the removed app is refused now.
     gateway.enclave(gateway.cert(WEBAPP)).open_uplink()
     gateway.pump()
-    assert gateway.core.counters["rejected.unknown_mrenclave"] == 1
+    assert gateway.core.counters.rejected[AdmissionCheck.UNKNOWN_MRENCLAVE] == 1
 
 
 def test_reload_that_moves_a_subnet_closes_its_enclaves(gateway: MemoryGateway) -> None:
