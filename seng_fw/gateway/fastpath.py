@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,11 +38,6 @@ log = logging.getLogger("seng_fw.gateway")
 
 BATCH = 64
 MAX_DATAGRAM = 65535
-# UDP GSO limits (linux/udp.h UDP_MAX_SEGMENTS; one IPv4 datagram's payload).
-GSO_MAX_SEGMENTS = 64
-GSO_MAX_BYTES = 65507
-UDP_SEGMENT = 103  # socket option (SOL_UDP): the segment size of a GSO send
-SendGso = Callable[[list[bytes], int, tuple[str, int]], object]
 
 
 @dataclass(eq=False, slots=True)
@@ -61,8 +55,6 @@ class FastPath:
     """Forwarding for paired enclaves; falls back to the core for everything else.
 
     `send_downlink` sends a datagram from port P+1 (the adapter's listener `sendto`);
-    `send_gso`, where the kernel has UDP GSO (`gso_sender`), sends equal-sized
-    datagrams (the last may be shorter) in one call;
     `flush` is the adapter's: it sends what the core queued and acts on its events
     (called after a fallback handed the core work)."""
 
@@ -73,12 +65,10 @@ class FastPath:
         send_downlink: Callable[[bytes, tuple[str, int]], object],
         flush: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
-        send_gso: SendGso | None = None,
     ) -> None:
         self.core = core
         self.tun_fd = tun_fd
         self._send = send_downlink
-        self._send_gso = send_gso
         self._flush = flush
         self._clock = clock
         self._buffer = bytearray(MAX_DATAGRAM)
@@ -250,36 +240,16 @@ class FastPath:
             self._flush()
 
     def _send_all(self, datagrams: list[bytes], peer: tuple[str, int]) -> int:
-        """Send one enclave's datagrams in order; returns how many failed. With UDP GSO,
-        each run of equal-sized datagrams (the last of a run may be shorter) leaves in
-        one sendmsg: one trip through the kernel's UDP/IP output and nftables instead
-        of one per datagram; the kernel cuts it into the same datagrams."""
-        sendto, gso = self._send, self._send_gso
+        """Send one enclave's datagrams in order; returns how many failed. (UDP GSO, one
+        sendmsg per run of equal-sized records, was measured here and did not pay:
+        bench/RESULTS-datapath.md.)"""
+        sendto = self._send
         errors = 0
-        if gso is None or len(datagrams) == 1:
-            for datagram in datagrams:
-                try:
-                    sendto(datagram, peer)
-                except OSError:
-                    errors += 1
-            return errors
-        i, n = 0, len(datagrams)
-        while i < n:
-            size = len(datagrams[i])
-            most = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
-            j = i + 1
-            while j < n and j - i < most and len(datagrams[j]) == size:
-                j += 1
-            if j < n and j - i < most and len(datagrams[j]) < size:
-                j += 1  # a shorter datagram may end the run
+        for datagram in datagrams:
             try:
-                if j - i == 1:
-                    sendto(datagrams[i], peer)
-                else:
-                    gso(datagrams[i:j], size, peer)
+                sendto(datagram, peer)
             except OSError:
-                errors += j - i
-            i = j
+                errors += 1
         return errors
 
     def _lane_for(self, packet: bytes) -> Lane | None:
@@ -305,18 +275,3 @@ class FastPath:
 
     def clear(self) -> None:
         self._lanes.clear()
-
-
-def gso_sender(sock: socket.socket) -> SendGso | None:
-    """A UDP GSO send on `sock` (sendmsg with a UDP_SEGMENT control message), or None
-    where the kernel lacks UDP GSO (before Linux 4.18)."""
-    try:
-        sock.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 0)  # 0: no GSO unless asked per send
-    except OSError:
-        return None
-    sendmsg, level = sock.sendmsg, socket.SOL_UDP
-
-    def send(datagrams: list[bytes], size: int, peer: tuple[str, int]) -> None:
-        sendmsg(datagrams, [(level, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], 0, peer)
-
-    return send

@@ -32,7 +32,7 @@ from seng_fw.gateway.core import (
     Port,
 )
 from seng_fw.gateway.counters import Drop, Fault
-from seng_fw.gateway.fastpath import FastPath, gso_sender
+from seng_fw.gateway.fastpath import FastPath
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
@@ -82,9 +82,7 @@ class GatewayServer:
         # Packets of paired enclaves bypass the core (fastpath.py); the rest, and every
         # protocol decision, is the core's.
         downlink = sockets[Port.DOWNLINK]
-        self.fastpath = FastPath(
-            core, tun.fileno(), downlink.sendto, self._flush, send_gso=gso_sender(downlink)
-        )
+        self.fastpath = FastPath(core, tun.fileno(), downlink.sendto, self._flush)
         self.peer_sockets = PeerSockets(
             sockets[Port.SETUP], self.fastpath.drain_uplink, core.counters
         )

@@ -14,7 +14,7 @@ import pytest
 
 from seng_fw.gateway.core import Enclave, EnclaveEnded
 from seng_fw.gateway.counters import Drop, Revoked
-from seng_fw.gateway.fastpath import FastPath, gso_sender
+from seng_fw.gateway.fastpath import FastPath
 from seng_fw.tunnel.dtls import RecordReceived
 from seng_fw.tunnel.record import CLOSE_NOTIFY_ALERT, CONTENT_ALERT, DropReason
 from tests.support.gateway_memory import MemoryEnclave, MemoryGateway, ipv4_packet
@@ -233,45 +233,3 @@ def test_packets_to_a_revoked_enclave_are_not_sealed(rig: Rig) -> None:
     rig.fast.tun_packets([ipv4_packet(EXTERNAL, address)])
     assert rig.sent == []
     assert IPv4Address(address) not in {e.address for e in rig.gateway.core.enclaves}
-
-
-def test_udp_gso_sends_each_record_as_its_own_datagram_in_order(rig: Rig) -> None:
-    """Runs of equal-sized records leave in one GSO send; the kernel (loopback) cuts
-    them back into the datagrams the enclave's session opens, in order."""
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind(("127.0.0.1", 0))
-    receiver.setblocking(False)
-    gso = gso_sender(sender)
-    if gso is None:
-        pytest.skip("no UDP GSO in this kernel")
-    local = receiver.getsockname()
-    calls: list[int] = []
-
-    def send_gso(datagrams: list[bytes], size: int, peer: tuple[str, int]) -> None:
-        calls.append(len(datagrams))
-        assert gso is not None
-        gso(datagrams, size, local)
-
-    fast = FastPath(
-        rig.gateway.core,
-        rig.tun_out.fileno(),
-        lambda datagram, peer: sender.sendto(datagram, local),
-        rig.gateway.pump,
-        clock=lambda: rig.gateway.now,
-        send_gso=send_gso,
-    )
-    sizes = [1400, 1400, 1400, 100, 1400, 1400, 60, 1400]
-    packets = [ipv4_packet(EXTERNAL, rig.enclave.address, size) for size in sizes]
-    fast.tun_packets(packets)
-    assert calls == [4, 3]  # 3 x 1400 + 100, 2 x 1400 + 60; the last one alone
-    datagrams = []
-    with receiver, sender:
-        while True:
-            try:
-                datagrams.append(receiver.recv(65535))
-            except BlockingIOError:
-                break
-    rig.sent = [(d, rig.enclave.downlink.address) for d in datagrams]  # type: ignore[union-attr]
-    assert rig.downlink_records() == packets
-    assert rig.core_enclave.traffic.packets_out == len(packets)
