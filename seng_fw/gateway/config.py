@@ -14,6 +14,9 @@ from seng_fw.label.config import LabelConfig
 from seng_fw.policy.models import StrictModel
 from seng_fw.policy.yamlfile import load_model
 
+# Defined with the IPC, below the layers that need it (`seng-fw apply` talks to it too).
+from seng_fw.system.ipc import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
+
 QUOTE_STATUSES = (
     "OK",
     "GROUP_OUT_OF_DATE",
@@ -93,9 +96,6 @@ class TimeoutConfig(StrictModel):
     assignment_attempts: int = Field(default=8, ge=1)
 
 
-DEFAULT_CONTROL_SOCKET = Path("/run/seng-fw/control.sock")
-
-
 class ControlConfig(StrictModel):
     """The local control socket of `seng-fw status | enclaves | revoke | reload`."""
 
@@ -161,6 +161,13 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class StateConfig(StrictModel):
+    """What the gateway keeps across restarts (systemd's StateDirectory=)."""
+
+    # Operator revocations (`seng-fw revoke`), with who, when and why.
+    revocations: Path = Path("/var/lib/seng-fw/revocations.json")
+
+
 class GatewayConfig(StrictModel):
     listen: ListenConfig = ListenConfig()
     tls: TlsConfig
@@ -176,6 +183,7 @@ class GatewayConfig(StrictModel):
     label: LabelConfig = LabelConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
+    state: StateConfig = StateConfig()
     # text: "LEVEL logger: message"; json: one JSON object per line. One event per line.
     log_format: Literal["text", "json"] = "text"
 
@@ -204,6 +212,7 @@ class GatewayConfig(StrictModel):
                 "policy": fix(self.policy),
                 "control": self.control.model_copy(update={"socket": fix(self.control.socket)}),
                 "label": self.label.model_copy(update={"socket": fix(self.label.socket)}),
+                "state": StateConfig(revocations=fix(self.state.revocations)),
             }
         )
 

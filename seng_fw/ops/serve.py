@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -18,7 +17,8 @@ from seng_fw.attest.identity import EvidenceVerifier
 from seng_fw.attest.policy import AttestationPolicy, load_root_certificates
 from seng_fw.attest.verifier import IasVerifier
 from seng_fw.cli import EXIT_FAULT, EXIT_OK, EXIT_USAGE, UsageError
-from seng_fw.compile.live import Nft, counters, set_exposure_target
+from seng_fw.compile.compiler import TABLE
+from seng_fw.compile.live import Nft, counters, live_digest, set_exposure_target
 from seng_fw.gateway.config import GatewayConfig, load_gateway_config
 from seng_fw.gateway.conntrack import flush_address
 from seng_fw.gateway.core import (
@@ -29,14 +29,16 @@ from seng_fw.gateway.core import (
     HandshakeCompleted,
     Port,
 )
+from seng_fw.gateway.revocations import JsonFileRevocationStore, RevocationStoreError
 from seng_fw.gateway.server import GatewayServer, bind_udp
-from seng_fw.gateway.service import ControlError, GatewayControl
+from seng_fw.gateway.service import ControlError, FirewallState, GatewayService
 from seng_fw.label.labelling import Labelling
 from seng_fw.ops.control import ControlServer
 from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
 from seng_fw.policy.admission import Admission
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.yamlfile import ConfigError
+from seng_fw.system.ipc import IpcError
 from seng_fw.system.logs import flush_repeats, setup_logging
 from seng_fw.tunnel.dtls import make_server_config
 from seng_fw.tunnel.tun import TunDevice, TunError
@@ -48,9 +50,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     serve = sub.add_parser("serve", help="run the gateway (DTLS tunnels, TUN forwarding)")
     serve.add_argument("--config", type=Path, required=True, help="gateway.yaml")
     serve.add_argument("--log-format", choices=("text", "json"), help="default: from config")
-    serve.add_argument(
-        "--pid-file", type=Path, help="default: gateway.pid beside the control socket"
-    )
     serve.set_defaults(func=_serve)
 
 
@@ -120,23 +119,24 @@ def build_server(config: GatewayConfig) -> GatewayServer:
     }
     tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu)
     server = GatewayServer(core, sockets, tun, flush_address, labelling=labelling)
-    control = GatewayControl(
+    service = GatewayService(
         core,
         config,
-        load_policy=lambda: load_policy(config.policy),
+        load_policy=load_policy,
         before_reload=server.prepare_subnets,
         after_change=server.after_change,
         queue_mode=lambda: _queue_mode(labelling),
-        firewall_counters=_firewall_counters,
+        read_firewall=_read_firewall,
         labeller_counters=None if labelling is None else lambda: _labeller_counters(labelling),
+        store=JsonFileRevocationStore(config.state.revocations),
     )
-    # SIGHUP and `seng-fw reload` both go through the control object, which keeps
-    # operator revocations across policy reloads.
-    server.set_reload(control.reload)
-    server.services.append(ControlServer.from_config(control, config.control))
+    # SIGHUP, `seng-fw reload` and `seng-fw apply` all go through the service, which
+    # keeps operator revocations across policy reloads.
+    server.set_reload(service.reload_on_signal)
+    server.services.append(ControlServer.from_config(service, config.control))
     server.event_consumers.append(_ExposureFeed(server))
     if config.metrics.address is not None:
-        metrics = GatewayMetrics(control.snapshot)
+        metrics = GatewayMetrics(service.snapshot, refresh=service.refresh_firewall)
         server.event_consumers.append(_handshake_metrics(metrics))
         server.services.append(MetricsServer(metrics, *config.metrics.address))
     server.sync_tun_addresses()
@@ -154,8 +154,10 @@ def _labeller_counters(labelling: Labelling) -> dict[str, int]:
     return {key: int(value) for key, value in counters.items()}
 
 
-def _firewall_counters() -> dict[str, tuple[int, int]]:
-    return counters(Nft(), "seng")
+def _read_firewall() -> FirewallState:
+    """The live ruleset's counters and policy digest (blocking: a worker thread)."""
+    nft = Nft()
+    return FirewallState(counters(nft, TABLE), live_digest(nft, TABLE), read=True)
 
 
 class _ExposureFeed:
@@ -191,11 +193,6 @@ def _handshake_metrics(metrics: GatewayMetrics) -> Callable[[GatewayEvent], None
     return consume
 
 
-def _write_pid_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{os.getpid()}\n")
-
-
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config)
@@ -209,19 +206,15 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"seng-fw serve: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (OSError, TunError) as exc:
+    except (OSError, TunError, RevocationStoreError) as exc:
         print(f"seng-fw serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    # `seng-fw apply` finds the gateway to reload here (next to the control socket).
-    pid_file = args.pid_file or config.control.socket.parent / "gateway.pid"
-    _write_pid_file(pid_file)
     try:
         asyncio.run(server.run())
-    except ControlError as exc:
+    except (ControlError, IpcError) as exc:
         print(f"seng-fw serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:
-        pid_file.unlink(missing_ok=True)
         flush_repeats()
     if server.failure is not None:
         print(f"seng-fw serve: {server.failure}", file=sys.stderr)

@@ -203,26 +203,37 @@ def gateway_config(data: bytes) -> object:
 
 
 class _Handler:
-    """A gateway that answers every command (revoke echoes its arguments)."""
+    """A gateway that answers every command (revoke and reload echo their arguments);
+    it implements `ControlHandler`, so mypy keeps it in step with the protocol."""
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         return {"tunnels": 0}
 
     def enclaves(self) -> list[dict[str, Any]]:
         return []
 
-    def revoke(
-        self, *, app: str | None, address: str | None, mrenclave: str | None, clear: bool
+    async def revoke(
+        self,
+        *,
+        app: str | None = None,
+        address: str | None = None,
+        mrenclave: str | None = None,
+        clear: bool = False,
+        reason: str = "",
+        by: str = "?",
     ) -> dict[str, Any]:
         return {"app": app, "address": address, "mrenclave": mrenclave, "clear": clear}
 
-    async def reload(self) -> dict[str, Any]:
-        return {"reloaded": True}
+    def revocation_list(self) -> list[dict[str, Any]]:
+        return []
+
+    async def reload(self, policy: str | None = None, digest: str | None = None) -> dict[str, Any]:
+        return {"reloaded": True, "policy": policy, "digest": digest}
 
 
 @cache
 def _control() -> tuple[ControlServer, asyncio.AbstractEventLoop]:
-    server = ControlServer(_Handler(), Path(_scratch() / "control.sock"))  # type: ignore[arg-type]
+    server = ControlServer(_Handler(), Path(_scratch() / "control.sock"))
     return server, asyncio.new_event_loop()
 
 
