@@ -12,6 +12,7 @@ DEBIAN_PACKAGES=(
     conntrack iproute2 procps                      # kernel state, namespaces, sysctl
     libnetfilter-queue-dev libnfnetlink-dev        # NetfilterQueue build
     iperf3 netcat-openbsd curl iputils-ping        # lab traffic and benchmarks
+    openvpn linux-perf                             # bench_datapath.py's contender; profiles
     systemd vagrant                                # unit tests (systemd-analyze), vagrant validate
 )
 
@@ -28,5 +29,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev,netfilter]'
+.venv/bin/python -m pip install -q -e '.[dev,netfilter,bench]'
 echo "bootstrap: ready ($(.venv/bin/seng-fw --help >/dev/null && echo seng-fw installed in .venv))"

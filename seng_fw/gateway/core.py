@@ -237,6 +237,20 @@ class GatewayCore:
         self._handle_events(peer, peer.session.events(), now)
         self._collect(peer)
 
+    def enclave_at(self, address: bytes) -> Enclave | None:
+        """The enclave leased this packed address, if any (the fast path's lookup)."""
+        return self._enclave_by_address.get(address)
+
+    def session_activity(self, port: Port, address: Address, now: float) -> None:
+        """The fast path fed a datagram to a peer's session itself and the session did
+        more than decrypt data (`DtlsServerSession.receive_data` returned None): handle
+        its events and output as `datagram_received` would have."""
+        peer = self._peers.get((port, address))
+        if peer is None:
+            return
+        self._handle_events(peer, peer.session.events(), now)
+        self._collect(peer)
+
     def tun_packets(self, batch: list[bytes], now: float) -> None:
         """Packets read from the TUN device: each goes to the enclave owning its destination."""
         by_address = self._enclave_by_address

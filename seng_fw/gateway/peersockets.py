@@ -49,7 +49,7 @@ class PeerSockets:
     def __init__(
         self,
         listener: socket.socket,
-        on_readable: Callable[[socket.socket], None],
+        on_readable: Callable[[socket.socket, Enclave], None],
         counters: GatewayCounters,
     ) -> None:
         self.listener = listener
@@ -65,7 +65,7 @@ class PeerSockets:
             sock.setblocking(False)
             sock.bind(self.listener.getsockname())
             sock.connect(enclave.uplink_peer)
-            asyncio.get_running_loop().add_reader(sock.fileno(), self.on_readable, sock)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self.on_readable, sock, enclave)
         except (OSError, RuntimeError) as exc:
             sock.close()
             self.counters.faults[Fault.PEER_SOCKET_ERROR] += 1

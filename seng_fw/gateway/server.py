@@ -32,6 +32,7 @@ from seng_fw.gateway.core import (
     Port,
 )
 from seng_fw.gateway.counters import Drop, Fault
+from seng_fw.gateway.fastpath import FastPath
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.label.labelling import Labelling
 from seng_fw.policy.ipam import EnclaveSubnet
@@ -77,8 +78,12 @@ class GatewayServer:
         self._tun_addresses: set[IPv4Interface] = set()
         self._unflushed: list[IPv4Address] = []
         self._tun_lock = asyncio.Lock()
+        # Packets of paired enclaves bypass the core (fastpath.py); the rest, and every
+        # protocol decision, is the core's.
+        downlink = sockets[Port.DOWNLINK]
+        self.fastpath = FastPath(core, tun.fileno(), downlink.sendto, self._flush)
         self.peer_sockets = PeerSockets(
-            sockets[Port.SETUP], lambda sock: self._on_datagrams(Port.SETUP, sock), core.counters
+            sockets[Port.SETUP], self.fastpath.drain_uplink, core.counters
         )
         # Started once sockets and TUN are up, closed first at shutdown (control socket,
         # metrics endpoint).
@@ -122,8 +127,7 @@ class GatewayServer:
                 log.error("TUN read failed: %s", exc)
             return
         if batch:
-            self.core.tun_packets(batch, time.monotonic())
-            self._flush()
+            self.fastpath.tun_packets(batch)
 
     def _flush(self) -> None:
         core = self.core
@@ -150,6 +154,7 @@ class GatewayServer:
             if self.labelling is not None:
                 self.labelling.admitted(event.enclave)
         elif isinstance(event, EnclaveEnded):
+            self.fastpath.forget(event.enclave)
             self.peer_sockets.close_for(event.enclave)
             if self.labelling is not None:
                 # Before the address's conntrack flush (its AddressReleased comes next),

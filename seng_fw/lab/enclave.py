@@ -137,13 +137,19 @@ class GramineAttestation:
 
 @dataclass
 class _Tunnel:
-    """One DTLS client session over one connected UDP socket."""
+    """One DTLS client session over one connected UDP socket.
+
+    With a `sink` (tunnel #2 once the TUN device is up), application data goes straight
+    from the socket to it in one loop (`_drain`), without events or the queue: the
+    emulator forwards as fast as the gateway (issue 12, lever 4)."""
 
     sock: socket.socket
     session: DtlsClientSession
     records: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     handshake: asyncio.Future[None] | None = None
     closed_reason: str | None = None
+    sink: Callable[[bytes], object] | None = None
+    _buffer: bytearray = field(default_factory=lambda: bytearray(65535))
     liveness: Liveness | None = None  # set once the tunnel is up
     icmp_errors: int = 0
 
@@ -185,6 +191,9 @@ class _Tunnel:
 
     def on_readable(self) -> None:
         now = time.monotonic()
+        if self.sink is not None:
+            self._drain(self.sink, now)
+            return
         for _ in range(BATCH):
             try:
                 data = self.sock.recv(65535)
@@ -196,6 +205,32 @@ class _Tunnel:
             self.session.receive_datagram(data, now)
         self.dispatch()
         self.flush()
+
+    def _drain(self, sink: Callable[[bytes], object], now: float) -> None:
+        buffer = self._buffer
+        view = memoryview(buffer)
+        recv_into, receive = self.sock.recv_into, self.session.receive_data
+        other = heard = False
+        for _ in range(BATCH):
+            try:
+                n = recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._socket_error(exc)
+                continue
+            payloads = receive(view[:n], now)
+            if payloads is None:  # not just data: the session queued events or output
+                other = True
+                continue
+            heard = True
+            for payload in payloads:
+                sink(payload)
+        if heard and self.liveness is not None:
+            self.liveness.heard(now)
+        if other:
+            self.dispatch()
+            self.flush()
 
     def on_timer(self) -> None:
         deadline = self.session.next_timeout()
@@ -334,13 +369,38 @@ class EnclaveClient:
 
     def _forward_from_tun(self, uplink: _Tunnel) -> None:
         assert self._tun is not None
+        session = uplink.session
+        records, limit = session.record_layer, session.max_record
+        send = uplink.sock.send
         for packet in self._tun.read_batch(BATCH):
+            if records is not None and len(packet) <= limit and not records.closed:
+                # The common case, sealed and sent here (no queue, no per-record call
+                # into the session).
+                try:
+                    datagram = records.seal(packet)
+                except Exception:  # sequence numbers used up: the session ends itself
+                    records = None
+                else:
+                    try:
+                        send(datagram)
+                    except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
+                        uplink._socket_error(exc)
+                    continue
             try:
-                uplink.session.send_record(packet)
+                session.send_record(packet)
             except Exception as exc:  # session closed under us: stop forwarding
                 log.debug("uplink send: %s", exc)
                 break
         uplink.flush()
+
+    def _write_tun(self, packet: bytes) -> None:
+        assert self._tun is not None and self.assignment is not None
+        if is_probe_answer(packet, self.assignment.ip, self._probe_ident):
+            return  # the keepalive's own answer: not for the applications
+        try:
+            self._tun.write(packet)
+        except OSError as exc:
+            log.debug("TUN write: %s", exc)
 
     async def _forward_to_tun(self, downlink: _Tunnel) -> None:
         assert self._tun is not None
@@ -370,6 +430,7 @@ class EnclaveClient:
             self.liveness = Liveness(self.keepalive, time.monotonic())
             uplink.liveness = downlink.liveness = self.liveness
             loop.add_reader(self._tun.fileno(), self._forward_from_tun, uplink)
+            downlink.sink = self._write_tun
             to_tun = loop.create_task(self._forward_to_tun(downlink))
             self.write_state(
                 status="up",

@@ -91,6 +91,7 @@ from seng_fw.tunnel.record import (
     ALERT_CLOSE_NOTIFY,
     CLOSE_NOTIFY_ALERT,
     CONTENT_ALERT,
+    CONTENT_APPLICATION_DATA,
     KEY_LEN,
     SALT_LEN,
     DropReason,
@@ -603,6 +604,41 @@ class _DtlsSession:
                 self._feeding = None
         else:
             self.datagrams_ignored += 1
+
+    @property
+    def max_record(self) -> int:
+        """The largest application record `send_record` takes (the MTU less overhead)."""
+        return self._mtu - RECORD_OVERHEAD
+
+    @property
+    def record_layer(self) -> RecordLayer | None:
+        """Our record layer while established (None before, after the end, and with
+        record_layer=False). Fast paths seal application data with it directly."""
+        return self._records if self.state is SessionState.ESTABLISHED else None
+
+    def receive_data(self, data: bytes | memoryview, now: float) -> list[bytes] | None:
+        """The fast paths' `receive_datagram`: a datagram of application data only, on an
+        established session, yields its payloads (counted, no events); anything else
+        (other record types, alerts, drops, a session not on our record layer) is handled
+        exactly as `receive_datagram` handles it, and None says to drain `events()` and
+        `datagrams_to_send()`. `data` may be a view of a reused buffer: nothing keeps it."""
+        records = self._records
+        if (
+            records is None
+            or self.state is not SessionState.ESTABLISHED
+            or not 0 < len(data) <= MAX_DATAGRAM
+            or data[0] != CONTENT_APPLICATION_DATA
+        ):
+            self.receive_datagram(bytes(data), now)
+            return None
+        self.datagrams_in += 1
+        payloads = records.open(data)
+        if payloads and not records.handshake and records.peer_alert is None:
+            self._final_flight = None  # the peer has our Finished
+            self.records_in += len(payloads)
+            return payloads
+        self._after_open(payloads, records)
+        return None
 
     def datagrams_to_send(self) -> list[bytes]:
         """Datagrams queued for the peer, oldest first (drains the queue)."""

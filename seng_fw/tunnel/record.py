@@ -248,8 +248,9 @@ class RecordLayer:
 
     # ---------------------------------------------------------------- opening
 
-    def open(self, datagram: bytes) -> list[bytes]:
-        """Application data of every valid record in `datagram`, in order."""
+    def open(self, datagram: bytes | memoryview) -> list[bytes]:
+        """Application data of every valid record in `datagram`, in order (a view of a
+        reused buffer is fine: what comes back is copied out of it)."""
         if self.handshake:
             self.handshake = []
         if self.closed:

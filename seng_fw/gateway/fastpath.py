@@ -1,0 +1,277 @@
+"""The per-packet data path of admitted, paired enclaves, outside the core (issue 12).
+
+Through the core every packet cost an event object, a few Counter updates, several
+calls and list appends (about 8 µs of Python per packet, profiled). Here:
+
+- uplink: an enclave's own connected socket (`peersockets`) is drained by one loop:
+  receive into a preallocated buffer, open the records with the session's record
+  layer, check that each payload is one IPv4 packet whose source is the enclave's
+  address, write it to the TUN device;
+- downlink: TUN packets are looked up by destination in a dict of lanes and sealed
+  with the record layer of the owning enclave's tunnel #2;
+- counters are local integers added to the enclave's and the core's per batch.
+
+Only the common case is handled here: established sessions, application-data records,
+an enclave whose tunnel #2 is paired. Everything else (handshake records, alerts,
+records that fail authentication or replay checks, unknown destinations, enclaves not
+paired yet) goes to the session and the core as before, so protocol decisions (setup,
+pairing, close, reconnect, alerts) stay in the sans-I/O core. The checks are the core's:
+every record is authenticated and replay-checked by `RecordLayer.open`, every packet's
+source address is the enclave's own (anti-spoofing) and its length is its record's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from seng_fw.gateway.core import Enclave, GatewayCore, Port
+from seng_fw.gateway.counters import Drop, Fault
+from seng_fw.tunnel.dtls import DtlsServerSession
+from seng_fw.tunnel.record import CONTENT_APPLICATION_DATA, RecordLayer
+
+log = logging.getLogger("seng_fw.gateway")
+
+BATCH = 64
+MAX_DATAGRAM = 65535
+
+
+@dataclass(eq=False, slots=True)
+class Lane:
+    """What the downlink needs of one paired enclave, looked up by packed address."""
+
+    enclave: Enclave
+    records: RecordLayer  # tunnel #2's
+    session: DtlsServerSession
+    peer: tuple[str, int]
+    max_packet: int
+
+
+class FastPath:
+    """Forwarding for paired enclaves; falls back to the core for everything else.
+
+    `send_downlink` sends a datagram from port P+1 (the adapter's listener `sendto`);
+    `flush` is the adapter's: it sends what the core queued and acts on its events
+    (called after a fallback handed the core work)."""
+
+    def __init__(
+        self,
+        core: GatewayCore,
+        tun_fd: int,
+        send_downlink: Callable[[bytes, tuple[str, int]], object],
+        flush: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = core
+        self.tun_fd = tun_fd
+        self._send = send_downlink
+        self._flush = flush
+        self._clock = clock
+        self._buffer = bytearray(MAX_DATAGRAM)
+        self._view = memoryview(self._buffer)
+        self._lanes: dict[bytes, Lane] = {}
+
+    # ----- uplink: enclave -> gateway -> TUN ----------------------------------------
+
+    def drain_uplink(self, sock: socket.socket, enclave: Enclave) -> None:
+        """Read up to `BATCH` datagrams from an enclave's connected tunnel #1 socket."""
+        core = self.core
+        session = enclave.uplink
+        peer = enclave.uplink_peer
+        now = self._clock()
+        if enclave.downlink is None or session.record_layer is None:
+            # Not paired yet (setup exchange) or closed: all of it is the core's.
+            self._drain_to_core(sock, peer, now)
+            return
+        recv_into, buffer, view = sock.recv_into, self._buffer, self._view
+        write, fd = os.write, self.tun_fd
+        address = enclave.address_bytes
+        receive = session.receive_data
+        packets = octets = spoofed = not_ipv4 = options = write_errors = 0
+        drop_options = core.limits.ip_options == "drop"
+        fallback = False
+        for _ in range(BATCH):
+            try:
+                n = recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                log.debug("recv from %s:%d: %s", *peer, exc)
+                continue
+            if not n or buffer[0] != CONTENT_APPLICATION_DATA:
+                # Handshake records (a restarted enclave's ClientHello, a repeated
+                # Finished), alerts: the core's, which also feeds a reconnect candidate.
+                self._to_core(peer, bytes(view[:n]), now)
+                fallback = True
+                if session.record_layer is None:
+                    break
+                continue
+            payloads = receive(view[:n], now)
+            if payloads is None:
+                # The session did more than decrypt (alert, handshake, drop): the core
+                # handles its events, as for a datagram it had received itself.
+                try:
+                    core.session_activity(Port.SETUP, peer, now)
+                except Exception:
+                    core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
+                    log.exception("internal error on a datagram from %s:%d", *peer)
+                fallback = True
+                if session.record_layer is None:
+                    break  # the session ended
+                continue
+            for packet in payloads:
+                # One IPv4 packet per record (version, header and total length agree)
+                # from the enclave's own address: packets.is_ipv4 and packets.source,
+                # inlined.
+                size = len(packet)
+                first = packet[0]
+                if (
+                    size < 20
+                    or first >> 4 != 4
+                    or not 20 <= (first & 0x0F) * 4 <= size
+                    or (packet[2] << 8 | packet[3]) != size
+                ):
+                    not_ipv4 += 1
+                    continue
+                if packet[12:16] != address:
+                    spoofed += 1
+                    continue
+                if first != 0x45 and drop_options:
+                    options += 1  # IP options: dropped, as the core does (core._record)
+                    continue
+                try:
+                    write(fd, packet)
+                except OSError:  # as the adapter's TUN writes: counted, never fatal here
+                    write_errors += 1
+                    continue
+                packets += 1
+                octets += size
+        if packets:
+            enclave.last_activity = now
+            traffic = enclave.traffic
+            traffic.packets_in += packets
+            traffic.bytes_in += octets
+        if spoofed or not_ipv4 or options or write_errors:
+            dropped = core.counters.dropped
+            dropped[Drop.SPOOFED] += spoofed
+            enclave.traffic.dropped_spoofed += spoofed
+            dropped[Drop.NOT_IPV4] += not_ipv4
+            dropped[Drop.IP_OPTIONS] += options
+            dropped[Drop.TUN_WRITE_ERROR] += write_errors
+        if fallback:
+            self._flush()
+
+    def _drain_to_core(self, sock: socket.socket, peer: tuple[str, int], now: float) -> None:
+        for _ in range(BATCH):
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("recv from %s:%d: %s", *peer, exc)
+                continue
+            self._to_core(peer, data, now)
+        self._flush()
+
+    def _to_core(self, peer: tuple[str, int], data: bytes, now: float) -> None:
+        core = self.core
+        try:
+            core.datagram_received(Port.SETUP, peer, data, now)
+        except Exception:
+            # One bad datagram must never stop the server from serving everyone else.
+            core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
+            log.exception("internal error on a datagram from %s:%d", *peer)
+
+    # ----- downlink: TUN -> gateway -> enclave --------------------------------------
+
+    def tun_packets(self, batch: list[bytes]) -> None:
+        """Seal each packet for the enclave owning its destination; the rest (no lane:
+        unknown destination, enclave not paired, not IPv4, too big) goes to the core."""
+        lanes = self._lanes
+        rest: list[bytes] = []
+        sealed: dict[Lane, list[bytes]] = {}
+        octets: dict[Lane, int] = {}
+        too_big = 0
+        for packet in batch:
+            lane = lanes.get(packet[16:20])
+            if lane is None:
+                lane = self._lane_for(packet)
+                if lane is None:
+                    rest.append(packet)
+                    continue
+            records = lane.records
+            size = len(packet)
+            if size > lane.max_packet:
+                too_big += 1  # the TUN MTU is below it; someone raised it
+                continue
+            if records.closed or size < 20 or packet[0] >> 4 != 4:
+                rest.append(packet)
+                continue
+            try:
+                datagram = records.seal(packet)
+            except Exception:  # sequence numbers used up: the session decides (it ends)
+                rest.append(packet)
+                continue
+            out = sealed.get(lane)
+            if out is None:
+                sealed[lane] = [datagram]
+                octets[lane] = size
+            else:
+                out.append(datagram)
+                octets[lane] += size
+        send_errors = 0
+        for lane, datagrams in sealed.items():
+            send_errors += self._send_all(datagrams, lane.peer)
+            count = len(datagrams)
+            traffic = lane.enclave.traffic
+            traffic.packets_out += count
+            traffic.bytes_out += octets[lane]
+            lane.session.records_out += count
+        if send_errors or too_big:
+            # Too big: larger than tunnel #2's records can carry (someone raised the
+            # TUN MTU); counted as a send error, the record could not be sent.
+            self.core.counters.dropped[Drop.SEND_ERROR] += send_errors + too_big
+        if rest:
+            self.core.tun_packets(rest, self._clock())
+            self._flush()
+
+    def _send_all(self, datagrams: list[bytes], peer: tuple[str, int]) -> int:
+        """Send one enclave's datagrams in order; returns how many failed. (UDP GSO, one
+        sendmsg per run of equal-sized records, was measured here and did not pay:
+        bench/RESULTS-datapath.md.)"""
+        sendto = self._send
+        errors = 0
+        for datagram in datagrams:
+            try:
+                sendto(datagram, peer)
+            except OSError:
+                errors += 1
+        return errors
+
+    def _lane_for(self, packet: bytes) -> Lane | None:
+        """A lane for the destination's enclave, once it is paired and established."""
+        if len(packet) < 20:
+            return None
+        enclave = self.core.enclave_at(packet[16:20])
+        if enclave is None or enclave.downlink is None or enclave.downlink_peer is None:
+            return None
+        session = enclave.downlink
+        records = session.record_layer
+        if records is None:
+            return None
+        lane = Lane(enclave, records, session, enclave.downlink_peer, session.max_record)
+        self._lanes[enclave.address_bytes] = lane
+        return lane
+
+    def forget(self, enclave: Enclave) -> None:
+        """The enclave ended: its lane goes (before its address can be leased again)."""
+        lane = self._lanes.get(enclave.address_bytes)
+        if lane is not None and lane.enclave is enclave:
+            del self._lanes[enclave.address_bytes]
+
+    def clear(self) -> None:
+        self._lanes.clear()

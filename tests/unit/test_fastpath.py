@@ -1,0 +1,235 @@
+"""The gateway's fast path (seng_fw/gateway/fastpath.py) on a real core and real DTLS
+sessions in memory (tests/support/gateway_memory.py): datagrams reach it through a
+datagram socket pair standing for the enclave's connected socket, its TUN writes land
+in another, its downlink datagrams in a list. What it forwards, drops and hands to the
+core must be what the core would have done."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from seng_fw.gateway.core import Enclave, EnclaveEnded
+from seng_fw.gateway.counters import Drop, Revoked
+from seng_fw.gateway.fastpath import FastPath
+from seng_fw.tunnel.dtls import RecordReceived
+from seng_fw.tunnel.record import CLOSE_NOTIFY_ALERT, CONTENT_ALERT, DropReason
+from tests.support.gateway_memory import MemoryEnclave, MemoryGateway, ipv4_packet
+
+WEBAPP = bytes([0x11]) * 32
+EXTERNAL = "10.0.2.2"
+POLICY = {
+    "gateway_networks": ["10.0.0.0/24"],
+    "apps": [
+        {
+            "name": "webapp",
+            "mrenclave": WEBAPP.hex(),
+            "hosts": ["10.0.0.0/24"],
+            "subnet": {"subnet": "192.168.29.0/24"},
+        }
+    ],
+}
+
+
+class Rig:
+    """A fast path between a memory gateway's core and socket pairs."""
+
+    def __init__(self) -> None:
+        self.gateway = MemoryGateway(POLICY)
+        self.enclave = self.gateway.enclave(self.gateway.cert(WEBAPP)).connect()
+        self.tun_out, self.tun_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.peer_out, self.peer_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.tun_in.setblocking(False)
+        self.peer_in.setblocking(False)
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.fast = FastPath(
+            self.gateway.core,
+            self.tun_out.fileno(),
+            lambda datagram, address: self.sent.append((datagram, address)),
+            self.gateway.pump,
+            clock=lambda: self.gateway.now,
+        )
+
+    @property
+    def core_enclave(self) -> Enclave:
+        found = self.gateway.core.enclave_at(self.enclave.address.packed)
+        assert found is not None
+        return found
+
+    def uplink_datagram(self, packet: bytes) -> bytes:
+        """What the enclave's tunnel #1 sends for `packet` (taken before the gateway's
+        in-memory delivery could see it)."""
+        assert self.enclave.uplink is not None
+        session = self.enclave.uplink.session
+        session.send_record(packet)
+        (datagram,) = session.datagrams_to_send()
+        return datagram
+
+    def deliver(self, *datagrams: bytes) -> None:
+        """Datagrams arrive on the enclave's connected socket; the loop drains it."""
+        for datagram in datagrams:
+            self.peer_out.send(datagram)
+        self.fast.drain_uplink(self.peer_in, self.core_enclave)
+
+    def tun_packets(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.tun_in.recv(65535))
+            except BlockingIOError:
+                return out
+
+    def downlink_records(self) -> list[bytes]:
+        """Open what the fast path sent down tunnel #2 with the enclave's session."""
+        assert self.enclave.downlink is not None
+        session = self.enclave.downlink.session
+        for datagram, address in self.sent:
+            assert address == self.enclave.downlink.address
+            session.receive_datagram(datagram, self.gateway.now)
+        self.sent.clear()
+        return [e.data for e in session.events() if isinstance(e, RecordReceived)]
+
+    def close(self) -> None:
+        for sock in (self.tun_out, self.tun_in, self.peer_out, self.peer_in):
+            sock.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    built = Rig()
+    yield built
+    built.close()
+
+
+def test_uplink_packets_reach_the_tun_device_and_are_counted(rig: Rig) -> None:
+    packets = [ipv4_packet(rig.enclave.address, EXTERNAL, 28 + i) for i in range(5)]
+    rig.deliver(*(rig.uplink_datagram(p) for p in packets))
+    assert rig.tun_packets() == packets
+    assert rig.core_enclave.traffic.packets_in == 5
+    assert rig.core_enclave.traffic.bytes_in == sum(map(len, packets))
+    assert rig.gateway.to_tun == []  # nothing went through the core
+
+
+def test_a_spoofed_source_is_dropped_and_counted(rig: Rig) -> None:
+    spoofed = ipv4_packet("192.168.29.200", EXTERNAL)
+    good = ipv4_packet(rig.enclave.address, EXTERNAL)
+    rig.deliver(rig.uplink_datagram(spoofed), rig.uplink_datagram(good))
+    assert rig.tun_packets() == [good]
+    assert rig.gateway.core.counters.dropped[Drop.SPOOFED] == 1
+    assert rig.core_enclave.traffic.dropped_spoofed == 1
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda p: p[:-1],  # total length says one byte more than the record holds
+        lambda p: b"\x65" + p[1:],  # version 6
+        lambda p: b"\x44" + p[1:],  # header length 16
+        lambda p: p[:12],  # shorter than a header
+    ],
+)
+def test_a_record_that_is_not_one_ipv4_packet_is_dropped(rig: Rig, mangle: object) -> None:
+    assert callable(mangle)
+    bad = mangle(ipv4_packet(rig.enclave.address, EXTERNAL, 40))
+    rig.deliver(rig.uplink_datagram(bad))
+    assert rig.tun_packets() == []
+    assert rig.gateway.core.counters.dropped[Drop.NOT_IPV4] == 1
+
+
+def test_ip_options_are_dropped_as_the_core_drops_them(rig: Rig) -> None:
+    plain = ipv4_packet(rig.enclave.address, EXTERNAL, 40)
+    with_options = bytes([0x46]) + plain[1:]  # IHL 6: four bytes of options
+    rig.deliver(rig.uplink_datagram(with_options), rig.uplink_datagram(plain))
+    assert rig.tun_packets() == [plain]
+    assert rig.gateway.core.counters.dropped[Drop.IP_OPTIONS] == 1
+
+
+def test_replays_and_tampered_records_are_refused(rig: Rig) -> None:
+    packet = ipv4_packet(rig.enclave.address, EXTERNAL)
+    datagram = rig.uplink_datagram(packet)
+    tampered = bytearray(rig.uplink_datagram(packet))
+    tampered[-1] ^= 1
+    rig.deliver(datagram, datagram, bytes(tampered))
+    assert rig.tun_packets() == [packet]
+    drops = rig.core_enclave.uplink.drops
+    assert drops[DropReason.REPLAY] == 1
+    assert drops[DropReason.BAD_TAG] == 1
+    assert rig.core_enclave.traffic.packets_in == 1
+
+
+def test_close_notify_through_the_fast_path_ends_the_enclave_in_the_core(rig: Rig) -> None:
+    assert rig.enclave.uplink is not None
+    address = rig.enclave.address
+    enclave = rig.core_enclave
+    records = enclave.uplink.record_layer
+    assert records is not None
+    # The client's record layer seals the alert (as DtlsClientSession.close does).
+    client_records = rig.enclave.uplink.session.record_layer
+    assert client_records is not None
+    rig.deliver(client_records.seal(CLOSE_NOTIFY_ALERT, CONTENT_ALERT))
+    ended = rig.gateway.events_of(EnclaveEnded)
+    assert [str(e.reason) for e in ended] == ["peer_closed.close_notify"]
+    assert rig.gateway.core.enclave_at(address.packed) is None
+    rig.fast.forget(enclave)  # what the adapter does on EnclaveEnded
+    rig.fast.tun_packets([ipv4_packet(EXTERNAL, address)])
+    assert rig.sent == []
+    assert rig.gateway.core.counters.dropped[Drop.NO_ENCLAVE] == 1
+
+
+def test_downlink_packets_are_sealed_for_the_destination_enclave(rig: Rig) -> None:
+    other = rig.gateway.enclave(rig.gateway.cert(WEBAPP), host="10.0.0.11").connect()
+    to_first = [ipv4_packet(EXTERNAL, rig.enclave.address, 30 + i) for i in range(3)]
+    to_other = ipv4_packet(EXTERNAL, other.address)
+    rig.fast.tun_packets([to_first[0], to_other, *to_first[1:]])
+    assert other.downlink is not None
+    other_address = other.downlink.address
+    to_other_datagrams = [(d, a) for d, a in rig.sent if a == other_address]
+    rig.sent = [(d, a) for d, a in rig.sent if a != other_address]
+    assert rig.downlink_records() == to_first
+    assert len(to_other_datagrams) == 1
+    assert rig.core_enclave.traffic.packets_out == 3
+    assert rig.core_enclave.traffic.bytes_out == sum(map(len, to_first))
+
+
+def test_unknown_destinations_and_non_ipv4_go_to_the_core(rig: Rig) -> None:
+    rig.fast.tun_packets([ipv4_packet(EXTERNAL, "192.168.29.250"), b"\x60" + bytes(39)])
+    assert rig.sent == []
+    counters = rig.gateway.core.counters
+    assert counters.dropped[Drop.NO_ENCLAVE] == 1
+    assert counters.dropped[Drop.TUN_NOT_IPV4] == 1
+
+
+def test_an_enclave_not_paired_yet_is_served_by_the_core(rig: Rig) -> None:
+    # Tunnel #1 only: the IpAssignAck must reach the core's setup exchange.
+    late = MemoryEnclave(rig.gateway, rig.gateway.cert(WEBAPP), "10.0.0.12", 41000)
+    late.auto_ack = False
+    uplink = late.open_uplink()
+    rig.gateway.pump()
+    assert late.assignment is not None
+    enclave = rig.gateway.core.enclave_at(late.address.packed)
+    assert enclave is not None and enclave.downlink is None
+    for ack in late.setup.receive_record(late.assignment.encode()):
+        uplink.session.send_record(ack)
+    (datagram,) = uplink.session.datagrams_to_send()
+    rig.peer_out.send(datagram)
+    rig.fast.drain_uplink(rig.peer_in, enclave)
+    assert enclave.setup.state.name == "ACKNOWLEDGED"
+
+
+def test_packets_to_a_revoked_enclave_are_not_sealed(rig: Rig) -> None:
+    address = rig.enclave.address
+    rig.fast.tun_packets([ipv4_packet(EXTERNAL, address)])  # makes the lane
+    assert len(rig.downlink_records()) == 1
+    enclave = rig.core_enclave
+    assert (
+        rig.gateway.core.revoke(lambda e: e is enclave, Revoked("subnet_changed"), rig.gateway.now)
+        == 1
+    )
+    rig.gateway.pump()
+    # Before the adapter forgets the lane, the closed record layer keeps it from sealing.
+    rig.fast.tun_packets([ipv4_packet(EXTERNAL, address)])
+    assert rig.sent == []
+    assert IPv4Address(address) not in {e.address for e in rig.gateway.core.enclaves}
