@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from seng_fw.cli import EXIT_OK, EXIT_REJECTED, UsageError
 from seng_fw.compile import live
 from seng_fw.compile.compiler import DEFAULT_TUN, TABLE, Options, compile_policy
 from seng_fw.compile.nft import Table
@@ -28,6 +27,17 @@ from seng_fw.policy.importdb import DbImportError, DbUnreadable, import_db
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError
+from seng_fw.system.cli_toolkit import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    Refused,
+    UsageError,
+    check_readable,
+    error_text,
+    write_output,
+)
+
+EXIT_REJECTED = EXIT_REFUSED
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -114,8 +124,7 @@ def _ruleset_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(path: Path) -> Policy | None:
     """The policy, or None after printing its errors."""
-    if not path.exists():
-        raise UsageError(f"{path}: no such file or directory")
+    check_readable(path, directory_ok=True)
     try:
         return load_policy(path)
     except ConfigError as exc:
@@ -149,10 +158,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         text = json.dumps(table.transaction(), indent=1) + "\n"
     else:
         text = table.text(header=(f"seng-fw ruleset for {args.policy} (seng-fw compile)",))
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.write_text(text)
+    write_output(args.output, text)
     return EXIT_OK
 
 
@@ -164,8 +170,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     try:
         text = live.diff(table, policy)
     except (live.NftError, OSError) as exc:
-        print(f"seng-fw diff: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
+        raise Refused(f"diff: {error_text(exc)}") from None
     print(text if text else "no changes")
     return EXIT_OK
 
@@ -185,8 +190,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             return EXIT_OK
         live.apply(table, policy, nft)
     except (live.NftError, OSError) as exc:
-        print(f"seng-fw apply: the ruleset was not changed: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
+        raise Refused(f"apply: the ruleset was not changed: {error_text(exc)}") from None
     print(f"applied table inet {table.name}: {len(policy.apps)} apps")
     print(live.reload_gateway(args.gateway_pid_file))
     return EXIT_OK
@@ -198,26 +202,17 @@ def _cmd_import_db(args: argparse.Namespace) -> int:
     except DbUnreadable as exc:
         raise UsageError(str(exc)) from None
     except DbImportError as exc:
-        print(f"seng-fw import-db: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.write_text(text)
+        raise Refused(f"import-db: {exc}") from None
+    write_output(args.output, text)
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Only these commands (`python -m seng_fw.compile.cli`), for tests and scripts."""
-    parser = argparse.ArgumentParser(prog="seng-fw")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        result: int = args.func(args)
-    except UsageError as exc:
-        print(f"seng-fw: {exc}", file=sys.stderr)
-        return 2
-    return result
+    """Only these commands (`python -m seng_fw.compile.cli`), for tests and scripts; the
+    same error handling as `seng-fw`."""
+    from seng_fw import cli
+
+    return cli.run(cli.build_parser((__name__,)), argv)
 
 
 if __name__ == "__main__":

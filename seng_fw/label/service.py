@@ -26,6 +26,7 @@ from typing import Any
 from seng_fw.label.hook import DEFAULT_BATCH, DEFAULT_MAX_LEN, LabelHook, LabelHookError
 from seng_fw.label.registry import DEFAULT_SOCKET, LabelRegistryClient, Registry
 from seng_fw.system import sdnotify
+from seng_fw.system.cli_toolkit import Refused
 
 log = logging.getLogger("seng_fw.label")
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except LabelHookError as exc:
         log.error("%s", exc)
-        return 1
+        raise Refused(f"label-hook: {exc}") from None
     log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in counters.items()))
     return 0
 
@@ -130,10 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m seng_fw.label", description="seng-fw NFQUEUE labeller service"
     )
     add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    return run(args)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.set_defaults(func=run)
+    from seng_fw import cli  # the one error handling of every command
+
+    return cli.run(parser, argv)

@@ -8,8 +8,8 @@ only. They print aligned tables, or JSON with `--json`. Exit status:
   0  done
   1  the gateway refused the request (reload: invalid policy, the running one is kept;
      revoke: no such app or enclave)
-  2  usage error or unreadable configuration
-  3  no gateway answers on the socket (not running, or no permission to connect)
+  2  usage error, unreadable configuration, or no permission to connect to the socket
+  3  no gateway answers on the socket
 
 `init` writes a commented /etc/seng-fw/gateway.yaml, the gateway's DTLS key and
 certificate (ECDSA P-384; `--key-type rsa-3072` as the original SENG server) and
@@ -31,13 +31,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from seng_fw.cli import EXIT_OK, EXIT_REJECTED, UsageError
 from seng_fw.gateway.config import DEFAULT_CONTROL_SOCKET, load_gateway_config, parse_host_port
-from seng_fw.ops.control import ControlClient, ControlRequestFailed, ControlUnavailable
+from seng_fw.ops.control import (
+    ControlClient,
+    ControlPermissionDenied,
+    ControlRequestFailed,
+    ControlUnavailable,
+)
 from seng_fw.ops.servercert import fingerprint, generate_server_certificate
-from seng_fw.policy.yamlfile import ConfigError
+from seng_fw.system.cli_toolkit import (
+    EXIT_NO_GATEWAY,
+    EXIT_OK,
+    NoGateway,
+    Refused,
+    UsageError,
+    error_text,
+)
 
-EXIT_UNREACHABLE = 3
+EXIT_UNREACHABLE = EXIT_NO_GATEWAY
 
 ETC = Path("/etc/seng-fw")
 DEFAULT_CONFIG = ETC / "gateway.yaml"
@@ -167,21 +178,18 @@ def socket_path(args: argparse.Namespace) -> Path:
         if not os.access(DEFAULT_CONFIG, os.R_OK):
             return DEFAULT_CONTROL_SOCKET
         config = DEFAULT_CONFIG
-    try:
-        return load_gateway_config(config).control.socket
-    except ConfigError as exc:
-        raise UsageError(f"invalid configuration:\n{exc}") from None
+    return load_gateway_config(config).control.socket  # ConfigError: exit 2 (cli.run)
 
 
 def _request(args: argparse.Namespace, command: str, **request: Any) -> tuple[int, Any]:
     try:
         return EXIT_OK, ControlClient(socket_path(args)).request(command, **request)
+    except ControlPermissionDenied as exc:  # a gateway may be running: not exit 3
+        raise UsageError(f"{command}: {exc}") from None
     except ControlUnavailable as exc:
-        print(f"seng-fw {command}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE, None
+        raise NoGateway(f"{command}: {exc}") from None
     except ControlRequestFailed as exc:
-        print(f"seng-fw {command}: {exc}", file=sys.stderr)
-        return EXIT_REJECTED, None
+        raise Refused(f"{command}: {exc}") from None
 
 
 def _print_json(value: Any) -> None:
@@ -480,7 +488,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
             (directory / sub).mkdir(mode=0o755, parents=True, exist_ok=True)
         report = _init_files(args, directory)
     except OSError as exc:
-        raise UsageError(f"cannot write to {directory}: {exc}") from None
+        raise UsageError(f"cannot write {error_text(exc)}") from None
     print("\n".join(report))
     return EXIT_OK
 
@@ -552,7 +560,7 @@ def _cmd_install_units(args: argparse.Namespace) -> int:
     try:
         done = install_units(source, root, args.bin)
     except OSError as exc:
-        raise UsageError(f"cannot install: {exc}") from None
+        raise UsageError(f"cannot install: {error_text(exc)}") from None
     print("\n".join(done))
     if live:
         for warning in _check_program(args.bin):

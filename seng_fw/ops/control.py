@@ -46,6 +46,11 @@ class ControlUnavailable(Exception):
     """Client side: no gateway answers on the socket (not running, or no permission)."""
 
 
+class ControlPermissionDenied(ControlUnavailable):
+    """Client side: the socket (or its directory) does not let this user connect; a
+    gateway may well be running."""
+
+
 class ControlRequestFailed(Exception):
     """Client side: the gateway answered with an error (its text is the message)."""
 
@@ -308,7 +313,7 @@ class ControlClient:
                 f"no gateway is listening on {self.path} (is seng-fw.service running?)"
             ) from None
         except PermissionError:
-            raise ControlUnavailable(
+            raise ControlPermissionDenied(
                 f"permission denied on {self.path}: run as root or as a member of its group"
             ) from None
         except TimeoutError:

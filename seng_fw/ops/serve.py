@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 from datetime import timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -17,7 +16,6 @@ from seng_fw.attest.dcap import AnyEvidenceVerifier, DcapPolicy, DcapVerifier
 from seng_fw.attest.identity import EvidenceVerifier
 from seng_fw.attest.policy import AttestationPolicy, load_root_certificates
 from seng_fw.attest.verifier import IasVerifier
-from seng_fw.cli import EXIT_OK, EXIT_USAGE, UsageError
 from seng_fw.compile.live import Nft, counters, set_exposure_target
 from seng_fw.gateway.config import GatewayConfig, load_gateway_config
 from seng_fw.gateway.conntrack import flush_address
@@ -29,7 +27,7 @@ from seng_fw.ops.control import ControlServer
 from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
 from seng_fw.policy.admission import Admission
 from seng_fw.policy.loader import load_policy
-from seng_fw.policy.yamlfile import ConfigError
+from seng_fw.system.cli_toolkit import EXIT_OK, UsageError, error_text, read_input
 from seng_fw.system.logs import setup_logging
 from seng_fw.tunnel.dtls import make_server_config
 from seng_fw.tunnel.tun import TunDevice, TunError
@@ -47,17 +45,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     serve.set_defaults(func=_serve)
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from exc
-
-
 def build_verifier(config: GatewayConfig) -> EvidenceVerifier:
     attestation = config.attestation
     try:
-        roots = load_root_certificates(_read(path) for path in attestation.roots)
+        roots = load_root_certificates(read_input(path) for path in attestation.roots)
         policy = AttestationPolicy(
             roots=roots,
             allowed_statuses=frozenset(attestation.allow_status),
@@ -68,13 +59,13 @@ def build_verifier(config: GatewayConfig) -> EvidenceVerifier:
             else timedelta(seconds=attestation.max_report_age),
         )
     except ValueError as exc:
-        raise UsageError(f"attestation roots: {exc}") from exc
+        raise UsageError(f"attestation roots: {error_text(exc)}") from None
     if attestation.dcap is None:
         return IasVerifier(policy)
     dcap = attestation.dcap
     try:
         dcap_policy = DcapPolicy(
-            roots=load_root_certificates(_read(path) for path in dcap.roots),
+            roots=load_root_certificates(read_input(path) for path in dcap.roots),
             collateral=CollateralStore.load(dcap.collateral),
             allowed_statuses=frozenset(dcap.allow_status),
             refuse_advisories=frozenset(attestation.refuse_advisories),
@@ -82,7 +73,7 @@ def build_verifier(config: GatewayConfig) -> EvidenceVerifier:
             allow_debug=True,
         )
     except ValueError as exc:  # CollateralError is a ValueError
-        raise UsageError(f"attestation.dcap: {exc}") from exc
+        raise UsageError(f"attestation.dcap: {error_text(exc)}") from None
     return AnyEvidenceVerifier(IasVerifier(policy), DcapVerifier(dcap_policy))
 
 
@@ -90,9 +81,9 @@ def build_server(config: GatewayConfig) -> GatewayServer:
     """Everything the gateway runs, set up but not started (sockets bound, TUN up)."""
     policy = load_policy(config.policy)
     try:
-        dtls = make_server_config(_read(config.tls.certificate), _read(config.tls.key))
+        dtls = make_server_config(read_input(config.tls.certificate), read_input(config.tls.key))
     except ValueError as exc:
-        raise UsageError(f"server certificate/key: {exc}") from exc
+        raise UsageError(f"server certificate/key: {error_text(exc)}") from None
     core = GatewayCore(
         Admission(policy),
         build_verifier(config),
@@ -196,29 +187,20 @@ def _write_pid_file(path: Path) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        config = load_gateway_config(args.config)
-    except ConfigError as exc:
-        print(f"seng-fw serve: invalid configuration:\n{exc}", file=sys.stderr)
-        return EXIT_USAGE
+    config = load_gateway_config(args.config)  # a ConfigError: every issue, exit 2 (cli.run)
     level = logging.DEBUG if args.verbose else logging.INFO
     setup_logging(args.log_format or config.log_format, level)
     try:
         server = build_server(config)
-    except ConfigError as exc:
-        print(f"seng-fw serve: invalid configuration:\n{exc}", file=sys.stderr)
-        return EXIT_USAGE
     except (OSError, TunError) as exc:
-        print(f"seng-fw serve: cannot start: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"cannot start: {error_text(exc)}") from None
     # `seng-fw apply` finds the gateway to reload here (next to the control socket).
     pid_file = args.pid_file or config.control.socket.parent / "gateway.pid"
     _write_pid_file(pid_file)
     try:
         asyncio.run(server.run())
     except ControlError as exc:
-        print(f"seng-fw serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(exc)) from None
     finally:
         pid_file.unlink(missing_ok=True)
     return EXIT_OK

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
+from seng_fw.system.cli_toolkit import os_error_text
+
 Path_ = tuple[str | int, ...]
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 # libyaml's composer when PyYAML was built with it (Debian's and PyPI's wheels are):
@@ -108,8 +110,11 @@ def load_yaml(path: Path) -> YamlDocument:
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([ConfigIssue(name, 1, "", f"cannot read: {exc}")]) from exc
+    except OSError as exc:
+        reason = os_error_text(name, exc).removeprefix(f"{name}: ")
+        raise ConfigError([ConfigIssue(name, 1, "", f"cannot read: {reason}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(name, 1, "", "cannot read: not UTF-8 text")]) from None
     try:
         node = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
