@@ -23,7 +23,11 @@ from seng_fw.system.cli_toolkit import (
     EXIT_USAGE,
     CliError,
     UsageError,
-    os_error_text,
+    command_name,
+    error_text,
+    json_document,
+    print_json,
+    wants_json,
 )
 
 EXIT_REJECTED = EXIT_REFUSED  # the older name
@@ -78,26 +82,31 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     try:
         result: int = args.func(args)
     except CliError as exc:
-        print(f"seng-fw: {exc.message}", file=sys.stderr)
-        return exc.code
+        return _report(args, exc)
     except ConfigError as exc:  # a configuration file: every issue (then a summary)
-        if len(exc.issues) == 1:
-            print(f"seng-fw: {exc.issues[0]}", file=sys.stderr)
-        else:
-            for issue in exc.issues:
-                print(issue, file=sys.stderr)
-            print(f"seng-fw: {len(exc.issues)} errors", file=sys.stderr)
-        return EXIT_USAGE
+        issues = [str(issue) for issue in exc.issues]
+        if len(issues) == 1:
+            return _report(args, CliError(issues[0], EXIT_USAGE, "invalid_configuration"))
+        for issue in issues:
+            print(issue, file=sys.stderr)
+        error = CliError(f"{len(issues)} errors", EXIT_USAGE, "invalid_configuration", issues)
+        return _report(args, error)
     except OSError as exc:
         # A file the user named that a command opened without the toolkit: still a user
         # mistake, not a crash. The traceback is there for -vv.
         log.debug("unhandled OSError", exc_info=True)
-        where = exc.filename if exc.filename is not None else "error"
-        print(f"seng-fw: {os_error_text(where, exc)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report(args, UsageError(error_text(exc)))
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def _report(args: argparse.Namespace, error: CliError) -> int:
+    """One line on stderr; under --json also the failure document on stdout."""
+    print(f"seng-fw: {error.message}", file=sys.stderr)
+    if wants_json(args):
+        print_json(json_document(command_name(args), None, error), getattr(args, "pretty", False))
+    return error.code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

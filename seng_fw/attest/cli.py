@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import json
 import re
 import sys
 from datetime import datetime, timedelta
@@ -41,7 +40,10 @@ from seng_fw.attest.verifier import IasVerifier
 from seng_fw.system.cli_toolkit import (
     EXIT_OK,
     EXIT_REFUSED,
+    Refused,
     UsageError,
+    add_json_arguments,
+    emit_json,
     iso_time,
     read_input,
     write_output,
@@ -199,7 +201,7 @@ def _add_time_and_json(parser: argparse.ArgumentParser) -> None:
         help="judge certificates, collateral and report age as of this time "
         "(UTC if no zone; default now)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_arguments(parser)
 
 
 def _add_collateral_argument(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -221,8 +223,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     try:
         identity = verifier.verify_certificate(cert_der, at)
     except AttestationRejected as exc:
-        return _rejected(exc, args.json)
-    _print_identity(identity, at, report_data_checked=True, as_json=args.json)
+        raise _rejected(exc) from None
+    _print_identity(args, identity, at, report_data_checked=True)
     return EXIT_OK
 
 
@@ -240,8 +242,8 @@ def _cmd_verify_report(args: argparse.Namespace) -> int:
             raise AttestationRejected(Check.MALFORMED_SIGNING_CERT, str(exc)) from None
         identity = verify_ias_report(report, signature, signing_cert, policy, at)
     except AttestationRejected as exc:
-        return _rejected(exc, args.json)
-    _print_identity(identity, at, report_data_checked=False, as_json=args.json)
+        raise _rejected(exc) from None
+    _print_identity(args, identity, at, report_data_checked=False)
     return EXIT_OK
 
 
@@ -252,8 +254,8 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
     try:
         identity = verify_dcap_quote(quote, policy, at).identity
     except AttestationRejected as exc:
-        return _rejected(exc, args.json)
-    _print_identity(identity, at, report_data_checked=False, as_json=args.json)
+        raise _rejected(exc) from None
+    _print_identity(args, identity, at, report_data_checked=False)
     return EXIT_OK
 
 
@@ -308,21 +310,19 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
         raise UsageError(f"bad trust anchor or policy: {exc}") from None
 
 
-def _rejected(exc: AttestationRejected, as_json: bool) -> int:
-    print(f"seng-fw: attestation rejected ({exc.check}): {exc.message}", file=sys.stderr)
-    if as_json:
-        print(json.dumps({"trusted": False, "check": str(exc.check), "message": exc.message}))
-    return EXIT_REJECTED
+def _rejected(exc: AttestationRejected) -> Refused:
+    """Exit 1 with the failed check; under --json its name is `error.code`."""
+    return Refused(f"attestation rejected ({exc.check}): {exc.message}", kind=str(exc.check))
 
 
 def _print_identity(
-    identity: EnclaveIdentity, at: datetime, *, report_data_checked: bool, as_json: bool
+    args: argparse.Namespace, identity: EnclaveIdentity, at: datetime, *, report_data_checked: bool
 ) -> None:
-    if as_json:
+    if args.json:
         document = {"trusted": True, **identity.to_json()}
         document["report_data_checked"] = report_data_checked
         document["checked_at"] = at.isoformat()
-        print(json.dumps(document, indent=2))
+        emit_json(args, document)
         return
     rows = [
         ("trusted", "yes"),

@@ -53,6 +53,18 @@ class ControlError(Exception):
     """A request the gateway refuses or cannot carry out; the text goes to the user."""
 
 
+@dataclass(frozen=True, order=True)
+class RevokedEnclave:
+    """One revoked enclave instance, as it was when revoked."""
+
+    address: str
+    app: str
+    host: str
+
+    def __str__(self) -> str:
+        return f"{self.address} (app {self.app}, host {self.host})"
+
+
 @dataclass
 class Revocations:
     """What the operator revoked: refused at admission, and their tunnels closed, until
@@ -62,7 +74,9 @@ class Revocations:
     mrenclaves: set[bytes] = field(default_factory=set)
     # One enclave instance: its client host and attestation evidence. A restarted
     # enclave attests afresh and may come back (unless its app or MRENCLAVE is revoked).
-    instances: dict[tuple[IPv4Address, EnclaveIdentity], str] = field(default_factory=dict)
+    instances: dict[tuple[IPv4Address, EnclaveIdentity], RevokedEnclave] = field(
+        default_factory=dict
+    )
 
     def reason(self, app: str, identity: EnclaveIdentity, host: IPv4Address) -> str | None:
         if app in self.apps:
@@ -78,7 +92,18 @@ class Revocations:
         return [
             *(f"app {name}" for name in sorted(self.apps)),
             *(f"mrenclave {m.hex()}" for m in sorted(self.mrenclaves)),
-            *(f"enclave {text}" for text in sorted(self.instances.values())),
+            *(f"enclave {instance}" for instance in sorted(self.instances.values())),
+        ]
+
+    def to_json(self) -> list[dict[str, str]]:
+        """Every revocation as an object with `kind` (app, mrenclave or enclave)."""
+        return [
+            *({"kind": "app", "app": name} for name in sorted(self.apps)),
+            *({"kind": "mrenclave", "mrenclave": m.hex()} for m in sorted(self.mrenclaves)),
+            *(
+                {"kind": "enclave", **asdict(instance)}
+                for instance in sorted(self.instances.values())
+            ),
         ]
 
     def clear(self) -> int:
@@ -265,7 +290,7 @@ class GatewayControl:
             count = self.revocations.clear()
             log.warning("revocations cleared (%d)", count)
             return {"cleared": count, "ended": []}
-        what = self._add_revocation(app, address, mrenclave)
+        what, document = self._add_revocation(app, address, mrenclave)
         before = self.core.enclaves
         # The core closes the tunnels of every enclave that its admission now refuses.
         self.core.reload(self._admission(), self._clock())
@@ -274,14 +299,17 @@ class GatewayControl:
         self.after_change()
         log.warning("revoked %s: %d enclaves closed", what, len(ended))
         now, wall = self._clock(), self._wall()
-        return {"revoked": what, "ended": [self._record(e, now, wall) for e in ended]}
+        return {"revoked": document, "ended": [self._record(e, now, wall) for e in ended]}
 
-    def _add_revocation(self, app: str | None, address: str | None, mrenclave: str | None) -> str:
+    def _add_revocation(
+        self, app: str | None, address: str | None, mrenclave: str | None
+    ) -> tuple[str, dict[str, str]]:
+        """The revocation added, for the log and as a Revocations.to_json() object."""
         if app is not None:
             if app not in {known.name for known in self.core.admission.policy.apps}:
                 raise ControlError(f"no app {app!r} in the running policy")
             self.revocations.apps.add(app)
-            return f"app {app}"
+            return f"app {app}", {"kind": "app", "app": app}
         if mrenclave is not None:
             text = mrenclave.strip().lower().removeprefix("0x")
             try:
@@ -291,16 +319,16 @@ class GatewayControl:
             if len(value) != 32:
                 raise ControlError(f"MRENCLAVE must be 64 hex digits, got {mrenclave!r}")
             self.revocations.mrenclaves.add(value)
-            return f"mrenclave {text}"
+            return f"mrenclave {value.hex()}", {"kind": "mrenclave", "mrenclave": value.hex()}
         try:
             wanted = IPv4Address(address or "")
         except ValueError:
             raise ControlError(f"{address!r} is not an IPv4 address") from None
         for enclave in self.core.enclaves:
             if enclave.address == wanted:
-                text = f"{wanted} (app {enclave.app.name}, host {enclave.host})"
-                self.revocations.instances[(enclave.host, enclave.identity)] = text
-                return f"enclave {text}"
+                instance = RevokedEnclave(str(wanted), enclave.app.name, str(enclave.host))
+                self.revocations.instances[(enclave.host, enclave.identity)] = instance
+                return f"enclave {instance}", {"kind": "enclave", **asdict(instance)}
         raise ControlError(f"no enclave has address {wanted}")
 
     def enclaves(self) -> list[dict[str, Any]]:
@@ -412,7 +440,7 @@ class GatewayControl:
             "rejected": _by_prefix(snap.counters, "rejected."),
             "ended": _by_prefix(snap.counters, "ended."),
             "dropped": _by_prefix(snap.counters, "dropped."),
-            "revocations": self.revocations.describe(),
+            "revocations": self.revocations.to_json(),
         }
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import grp
-import json
 import os
 import pwd
 import shutil
@@ -45,6 +44,8 @@ from seng_fw.system.cli_toolkit import (
     NoGateway,
     Refused,
     UsageError,
+    add_json_arguments,
+    emit_json,
     error_text,
 )
 
@@ -167,7 +168,7 @@ def _client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help=f"take the socket from FILE ({DEFAULT_CONFIG})"
     )
-    parser.add_argument("--json", action="store_true", help="JSON for scripts")
+    add_json_arguments(parser)
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -192,21 +193,30 @@ def _request(args: argparse.Namespace, command: str, **request: Any) -> tuple[in
         raise Refused(f"{command}: {exc}") from None
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=False))
+def revocation_text(revocation: dict[str, str]) -> str:
+    """`app webapp`, `mrenclave ab..`, `enclave 192.168.29.2 (app webapp, host 10.0.0.10)`."""
+    kind = revocation["kind"]
+    if kind == "enclave":
+        return (
+            f"enclave {revocation['address']} (app {revocation['app']}, host {revocation['host']})"
+        )
+    return f"{kind} {revocation.get(kind, '?')}"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     code, status = _request(args, "status")
     if code == EXIT_OK:
-        _print_json(status) if args.json else print(format_status(status), end="")
+        emit_json(args, status) if args.json else print(format_status(status), end="")
     return code
 
 
 def _cmd_enclaves(args: argparse.Namespace) -> int:
     code, enclaves = _request(args, "enclaves")
     if code == EXIT_OK:
-        _print_json(enclaves) if args.json else print(format_enclaves(enclaves), end="")
+        if args.json:
+            emit_json(args, {"enclaves": enclaves})
+        else:
+            print(format_enclaves(enclaves), end="")
     return code
 
 
@@ -222,12 +232,12 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     if code != EXIT_OK:
         return code
     if args.json:
-        _print_json(result)
+        emit_json(args, result)
     elif args.clear:
         print(f"{result['cleared']} revocations lifted; those enclaves may connect again")
     else:
         ended = result["ended"]
-        print(f"revoked {result['revoked']}: {len(ended)} enclaves disconnected")
+        print(f"revoked {revocation_text(result['revoked'])}: {len(ended)} enclaves disconnected")
         if ended:
             print(format_enclaves(ended), end="")
         print(
@@ -241,7 +251,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     code, result = _request(args, "reload")
     if code == EXIT_OK:
         if args.json:
-            _print_json(result)
+            emit_json(args, result)
         else:
             print(
                 f"policy {result['policy']} reloaded ({result['apps']} apps, digest "
@@ -317,7 +327,7 @@ def format_status(status: dict[str, Any]) -> str:
         labeller = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in status["labeller"].items())
         fields.append(("labeller", labeller))
     if status["revocations"]:
-        fields.append(("revoked", "; ".join(status["revocations"])))
+        fields.append(("revoked", "; ".join(map(revocation_text, status["revocations"]))))
     width = max(len(name) for name, _ in fields)
     out = "".join(f"{name.ljust(width)}  {value}\n" for name, value in fields)
     rows = []

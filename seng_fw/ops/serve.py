@@ -128,7 +128,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
 
 def _queue_mode(labelling: Labelling | None) -> str:
     if labelling is None:
-        return "none (per-app subnets)"
+        return "none"  # per-app subnets: nothing to label
     return str(labelling.status().get("queue_mode", "starting"))
 
 

@@ -42,27 +42,40 @@ STDIN = "-"
 JSON_SCHEMA = 1
 
 
-class CliError(Exception):
-    """A user mistake or a refusal: `main` prints `message` on one line, exits `code`."""
+# The `error.code` of a JSON document, by exit status, unless the error names its own.
+ERROR_KINDS = {EXIT_REFUSED: "refused", EXIT_USAGE: "usage", EXIT_NO_GATEWAY: "no_gateway"}
 
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+
+class CliError(Exception):
+    """A user mistake or a refusal: `main` prints `message` on one line, exits `code`;
+    under --json also a document whose `error.code` is `kind` (a stable machine name)."""
+
+    def __init__(
+        self,
+        message: str,
+        code: int = EXIT_USAGE,
+        kind: str | None = None,
+        details: list[str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.kind = kind or ERROR_KINDS.get(code, "error")
+        self.details = details or []
 
 
 class UsageError(CliError):
     """Bad arguments or unreadable input: exit status 2."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_USAGE)
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message, EXIT_USAGE, kind)
 
 
 class Refused(CliError):
     """The request was refused (invalid input, the kernel or the gateway said no): 1."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_REFUSED)
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message, EXIT_REFUSED, kind)
 
 
 class NoGateway(CliError):
@@ -151,16 +164,25 @@ def add_json_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """`attest verify`: the subcommand path argparse recorded (dests `*command`)."""
+    parts = [v for k, v in vars(args).items() if k.endswith("command") and isinstance(v, str)]
+    return " ".join(parts)
+
+
 def json_document(
-    command: str, result: Any = None, error: tuple[str, str] | None = None
+    command: str, result: Any = None, error: CliError | None = None
 ) -> dict[str, Any]:
     """The one shape of every JSON output: the same keys whether it worked or not.
-    `error` is (code, message): a stable machine name and a sentence for people."""
+    `error.code` is a stable machine name, `error.message` a sentence for people and
+    `error.details` the lines behind it (every issue of a configuration file)."""
     return {
         "schema": JSON_SCHEMA,
         "command": command,
         "ok": error is None,
-        "error": None if error is None else {"code": error[0], "message": error[1]},
+        "error": None
+        if error is None
+        else {"code": error.kind, "message": error.message, "details": error.details},
         "result": result,
     }
 
@@ -171,6 +193,15 @@ def print_json(document: dict[str, Any], pretty: bool = False) -> None:
         print(json.dumps(document, indent=2))
     else:
         print(json.dumps(document, separators=(",", ":")))
+
+
+def wants_json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+def emit_json(args: argparse.Namespace, result: Any) -> None:
+    """Print a command's successful result as its JSON document."""
+    print_json(json_document(command_name(args), result), getattr(args, "pretty", False))
 
 
 def error_text(exc: Exception) -> str:

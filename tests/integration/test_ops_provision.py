@@ -95,13 +95,13 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
         seng_fw("apply", str(etc / "policies"), "--tun", "tunFA")
         assert wait_until(flow, 10), "the flow still fails after apply"
 
-        status = json.loads(seng_fw("status", "--socket", str(control), "--json").stdout)
+        status = json.loads(seng_fw("status", "--socket", str(control), "--json").stdout)["result"]
         assert {a["name"]: a["enclaves"] for a in status["apps"]}["webapp"] == 1
         revoked = seng_fw("revoke", "--app", "webapp", "--socket", str(control))
         assert "1 enclaves disconnected" in revoked.stdout
         assert wait_until(lambda: '"down"' in _read(state_file) or '"refused"' in _read(state_file))
         enclaves = seng_fw("enclaves", "--socket", str(control), "--json").stdout
-        assert json.loads(enclaves) == []
+        assert json.loads(enclaves)["result"] == {"enclaves": []}
     finally:
         gateway.terminate()
         gateway.wait(10)

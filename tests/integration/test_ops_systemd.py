@@ -321,7 +321,7 @@ def test_gateway_runs_under_its_unit(
 
     # The control socket answers root, with the gateway's configuration.
     answer = system.run([str(PROGRAM), "status", "--json"])
-    gateway = json.loads(answer.stdout)
+    gateway = json.loads(answer.stdout)["result"]
     assert gateway["listen"] == [f"{lan}:12345", f"{lan}:12346"]
     assert gateway["tun"]["name"] == "tunFA"
     assert "tunFA" in lab.run(GATEWAY, ["ip", "-o", "link"]).stdout
@@ -330,13 +330,16 @@ def test_gateway_runs_under_its_unit(
     emulator, state = _start_emulator(lab, ca, tmp_path, DEMO_WEBAPP)
     try:
         assert wait_until(lambda: '"up"' in _read(state)), _read(state) + system.journal("seng-fw")
-        listed = json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout)
+        listed = json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout)["result"][
+            "enclaves"
+        ]
         assert [(e["app"], e["host"]) for e in listed] == [
             ("webapp", str(lab.address(CLIENT_A, "lan")))
         ]
         revoked = system.run([str(PROGRAM), "revoke", "--app", "webapp"])
         assert "1 enclaves disconnected" in revoked.stdout
-        assert json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout) == []
+        listed = json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout)["result"]
+        assert listed == {"enclaves": []}
     finally:
         emulator.terminate()
         emulator.wait(10)
@@ -390,7 +393,7 @@ def test_labeller_runs_under_its_unit(
             return probe_tcp(lab.ns(CLIENT_A), address, external, ECHO_PORT, timeout=1.0)
 
         assert wait_until(flow, 10), system.journal("seng-fw*")
-        gateway = json.loads(system.run([str(PROGRAM), "status", "--json"]).stdout)
+        gateway = json.loads(system.run([str(PROGRAM), "status", "--json"]).stdout)["result"]
         assert gateway["mode"] == "shared" and gateway["queue_mode"] in ("nft", "xtables")
 
         system.run(["systemctl", "stop", "seng-fw-label.service"])

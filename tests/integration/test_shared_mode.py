@@ -69,7 +69,7 @@ def _status(lab: Lab) -> dict[str, Any]:
     """`seng-fw status --json` of the lab's gateway."""
     out = lab.seng_fw(GATEWAY, "status", "--json", "--socket", str(lab.state_dir / "control.sock"))
     assert out.returncode == 0, out.stderr
-    result: dict[str, Any] = json.loads(out.stdout)
+    result: dict[str, Any] = json.loads(out.stdout)["result"]
     return result
 
 

@@ -128,6 +128,23 @@ def test_no_gateway_is_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert err.count("\n") == 1 and "no gateway is listening" in err
 
 
+def test_failure_under_json_is_a_document_on_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    assert main(["status", "--socket", str(tmp_path / "control.sock"), "--json"]) == 3
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert document.keys() == {"schema", "command", "ok", "error", "result"}
+    assert document["ok"] is False and document["command"] == "status"
+    assert document["error"]["code"] == "no_gateway" and document["result"] is None
+    assert captured.err.count("\n") == 1
+    assert main(["enclaves", "--config", str(tmp_path / "missing"), "--json"]) == 2
+    document = json.loads(capsys.readouterr().out)
+    assert document["error"]["code"] == "invalid_configuration"
+
+
 def test_permission_denied_is_not_no_gateway(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -194,14 +194,14 @@ def test_revoke_app_closes_its_tunnels_and_refuses_it(gateway: Gateway) -> None:
     gateway.add("webapp", WEBAPP, host="10.0.0.20", nonce=1)
     nginx = gateway.add("nginx", NGINX)
     result = gateway.control.revoke(app="webapp")
-    assert result["revoked"] == "app webapp"
+    assert result["revoked"] == {"kind": "app", "app": "webapp"}
     assert sorted(e["host"] for e in result["ended"]) == ["10.0.0.10", "10.0.0.20"]
     assert gateway.core.enclaves == [nginx]
     assert gateway.core.counters[f"ended.revoked.{REVOKED_CHECK}"] == 2
     assert gateway.changes == 1  # the adapter sends close_notify and flushes conntrack
     assert gateway.admit(WEBAPP) == REVOKED_CHECK
     assert gateway.admit(NGINX) == "nginx"
-    assert gateway.control.status()["revocations"] == ["app webapp"]
+    assert gateway.control.status()["revocations"] == [{"kind": "app", "app": "webapp"}]
     # A policy reload keeps the revocation; --clear lifts it.
     asyncio.run(gateway.control.reload())
     assert gateway.admit(WEBAPP) == REVOKED_CHECK

@@ -73,7 +73,11 @@ def test_status_table_and_json(running: RunningGateway, capsys: pytest.CaptureFi
     assert webapp.index("192.168.29.0/24") == header.index("SUBNET")
     assert "2.0 KiB" in webapp
     code, out, _ = run(capsys, "status", "--socket", str(running.socket), "--json")
-    assert code == 0 and json.loads(out)["enclaves"] == 2
+    assert code == 0 and out.count("\n") == 1
+    document = json.loads(out)
+    assert document["schema"] == 1 and document["ok"] is True and document["error"] is None
+    assert document["result"]["enclaves"] == 2
+    assert document["result"]["queue_mode"] == "none"
 
 
 def test_enclaves_and_revoke(running: RunningGateway, capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,11 +93,23 @@ def test_enclaves_and_revoke(running: RunningGateway, capsys: pytest.CaptureFixt
     code, out, _ = run(capsys, "revoke", "--app", "webapp", "--socket", sock)
     assert code == 0 and "revoked app webapp: 1 enclaves disconnected" in out
     code, out, _ = run(capsys, "enclaves", "--socket", sock, "--json")
-    assert [e["app"] for e in json.loads(out)] == ["nginx"]
+    assert [e["app"] for e in json.loads(out)["result"]["enclaves"]] == ["nginx"]
     code, _, err = run(capsys, "revoke", "--app", "ghost", "--socket", sock)
     assert code == 1 and "no app 'ghost'" in err
+    code, out, err = run(capsys, "revoke", "--app", "ghost", "--socket", sock, "--json")
+    failure = json.loads(out)
+    assert code == 1 and failure["ok"] is False and failure["result"] is None
+    assert failure["error"]["code"] == "refused" and "ghost" in failure["error"]["message"]
+    code, out, _ = run(capsys, "revoke", "--enclave", "192.168.30.2", "--socket", sock, "--json")
+    assert json.loads(out)["result"]["revoked"] == {
+        "kind": "enclave", "address": "192.168.30.2", "app": "nginx", "host": "10.0.0.20",
+    }  # fmt: skip
+    code, out, _ = run(capsys, "status", "--socket", sock, "--json")
+    assert {"kind": "app", "app": "webapp"} in json.loads(out)["result"]["revocations"]
+    code, out, _ = run(capsys, "status", "--socket", sock)
+    assert "revoked   app webapp; enclave 192.168.30.2 (app nginx, host 10.0.0.20)" in out
     code, out, _ = run(capsys, "revoke", "--clear", "--socket", sock)
-    assert code == 0 and "1 revocations lifted" in out
+    assert code == 0 and "2 revocations lifted" in out
 
 
 def test_reload(running: RunningGateway, capsys: pytest.CaptureFixture[str]) -> None:
