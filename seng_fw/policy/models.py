@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     model_validator,
 )
@@ -153,7 +154,19 @@ def _selector(value: dict[object, object]) -> Ref:
     return Ref(kind, name, host)
 
 
-PeerSpec = Annotated[Peer, PlainValidator(_peer)]
+def _peer_as_written(peer: Peer) -> str | dict[str, str]:
+    """A peer as the policy writes it (`10.0.0.0/8`, `{app: NAME, host: PREFIX}`): a plain
+    validator leaves pydantic no schema to serialize the union by, and without this
+    `model_dump` warned (PydanticSerializationUnexpectedValue) at every digest."""
+    if isinstance(peer, IPv4Network):
+        return str(peer)
+    written: dict[str, str] = {peer.kind: peer.name} if peer.kind else {}
+    if peer.host is not None:
+        written["host"] = str(peer.host)
+    return written
+
+
+PeerSpec = Annotated[Peer, PlainValidator(_peer), PlainSerializer(_peer_as_written)]
 Peers = Annotated[list[PeerSpec], BeforeValidator(_one_or_many), Field(min_length=1)]
 
 

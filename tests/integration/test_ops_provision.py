@@ -62,10 +62,11 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
     # What seng-fw-policy.service and seng-fw.service run.
     seng_fw("apply", str(etc / "policies"), "--tun", "tunFA")
     gateway_log = tmp_path / "gateway.log"
-    gateway = lab.popen(
-        GATEWAY, [sys.executable, "-m", "seng_fw", "serve", "--config", str(config)],
-        stdout=gateway_log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with gateway_log.open("wb") as log:  # the child keeps its own descriptor
+        gateway = lab.popen(
+            GATEWAY, [sys.executable, "-m", "seng_fw", "serve", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         assert wait_until(lambda: control.exists()), gateway_log.read_text()
         provision(lab, EXTERNAL, "external.sh", SENG_FW_PYTHON=sys.executable,

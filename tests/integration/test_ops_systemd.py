@@ -156,11 +156,12 @@ class PrivateSystemd:
         )
         (self.workdir / "launcher").write_text(_launcher())
         env = {**os.environ, "PYTHON_BASE": sys.base_prefix, "REPO": str(REPO)}
-        self.process = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--cgroup", "--uts", "--net",
-             "bash", str(script), str(self.workdir)],
-            env=env, stdout=(self.workdir / "systemd.log").open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with (self.workdir / "systemd.log").open("wb") as log:  # the child keeps its own
+            self.process = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--cgroup", "--uts",
+                 "--net", "bash", str(script), str(self.workdir)],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")

@@ -144,12 +144,12 @@ def service_lab(ns_prefix: str, tmp_path: Path) -> Iterator[Lab]:
 
 
 def _start_labeller(lab: Lab) -> subprocess.Popen[bytes]:
-    log = (lab.state_dir / "labeller.log").open("ab")
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns(GATEWAY), sys.executable, "-m", "seng_fw.label",
-         "--socket", str(lab.state_dir / "label.sock"), "--queues", "0"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with (lab.state_dir / "labeller.log").open("ab") as log:  # the child keeps its own
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", lab.ns(GATEWAY), sys.executable, "-m", "seng_fw.label",
+             "--socket", str(lab.state_dir / "label.sock"), "--queues", "0"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     return process
 
 

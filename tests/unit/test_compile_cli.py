@@ -153,5 +153,7 @@ def test_reload_gateway(tmp_path: Path) -> None:
         for proc in (gateway, other):
             proc.send_signal(signal.SIGTERM)
             proc.wait()
+        assert gateway.stdout is not None
+        gateway.stdout.close()
     pid_file.write_text(f"{gateway.pid}\n")
     assert "is not running" in live.reload_gateway(pid_file)
