@@ -248,7 +248,9 @@ class LabCA:
         key_type: KeyType = "ecdsa",
         key_size: int | None = None,
         private_key: ClientPrivateKey | None = None,
-        encoding: EvidenceEncoding | str = EvidenceEncoding.V2019,
+        # What SENG clients send (the 2018 sgx-ra-tls the SENG Runtime and SDK build on);
+        # the original Go server refuses the 2019 raw/PEM form.
+        encoding: EvidenceEncoding | str = EvidenceEncoding.V2018,
         timestamp: datetime | None = None,
         report_version: int | None = None,
         report_data_override: bytes | None = None,

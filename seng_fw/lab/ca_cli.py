@@ -16,7 +16,9 @@ from seng_fw.lab.ca import QUOTE_STATUSES, ROOT_CERT_FILE, LabCA, generate_clien
 from seng_fw.system.cli_toolkit import EXIT_OK, UsageError, error_text, iso_time, read_input
 
 _DEFAULT_STATUS = "OK"
-_DEFAULT_ENCODING = EvidenceEncoding.V2019.value
+# What real SENG clients send: the 2018 base64 encoding of sgx-ra-tls (the original Go
+# server refuses the 2019 raw/PEM one).
+_DEFAULT_ENCODING = EvidenceEncoding.V2018.value
 
 
 def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
@@ -147,7 +149,8 @@ def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
         "--encoding",
         choices=[e.value for e in EvidenceEncoding],
         default=None,
-        help="epid: sgx-ra-tls extension encoding (default 2019)",
+        help="epid: sgx-ra-tls extension encoding: 2018 (base64, what SENG clients send; "
+        "the default) or 2019 (raw report, PEM certificates)",
     )
     cert.add_argument(
         "--timestamp",
