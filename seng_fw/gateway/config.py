@@ -10,8 +10,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from seng_fw.label.config import LabelConfig
-from seng_fw.policy.models import StrictModel
-from seng_fw.policy.yamlfile import load_model
+from seng_fw.policy.models import Policy, StrictModel
+from seng_fw.policy.yamlfile import ConfigError, ConfigIssue, load_model
 
 QUOTE_STATUSES = (
     "OK",
@@ -209,3 +209,33 @@ class GatewayConfig(StrictModel):
 def load_gateway_config(path: Path) -> GatewayConfig:
     """Raises seng_fw.policy.yamlfile.ConfigError naming file, line and field."""
     return load_model(path, GatewayConfig).resolved(path.parent)
+
+
+def shared_subnet_apps(policy: Policy) -> list[str]:
+    """Apps without a subnet of their own: their enclaves share `shared_subnet`."""
+    return [app.name for app in policy.apps if app.subnet is None]
+
+
+def mode_problem(mode: str, policy: Policy) -> str | None:
+    """Why the gateway cannot run `policy` in `mode`, if it cannot. Under per_app, no
+    labeller marks the shared subnet's connections and the ruleset drops them all: such
+    enclaves would be admitted, leased an address and then silently cut off."""
+    shared = shared_subnet_apps(policy)
+    if mode == "shared" or not shared:
+        return None
+    many = len(shared) > 1
+    return (
+        f"mode per_app, but app{'s' if many else ''} {', '.join(shared)} "
+        f"{'have' if many else 'has'} no subnet of {'their' if many else 'its'} own: "
+        f"{'their' if many else 'its'} enclaves would lease addresses of the shared subnet "
+        f"{policy.shared_subnet.subnet} and have all their traffic dropped (only the "
+        "labeller of mode shared passes it); set `mode: shared` in the gateway "
+        f"configuration or give {'each of them' if many else 'it'} a `subnet:`"
+    )
+
+
+def check_mode(mode: str, policy: Policy, config_file: str = "gateway configuration") -> None:
+    """Raise ConfigError (at the configuration's `mode`) if `mode_problem` finds one."""
+    problem = mode_problem(mode, policy)
+    if problem is not None:
+        raise ConfigError([ConfigIssue(config_file, 1, "mode", problem)])

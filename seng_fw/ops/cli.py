@@ -30,7 +30,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from seng_fw.gateway.config import DEFAULT_CONTROL_SOCKET, load_gateway_config, parse_host_port
+from seng_fw.gateway.config import (
+    DEFAULT_CONTROL_SOCKET,
+    load_gateway_config,
+    mode_problem,
+    parse_host_port,
+    shared_subnet_apps,
+)
 from seng_fw.ops.control import (
     ControlClient,
     ControlPermissionDenied,
@@ -38,6 +44,7 @@ from seng_fw.ops.control import (
     ControlUnavailable,
 )
 from seng_fw.ops.servercert import fingerprint, generate_server_certificate
+from seng_fw.policy.loader import load_policy
 from seng_fw.system.cli_toolkit import (
     EXIT_NO_GATEWAY,
     EXIT_OK,
@@ -127,8 +134,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     init.add_argument(
         "--mode",
         choices=("per_app", "shared"),
-        default="per_app",
-        help="per_app: a subnet per app (default); shared: one subnet, connections labelled",
+        default=None,
+        help="per_app: a subnet per app; shared: one subnet, connections labelled "
+        "(default: what --policy needs, shared if an app has no subnet of its own)",
     )
     init.add_argument(
         "--label-hook",
@@ -493,14 +501,30 @@ def _cmd_init(args: argparse.Namespace) -> int:
             raise UsageError(f"{root}: no such file")
     if args.policy is not None and not args.policy.is_file():
         raise UsageError(f"{args.policy}: no such file")
+    args.mode, why = _init_mode(args.mode, args.policy)
     try:
         for sub in ("", "policies", "roots"):
             (directory / sub).mkdir(mode=0o755, parents=True, exist_ok=True)
         report = _init_files(args, directory)
     except OSError as exc:
         raise UsageError(f"cannot write {error_text(exc)}") from None
-    print("\n".join(report))
+    print("\n".join([*report, *why]))
     return EXIT_OK
+
+
+def _init_mode(requested: str | None, policy_file: Path | None) -> tuple[str, list[str]]:
+    """The mode the policy needs (shared if an app has no subnet of its own), and why;
+    refuses per_app for such a policy (its enclaves would be cut off)."""
+    if policy_file is None:
+        return requested or "per_app", []
+    policy = load_policy(policy_file)  # a ConfigError: every issue, exit 2 (cli.run)
+    problem = mode_problem(requested or "per_app", policy)
+    if problem is None:
+        return requested or "per_app", []
+    if requested == "per_app":
+        raise UsageError(f"{policy_file}: {problem}")
+    shared = ", ".join(shared_subnet_apps(policy))
+    return "shared", [f"mode shared: {shared} share {policy.shared_subnet.subnet} (labeller)"]
 
 
 def _init_files(args: argparse.Namespace, directory: Path) -> list[str]:

@@ -17,7 +17,7 @@ from seng_fw.attest.identity import EvidenceVerifier
 from seng_fw.attest.policy import AttestationPolicy, load_root_certificates
 from seng_fw.attest.verifier import IasVerifier
 from seng_fw.compile.live import Nft, counters, set_exposure_target
-from seng_fw.gateway.config import GatewayConfig, load_gateway_config
+from seng_fw.gateway.config import GatewayConfig, load_gateway_config, mode_problem
 from seng_fw.gateway.conntrack import flush_address
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.server import GatewayServer, bind_udp
@@ -27,6 +27,8 @@ from seng_fw.ops.control import ControlServer
 from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
 from seng_fw.policy.admission import Admission
 from seng_fw.policy.loader import load_policy
+from seng_fw.policy.models import Policy
+from seng_fw.policy.yamlfile import ConfigError, ConfigIssue
 from seng_fw.system.cli_toolkit import EXIT_OK, UsageError, error_text, read_input
 from seng_fw.system.logs import setup_logging
 from seng_fw.tunnel.dtls import make_server_config
@@ -77,9 +79,22 @@ def build_verifier(config: GatewayConfig) -> EvidenceVerifier:
     return AnyEvidenceVerifier(IasVerifier(policy), DcapVerifier(dcap_policy))
 
 
+def checked_policy(config: GatewayConfig) -> Policy:
+    """The configured policy, read again for a reload, refused (ConfigError) if it
+    cannot run in the configured mode."""
+    policy = load_policy(config.policy)
+    problem = mode_problem(config.mode, policy)
+    if problem is not None:
+        raise ConfigError([ConfigIssue(str(config.policy), 1, "", problem)])
+    return policy
+
+
 def build_server(config: GatewayConfig) -> GatewayServer:
     """Everything the gateway runs, set up but not started (sockets bound, TUN up)."""
     policy = load_policy(config.policy)
+    problem = mode_problem(config.mode, policy)
+    if problem is not None:  # before any socket or TUN device
+        raise UsageError(f"{config.policy}: {problem}")
     try:
         dtls = make_server_config(read_input(config.tls.certificate), read_input(config.tls.key))
     except ValueError as exc:
@@ -106,7 +121,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
     control = GatewayControl(
         core,
         config,
-        load_policy=lambda: load_policy(config.policy),
+        load_policy=lambda: checked_policy(config),
         before_reload=server.prepare_subnets,
         after_change=server.after_change,
         queue_mode=lambda: _queue_mode(labelling),
