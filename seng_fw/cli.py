@@ -41,6 +41,7 @@ _COMMAND_MODULES = (
     "seng_fw.lab.cli",
     "seng_fw.ops.serve",
     "seng_fw.compile.cli",
+    "seng_fw.ops.check",
     "seng_fw.ops.cli",
     "seng_fw.label.service",
 )

@@ -1,4 +1,5 @@
-"""`seng-fw check | compile | diff | apply | import-db`: the policy and its ruleset.
+"""`seng-fw compile | diff | apply | import-db`: the policy and its ruleset (`check`:
+seng_fw/ops/check.py).
 
 Exit status: 0 success; 1 the policy is invalid, or the kernel refused the ruleset;
 2 usage error or unreadable input. `check`, `compile` and `import-db` need no
@@ -41,14 +42,6 @@ EXIT_REJECTED = EXIT_REFUSED
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    check = sub.add_parser(
-        "check",
-        help="validate a policy (file or directory)",
-        description="Validate a policy and report every error with file, line and field.",
-    )
-    _policy_argument(check)
-    check.set_defaults(func=_cmd_check)
-
     compile_ = sub.add_parser(
         "compile",
         help="print the nftables ruleset of a policy",
@@ -139,14 +132,6 @@ def _compiled(args: argparse.Namespace) -> tuple[Policy, Table] | None:
     if policy is None:
         return None
     return policy, compile_policy(policy, Options(tun=args.tun, table=TABLE))
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    policy = _load(args.policy)
-    if policy is None:
-        return EXIT_REJECTED
-    print(f"{args.policy}: ok ({len(policy.apps)} apps, {len(policy.categories)} categories)")
-    return EXIT_OK
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from seng_fw.label.config import LabelConfig
 from seng_fw.policy.models import Policy, StrictModel
-from seng_fw.policy.yamlfile import ConfigError, ConfigIssue, load_model
+from seng_fw.policy.yamlfile import PATTERN_WORDS, ConfigError, ConfigIssue, load_model
 
 QUOTE_STATUSES = (
     "OK",
@@ -93,6 +93,8 @@ class TimeoutConfig(StrictModel):
 
 
 DEFAULT_CONTROL_SOCKET = Path("/run/seng-fw/control.sock")
+GROUP_PATTERN = r"^[a-z_][a-z0-9_-]*\$?$"
+PATTERN_WORDS[GROUP_PATTERN] = "a group name is lower-case letters, digits, '_' and '-'"
 
 
 class ControlConfig(StrictModel):
@@ -103,7 +105,7 @@ class ControlConfig(StrictModel):
     # permission, so the owner (the gateway's user) and `group` may talk to it, and root.
     mode: int = 0o660
     # Group that may use the socket; null: the gateway's own group.
-    group: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]*\$?$")
+    group: str | None = Field(default=None, pattern=GROUP_PATTERN)
 
     @field_validator("mode", mode="before")
     @classmethod

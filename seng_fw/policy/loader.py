@@ -70,7 +70,15 @@ class _Origins:
 def load_policy(path: Path) -> Policy:
     """Load and validate a policy (file or directory). Raises ConfigError listing every
     problem found."""
-    docs = [load_yaml(file) for file in policy_files(path)]
+    return _validate([load_yaml(file) for file in policy_files(path)])
+
+
+def load_policy_text(text: str, name: str = "<stdin>") -> Policy:
+    """A policy given as text (`seng-fw check -`); errors name `name`."""
+    return _validate([load_yaml(Path(name), text)])
+
+
+def _validate(docs: list[YamlDocument]) -> Policy:
     issues: list[ConfigIssue] = []
     parts: list[tuple[YamlDocument, Policy]] = []
     for doc in docs:
@@ -79,7 +87,7 @@ def load_policy(path: Path) -> Policy:
             parts.append((doc, Policy.model_validate(data)))
         except pydantic.ValidationError as exc:
             _point_at_keys(doc)
-            issues += validation_issues(doc, exc)
+            issues += validation_issues(doc, exc, model=Policy)
     if issues:
         raise ConfigError(issues)
     policy, origins, merge_issues = _merge(parts)
@@ -98,8 +106,9 @@ def _point_at_keys(doc: YamlDocument) -> None:
     block list or mapping is the next line. Only done when there are errors to report:
     it parses the file a second time."""
     try:
-        root = yaml.compose(Path(doc.file).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, yaml.YAMLError):
+        text = doc.text if doc.text is not None else Path(doc.file).read_text(encoding="utf-8")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return
     stack: list[tuple[yaml.Node, Path_]] = [(root, ())] if root is not None else []
     while stack:
