@@ -2,6 +2,13 @@
 
     python3 bench/bench_compile.py [--apps 10,1000,10000] [--no-apply] [--yaml]
                                    [--forwarding 10,10000] [--shared]
+    python3 bench/bench_compile.py --commands 10000 [--no-baseline]
+
+With --commands (root), the seng-fw commands an administrator runs, each one process
+in a scratch network namespace, timed with /usr/bin/time (seconds, peak RSS): check,
+apply into an empty table, apply of the same policy again, apply --dry-run and diff of
+the policy with one app changed; once with branch main's code (exported with git
+archive: the baseline, in the same run) and once with this branch's HEAD.
 
 Each app has its own /24 enclave subnet (with --shared: all apps are on one shared
 subnet, told apart by their labels) and 20 destinations: 16 prefixes or addresses
@@ -237,6 +244,76 @@ def forwarding(counts: list[int], seconds: float, *, shared: bool = False) -> No
         topo.down()
 
 
+# --- the commands, as an administrator runs them -------------------------------------
+
+COMMANDS = ("check", "apply", "apply again", "apply --dry-run", "diff")
+
+
+def _tree_of(ref: str, tmp: Path) -> Path:
+    """The code of commit `ref` (main: the baseline; HEAD: this branch, as committed, so
+    that the tree does not change while the benchmark runs), exported into `tmp`."""
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref], capture_output=True, check=True
+    ).stdout
+    (tmp / ref).mkdir()
+    subprocess.run(["tar", "-x", "-C", str(tmp / ref)], input=archive, check=True)
+    return tmp / ref
+
+
+def _timed_command(netns: str, tree: Path, argv: list[str]) -> tuple[float, float, int]:
+    """(seconds, peak RSS in MB, exit status) of `seng-fw ARGV` run from `tree`'s code."""
+    timing = Path(tempfile.mktemp(prefix="sfwbench-time-"))
+    command = ["ip", "netns", "exec", netns, "/usr/bin/time", "-o", str(timing), "-f", "%e %M"]
+    command += [sys.executable, "-m", "seng_fw.compile.cli", *argv]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+    seconds, kbytes = timing.read_text().split()[-2:]
+    timing.unlink()
+    return float(seconds), int(kbytes) / 1024, done.returncode
+
+
+def commands(count: int, trees: dict[str, Path]) -> None:
+    """check, apply (into an empty table), apply of the same policy again, apply
+    --dry-run and diff of a policy with one app changed, each a process of its own in
+    a scratch network namespace, for each code tree: seconds and peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        policy, changed = Path(tmp) / "policy.yaml", Path(tmp) / "changed.yaml"
+        data = policy_data(count)
+        policy.write_text(yaml.safe_dump(data, sort_keys=False))
+        data["apps"][count // 2]["egress"][1]["ports"] = [4242]
+        changed.write_text(yaml.safe_dump(data, sort_keys=False))
+        argvs = {
+            "check": ["check", str(policy)],
+            "apply": ["apply", str(policy), "--gateway-pid-file", "/nonexistent"],
+            "apply again": ["apply", str(policy), "--gateway-pid-file", "/nonexistent"],
+            "apply --dry-run": ["apply", str(changed), "--dry-run"],
+            "diff": ["diff", str(changed)],
+        }
+        results: dict[str, dict[str, tuple[float, float, int]]] = {}
+        for name, tree in trees.items():
+            netns = f"sfwbench{os.getpid()}"
+            ip("netns", "add", netns)
+            try:
+                results[name] = {c: _timed_command(netns, tree, argvs[c]) for c in COMMANDS}
+            finally:
+                ip("netns", "delete", netns)
+            print(f"  ({name} done)", file=sys.stderr, flush=True)
+    names = list(trees)
+    print(f"\n{count} apps: seconds and peak RSS (MB) per command, one process each")
+    header = f"{'command':<16}" + "".join(f" {n + ' s':>12} {n + ' MB':>12}" for n in names)
+    print(header + (f" {'ratio s':>8} {'ratio MB':>8}" if len(names) == 2 else ""))
+    for command in COMMANDS:
+        row = f"{command:<16}"
+        for name in names:
+            seconds, mbytes, status = results[name][command]
+            row += f" {seconds:>12.1f} {mbytes:>12.0f}" + ("" if status in (0, 1) else "!")
+        if len(names) == 2:
+            (s0, m0, _), (s1, m1, _) = (results[n][command] for n in names)
+            row += f" {s0 / s1:>8.1f} {m0 / m1:>8.1f}"
+        print(row, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--apps", default="10,1000,10000", help="comma-separated app counts")
@@ -249,7 +326,21 @@ def main() -> int:
     parser.add_argument(
         "--shared", action="store_true", help="apps on the shared subnet (by label)"
     )
+    parser.add_argument(
+        "--commands",
+        metavar="APPS",
+        type=int,
+        help="time the seng-fw commands (check, apply, apply --dry-run, diff) for a policy "
+        "of APPS apps, this branch's HEAD against branch main (root)",
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="with --commands: no main")
     args = parser.parse_args()
+    if args.commands:
+        with tempfile.TemporaryDirectory() as tmp:
+            trees = {} if args.no_baseline else {"main": _tree_of("main", Path(tmp))}
+            trees["HEAD"] = _tree_of("HEAD", Path(tmp))
+            commands(args.commands, trees)
+        return 0
     do_apply = not args.no_apply and os.geteuid() == 0
     if not do_apply and not args.no_apply:
         print("not root: apply times skipped", file=sys.stderr)

@@ -18,6 +18,7 @@ from importlib import metadata
 from seng_fw.policy.yamlfile import ConfigError
 from seng_fw.system.cli_toolkit import (
     EXIT_CODES,
+    EXIT_FAULT,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -31,7 +32,15 @@ from seng_fw.system.cli_toolkit import (
 )
 
 EXIT_REJECTED = EXIT_REFUSED  # the older name
-__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_REJECTED", "EXIT_USAGE", "UsageError", "main"]
+__all__ = [
+    "EXIT_FAULT",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_REJECTED",
+    "EXIT_USAGE",
+    "UsageError",
+    "main",
+]
 
 log = logging.getLogger("seng_fw.cli")
 

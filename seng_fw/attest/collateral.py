@@ -129,6 +129,9 @@ def parse_bundle(text: str | bytes, source: str = "<collateral>") -> CollateralB
     for name in ("root_ca_crl", "pck_crl"):
         try:
             crl = x509.load_der_x509_crl(binary[name])
+            # cryptography decodes the issuer only when asked: a malformed one raised
+            # ValueError out of this function (found by fuzzing).
+            crl.issuer  # noqa: B018
         except ValueError as exc:
             raise CollateralError(f"{source}: {name} is not a DER CRL: {exc}") from None
         # A CRL without nextUpdate could never be judged stale. dcap-qvl's X.509 layer

@@ -16,7 +16,7 @@ class AttestationRejected(Exception):
     """Evidence is not trusted. `check` is a stable machine-readable name of the failed check
     (used as a metric label and in logs); the message says what was wrong."""
 
-    def __init__(self, check: str, message: str) -> None:
+    def __init__(self, check: Check, message: str) -> None:
         super().__init__(f"{check}: {message}")
         self.check = check
         self.message = message

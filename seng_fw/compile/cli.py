@@ -2,9 +2,10 @@
 seng_fw/ops/check.py).
 
 Exit status: 0 success; 1 the policy is invalid, or the kernel refused the ruleset;
-2 usage error or unreadable input. `check`, `compile` and `import-db` need no
-privileges; `diff` and `apply` read (and `apply` writes) the live ruleset, so they
-need CAP_NET_ADMIN (root).
+2 usage error or unreadable input. `diff` exits like `git diff --exit-code`: 0 no
+changes, 1 changes, 2 when it cannot compare (invalid policy, nftables error).
+`check`, `compile` and `import-db` need no privileges; `diff` and `apply` read (and
+`apply` writes) the live ruleset, so they need CAP_NET_ADMIN (root).
 
 `apply` replaces seng-fw's table (`table inet seng`) in one transaction, then sends
 SIGHUP to the gateway whose pid is in `--gateway-pid-file` (default
@@ -16,21 +17,29 @@ no longer allowed and deletes their leases' conntrack entries.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import os
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from seng_fw.compile import live
 from seng_fw.compile.compiler import DEFAULT_TUN, TABLE, Options, compile_policy
+from seng_fw.compile.diff import SHARED, RulesetDiff
 from seng_fw.compile.nft import Table
 from seng_fw.policy.importdb import DbImportError, DbUnreadable, import_db
-from seng_fw.policy.loader import load_policy
+from seng_fw.policy.loader import load_policy, policy_files
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError
 from seng_fw.system.cli_toolkit import (
     EXIT_OK,
     EXIT_REFUSED,
+    EXIT_USAGE,
     Refused,
     UsageError,
     check_readable,
@@ -59,10 +68,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     diff = sub.add_parser(
         "diff",
         help="show what apply would change in the live ruleset",
-        description="Compare seng-fw's live table with the policy's (root needed).",
+        description="Compare seng-fw's live table with the policy's (root needed). Exit "
+        "status like `git diff --exit-code`: 0 no changes, 1 changes, 2 invalid policy or "
+        "the comparison failed.",
     )
     _policy_argument(diff)
     _ruleset_arguments(diff)
+    diff.add_argument(
+        "--stat",
+        action="store_true",
+        help="a summary per app (rules and set elements added and removed) instead of the diff",
+    )
+    _colour_argument(diff)
     diff.set_defaults(func=_cmd_diff)
 
     apply = sub.add_parser(
@@ -78,6 +95,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="let the kernel check the transaction and show the diff; change nothing",
     )
+    apply.add_argument("--stat", action="store_true", help="with --dry-run: the diff's summary")
+    apply.add_argument(
+        "--force",
+        action="store_true",
+        help="load the ruleset even if the live table holds the same one (same digest)",
+    )
+    _colour_argument(apply)
     apply.add_argument(
         "--gateway-pid-file",
         type=Path,
@@ -100,9 +124,22 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     importer.set_defaults(func=_cmd_import_db)
 
 
+EXIT_DIFFERENCES = 1  # diff: the live table differs from the policy's
+
+
 def _policy_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "policy", type=Path, metavar="POLICY", help="policy file, or directory of *.yaml files"
+    )
+
+
+def _colour_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--color",
+        "--colour",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour the diff: auto (default: on a terminal only), always or never",
     )
 
 
@@ -148,35 +185,155 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
+    """Like `git diff --exit-code`: 0 no changes, 1 changes; 2 when it cannot compare."""
     compiled = _compiled(args)
     if compiled is None:
-        return EXIT_REJECTED
+        return EXIT_USAGE
     policy, table = compiled
     try:
-        text = live.diff(table, policy)
+        changes = live.diff(table, policy, source=_source_digest(args.policy))
     except (live.NftError, OSError) as exc:
-        raise Refused(f"diff: {error_text(exc)}") from None
-    print(text if text else "no changes")
-    return EXIT_OK
+        print(f"seng-fw: diff: {error_text(exc)}", file=sys.stderr)
+        return EXIT_USAGE  # (returned, not raised: the diff tests call _cmd_diff)
+    _show_diff(changes, stat=args.stat, colour=_colour_wanted(args.color))
+    return EXIT_DIFFERENCES if changes.changed else EXIT_OK
+
+
+_COLOURS = {"+": "\033[32m", "-": "\033[31m", "@": "\033[36m"}
+_BOLD, _RESET = "\033[1m", "\033[0m"
+
+
+def _colour_wanted(choice: str) -> bool:
+    if choice == "auto":
+        return (
+            sys.stdout.isatty()
+            and os.environ.get("TERM") != "dumb"
+            and not os.environ.get("NO_COLOR")
+        )
+    return choice == "always"
+
+
+def _show_diff(changes: RulesetDiff, *, stat: bool, colour: bool) -> None:
+    if not changes.changed:
+        print("no changes")
+        return
+    if stat:
+        for line in stat_lines(changes):
+            print(line)
+        return
+    for line in changes.lines():
+        if colour:
+            if line.startswith(("--- ", "+++ ")):
+                line = f"{_BOLD}{line}{_RESET}"
+            elif line[:1] in _COLOURS:
+                line = f"{_COLOURS[line[0]]}{line}{_RESET}"
+        print(line)
+
+
+def stat_lines(changes: RulesetDiff) -> list[str]:
+    """`git diff --stat` for rulesets: per app, rules and set elements added/removed."""
+    rows = changes.stat()
+    width = max([len(row[0]) for row in rows] + [3])
+    out = [f" {'app':<{width}} | rules   +added -removed | set elements +added -removed"]
+    totals = [0, 0, 0, 0]
+    for app, *numbers in rows:
+        totals = [t + n for t, n in zip(totals, numbers, strict=True)]
+        rules = f"+{numbers[0]} -{numbers[1]}"
+        elements = f"+{numbers[2]} -{numbers[3]}"
+        out.append(f" {app:<{width}} | rules {rules:>17} | set elements {elements:>16}")
+    apps = sum(1 for row in rows if row[0] != SHARED)
+    out.append(
+        f" {apps} app(s) changed; rules +{totals[0]} -{totals[1]}, "
+        f"set elements +{totals[2]} -{totals[3]}"
+    )
+    return out
+
+
+def _source_digest(path: Path) -> str:
+    """sha256 of the policy's files (names and contents): with the compiled ruleset it
+    makes the digest that tells apply whether anything changed, admission included."""
+    digest = hashlib.sha256()
+    for file in policy_files(path):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+class _Progress:
+    """Phases of a long apply on a terminal: a phase is shown once it has taken more than
+    a second, with its time when it ends (stderr, so that stdout stays the result)."""
+
+    DELAY = 1.0
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        started = time.monotonic()
+        timer = threading.Timer(
+            self.DELAY,
+            lambda: print(f"seng-fw apply: {name}...", end="", file=sys.stderr, flush=True),
+        )
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()
+            took = time.monotonic() - started
+            if took >= self.DELAY:
+                print(f" {took:.1f} s", file=sys.stderr, flush=True)
+
+
+def summary(table: Table, result: live.ApplyResult, apps: int) -> str:
+    """One line: what the transaction wrote (it replaces the whole table)."""
+    sets = len(table.sets)
+    elements = sum(len(named.elements) for named in table.sets)
+    rules = sum(len(chain.rules) for chain in table.chains)
+    how = "replaced" if result.replaced else "created"
+    return (
+        f"applied: table inet {table.name} {how}: {apps} apps, {sets} sets and maps with "
+        f"{elements} elements, {len(table.chains)} chains with {rules} rules, "
+        f"{len(table.counters)} counters (digest {result.digest[:12]})"
+    )
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    compiled = _compiled(args)
-    if compiled is None:
+    progress = _Progress(sys.stderr.isatty())
+    with progress.step("load the policy"):
+        policy = _load(args.policy)
+    if policy is None:
         return EXIT_REJECTED
-    policy, table = compiled
+    with progress.step("compile"):
+        table = compile_policy(policy, Options(tun=args.tun, table=TABLE))
     try:
         nft = live.Nft()
+        source = _source_digest(args.policy)
+        result = live.apply(
+            table,
+            policy,
+            nft,
+            dry_run=args.dry_run,
+            force=args.force,
+            step=progress.step,
+            source=source,
+        )
+        if not result.changed:
+            print(f"no changes: the live table holds this ruleset (digest {result.digest[:12]})")
+            return EXIT_OK
         if args.dry_run:
-            text = live.diff(table, policy, nft)
-            live.apply(table, policy, nft, dry_run=True)
-            print(text if text else "no changes")
+            with progress.step("diff"):
+                changes = live.diff(table, policy, nft, source)
+            _show_diff(changes, stat=args.stat, colour=_colour_wanted(args.color))
             print("dry run: the kernel accepts the ruleset; nothing was changed")
             return EXIT_OK
-        live.apply(table, policy, nft)
     except (live.NftError, OSError) as exc:
         raise Refused(f"apply: the ruleset was not changed: {error_text(exc)}") from None
-    print(f"applied table inet {table.name}: {len(policy.apps)} apps")
+    print(summary(table, result, len(policy.apps)))
     print(live.reload_gateway(args.gateway_pid_file))
     return EXIT_OK
 

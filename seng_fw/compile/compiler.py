@@ -30,6 +30,10 @@ policy without apps):
   `{host: PREFIX}`, combined): the element then holds the shared subnet and their
   label ids (`... . 192.168.28.0/24 . 0x00000007-0x0000000b`); a peer known by its
   address has every label (0x0000-0xffff).
+- New connections from enclaves to the gateway's own addresses (input hook) are not
+  decided by the egress rules but by `to_gateway`: one lookup in a set of the egress
+  rules that name the gateway (`{gateway: true}`, any of its addresses, or a single
+  address written out); prefixes such as 0.0.0.0/0 never reach the gateway.
 - Refused packets of an app end in its own chain: optionally logged, rate-limited,
   with the prefix "seng-fw APP: ", then dropped.
 - Per-app packet and byte counters are named counters (`tx_APP`, `rx_APP`), chosen by
@@ -56,6 +60,7 @@ from typing import Final, Literal
 from seng_fw.compile.boxes import Box, Interval, disjoint, merge_intervals
 from seng_fw.compile.nft import (
     And,
+    AnonymousSet,
     Chain,
     Counter,
     Ct,
@@ -79,13 +84,14 @@ from seng_fw.compile.nft import (
 )
 from seng_fw.compile.nft import CounterMap as CounterMapExpr
 from seng_fw.policy.labels import LabelInfo, LabelTable
-from seng_fw.policy.models import App, EgressRule, IngressRule, Peer, Policy, Ref
+from seng_fw.policy.models import App, EgressRule, GatewayRef, IngressRule, Peer, Policy, Ref
 
 TABLE = "seng"
 DEFAULT_TUN = "tunFA"
 PROTOCOLS: dict[str, Interval] = {"icmp": (1, 1), "tcp": (6, 6), "udp": (17, 17), "any": (0, 255)}
 ALL_PORTS: Interval = (0, 0xFFFF)
 ANY_LABEL: Interval = (0, 0xFFFF)  # a peer known by address: whatever its label
+ANY_ADDRESS: Interval = (0, 0xFFFFFFFF)
 LOG_PREFIX = "seng-fw"
 # Apps per rule set: large enough that a 10,000-app policy has few sets, small enough
 # that a lookup scans little (bench/bench_compile.py).
@@ -95,6 +101,10 @@ SADDR, DADDR = Payload("ip", "saddr"), Payload("ip", "daddr")
 L4PROTO, DPORT = Meta("l4proto"), Payload("th", "dport")
 ORIGINATOR: Final = And(Ct("mark"), 0x0000FFFF)  # label id of the connection's opener
 RESPONDER: Final = Shift(Ct("mark"), 16)  # label id of the end that accepted it
+ORIGINAL_DADDR, ORIGINAL_DPORT = Ct("ip daddr", "original"), Ct("proto-dst", "original")
+# Who may connect to an exposed service: by the connection's destination before DNAT
+# (gateway address and port), so that each exposure has its own sources.
+EXPOSE_KEY: Final = (SADDR, ORIGINATOR, ORIGINAL_DADDR, L4PROTO, ORIGINAL_DPORT)
 
 Direction = Literal["out", "in"]
 
@@ -195,6 +205,8 @@ class _Resolver:
         """(address, label ids) of each peer."""
         out: list[tuple[Interval, Interval]] = []
         for peer in peers:
+            if isinstance(peer, GatewayRef):
+                continue  # the gateway's own addresses: only in `to_gateway`
             if not isinstance(peer, Ref):  # an address or prefix
                 out.append((network_interval(peer), ANY_LABEL))
                 continue
@@ -232,6 +244,28 @@ class _Resolver:
                 (owner, proto, port, address, ids)
                 for owner in self.owner(app, rule)
                 for address, ids in peers
+                for port in rule.ports or [ALL_PORTS]
+            ]
+        return out
+
+    def gateway_boxes(self, app: App) -> list[Box]:
+        """Elements (app . protocol . port . gateway address) of the app's egress rules
+        that name the gateway: `{gateway: true}` (any of its addresses) or one address
+        written out. Prefixes (`0.0.0.0/0`, the gateway's networks) never reach it."""
+        out: list[Box] = []
+        for rule in self.rules(app, "out"):
+            assert isinstance(rule, EgressRule)
+            addresses = [
+                ANY_ADDRESS if isinstance(peer, GatewayRef) else network_interval(peer)
+                for peer in rule.to
+                if isinstance(peer, GatewayRef)
+                or (isinstance(peer, IPv4Network) and peer.prefixlen == 32)
+            ]
+            proto = PROTOCOLS[rule.protocol]
+            out += [
+                (owner, proto, port, address)
+                for owner in self.owner(app, rule)
+                for address in addresses
                 for port in rule.ports or [ALL_PORTS]
             ]
         return out
@@ -313,6 +347,7 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
         uses.append(used)
 
     expose_from: list[Box] = []
+    to_gateway: dict[bool, list[Box]] = {False: [], True: []}  # by address, by label
     for app, used in zip(policy.apps, uses, strict=True):
         shared = app.subnet is None
         ids = resolve.labels.select([app.name]) if shared else []
@@ -322,6 +357,7 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
         in_verdict = _app_chain(table, policy, app, "in", used["in"], group)
         tx, rx = counter_names(app.name)
         table.counters += [Counter(tx, group=group), Counter(rx, group=group)]
+        to_gateway[shared] += resolve.gateway_boxes(app)
         if shared:
             for interval in ids:
                 sets["egress_labels"].add((interval,), out_verdict)
@@ -337,7 +373,10 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
         for exposure in app.expose:
             address = (int(exposure.address), int(exposure.address))
             proto = PROTOCOLS[exposure.protocol]
-            port = (exposure.target_port, exposure.target_port)
+            # Keyed by the exposure's own gateway port (the connection's original
+            # destination), not the enclave port after DNAT: exposures with the same
+            # `to_port` on one address must not share their sources.
+            port = (exposure.port, exposure.port)
             expose_from += [
                 (peer, peer_ids, address, proto, port)
                 for peer, peer_ids in resolve.peers(exposure.from_)
@@ -346,6 +385,8 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Table:
                 (address, proto, (exposure.port, exposure.port)), exposure.target_port
             )
     sets["expose_from"].elements = disjoint(expose_from)
+    sets["to_gateway_apps"].elements = disjoint(to_gateway[False])
+    sets["to_gateway_labels"].elements = disjoint(to_gateway[True])
     table.sets += [rule_set.named_set() for rule_set in rule_sets.values()]
     _add_chains(table, policy, opts)
     return table
@@ -410,7 +451,19 @@ def _declare_sets(table: Table) -> dict[str, NamedSet]:
             "expose_from",
             (addr, mark, addr, proto, port),
             comment="exposed services: source . its label . gateway address . protocol . "
-            "enclave port",
+            "gateway port",
+        ),
+        NamedSet(
+            "to_gateway_apps",
+            (addr, proto, port, addr),
+            comment="enclaves to the gateway itself, rules that name it: app subnet . "
+            "protocol . port . gateway address",
+        ),
+        NamedSet(
+            "to_gateway_labels",
+            (mark, proto, port, addr),
+            comment="the same for the shared subnet: originator label . protocol . port . "
+            "gateway address",
         ),
         NamedSet(
             "expose_addr",
@@ -499,7 +552,22 @@ def _add_chains(table: Table, policy: Policy, opts: Options) -> None:
     for exprs, why in anti_spoof:
         inbound.add(*exprs, comment=why)
     inbound.add(established, Verdict("accept"))
-    inbound.add(enclave_src, Verdict("jump", "egress"), comment="enclaves to the gateway itself")
+    inbound.add(
+        enclave_src, Verdict("goto", "to_gateway"), comment="enclaves to the gateway itself"
+    )
+
+    to_gateway = Chain(
+        "to_gateway",
+        comment="new connections from enclaves to the gateway's own addresses: only rules "
+        "that name the gateway ({gateway: true} or its address), never a prefix",
+    )
+    to_gateway.add(_lookup((SADDR, L4PROTO, DPORT, DADDR), "to_gateway_apps"), Verdict("accept"))
+    to_gateway.add(
+        Match(SADDR, "@shared_net"),
+        _lookup((ORIGINATOR, L4PROTO, DPORT, DADDR), "to_gateway_labels"),
+        Verdict("accept"),
+    )
+    to_gateway.add(Verdict("goto", "refused"))
 
     outbound = Chain("output", hook=Hook("filter", "output", filter_prio, "filter"))
     outbound.add(established, Verdict("accept"))
@@ -526,8 +594,10 @@ def _add_chains(table: Table, policy: Policy, opts: Options) -> None:
         "ingress", comment="new connections to enclaves: the app's chain returns if allowed"
     )
     ingress.add(
+        # (nft types `ct original proto-dst` by the protocol match before it)
+        Match(L4PROTO, AnonymousSet(("tcp", "udp"))),
         Match(Ct("status"), "dnat", "in"),
-        _lookup((SADDR, ORIGINATOR, Ct("ip daddr", "original"), L4PROTO, DPORT), "expose_from"),
+        _lookup(EXPOSE_KEY, "expose_from"),
         Verdict("return"),
         comment="connections to an exposed service, by their original destination",
     )
@@ -546,6 +616,7 @@ def _add_chains(table: Table, policy: Policy, opts: Options) -> None:
         count_original,
         count_reply,
         inbound,
+        to_gateway,
         outbound,
         expose,
         egress,

@@ -16,21 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import difflib
+import dataclasses
 import functools
+import hashlib
 import json
 import os
-import re
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar
 
 from seng_fw.compile.compiler import PROTOCOLS, TABLE
-from seng_fw.compile.nft import FAMILY, Json, Table
+from seng_fw.compile.diff import DIGEST_COUNTER, RulesetDiff, compare
+from seng_fw.compile.nft import FAMILY, Counter, Json, Table
 from seng_fw.policy.models import Policy
 
 T = TypeVar("T")
@@ -106,9 +107,18 @@ def _set_dry_run(nft: Any, enabled: bool) -> None:
 # --- live state carried over an apply ------------------------------------------------
 
 
+def ruleset_digest(table: Table, source: str = "") -> str:
+    """sha256 of the compiled table, before any live state (counter values, exposure
+    targets) is carried over, and of `source` (the policy's own digest: admission
+    settings such as MRENCLAVE change no rule, yet the gateway must reload them)."""
+    document = json.dumps(table.transaction(), separators=(",", ":")).encode()
+    return hashlib.sha256(document + b"\0" + source.encode()).hexdigest()
+
+
 @dataclass
 class LiveState:
     exists: bool = False
+    digest: str | None = None  # of the ruleset the last apply loaded
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)
     # (gateway address, protocol number, port) -> serving enclave address
     exposed: dict[tuple[int, int, int], IPv4Address] = field(default_factory=dict)
@@ -123,6 +133,9 @@ def read_state(nft: Nft, table: str) -> LiveState:
     for obj in nft.list_json(f"counters table {FAMILY} {table}"):
         if "counter" in obj:
             counter = obj["counter"]
+            if counter["name"].startswith(DIGEST_COUNTER):
+                state.digest = counter["name"].removeprefix(DIGEST_COUNTER)
+                continue
             state.counters[counter["name"]] = (counter.get("packets", 0), counter.get("bytes", 0))
     try:
         exposed = nft.list_json(f"map {FAMILY} {table} expose_addr")
@@ -146,6 +159,7 @@ def carry_over(table: Table, policy: Policy, state: LiveState) -> None:
         for e in app.expose
     }
     exposed = table.set("expose_addr")
+    exposed.elements, exposed.values = [], []  # (carried over once, however often called)
     for (address, proto, port), target in sorted(state.exposed.items()):
         subnet = owners.get((address, proto, port))
         if subnet is not None and target in subnet:
@@ -155,29 +169,55 @@ def carry_over(table: Table, policy: Policy, state: LiveState) -> None:
 # --- apply, diff --------------------------------------------------------------------
 
 
-def apply(table: Table, policy: Policy, nft: Nft | None = None, *, dry_run: bool = False) -> None:
+def _with_digest(table: Table, digest: str) -> Table:
+    counters = [*table.counters, Counter(DIGEST_COUNTER + digest)]
+    return dataclasses.replace(table, counters=counters)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    changed: bool  # False: the live table already holds this ruleset; nothing was done
+    replaced: bool  # there was a seng table before
+    digest: str
+
+
+Step = Callable[[str], contextlib.AbstractContextManager[None]]
+
+
+@contextlib.contextmanager
+def _quiet(_: str) -> Iterator[None]:
+    yield
+
+
+def apply(
+    table: Table,
+    policy: Policy,
+    nft: Nft | None = None,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    step: Step = _quiet,
+    source: str = "",
+) -> ApplyResult:
     """Replace seng-fw's table with `table` in one transaction (raises NftError and
-    changes nothing if the kernel refuses any part of it)."""
+    changes nothing if the kernel refuses any part of it). When the live table already
+    holds this very ruleset (same digest) nothing is done, unless `force`. `step(name)`
+    wraps each phase (for progress output); `source` goes into the digest (see
+    `ruleset_digest`)."""
     nft = nft or Nft()
-    carry_over(table, policy, read_state(nft, table.name))
-    nft.run_json(table.transaction(), dry_run=dry_run)
-
-
-def _expand_elements(listing: str) -> list[str]:
-    """nft's listing with one set element per line (sorted), so a diff shows elements."""
-    out: list[str] = []
-    pattern = re.compile(r"^([ \t]*)elements = \{ (.*?) \}\n?", re.S | re.M)
-    position = 0
-    for match in pattern.finditer(listing):
-        out += listing[position : match.start()].splitlines()
-        indent = match.group(1)
-        elements = [e.strip() for e in match.group(2).replace("\n", " ").split(",")]
-        out.append(f"{indent}elements = {{")
-        out += [f"{indent}\t{element}" for element in sorted(elements)]
-        out.append(f"{indent}}}")
-        position = match.end()
-    out += listing[position:].splitlines()
-    return out
+    with step("render"):
+        digest = ruleset_digest(table, source)
+    with step("read the live table"):
+        state = read_state(nft, table.name)
+    if state.digest == digest and not force:
+        return ApplyResult(changed=False, replaced=state.exists, digest=digest)
+    carry_over(table, policy, state)
+    marked = _with_digest(table, digest)
+    with step("render"):
+        transaction = marked.transaction()
+    with step("kernel transaction"):
+        nft.run_json(transaction, dry_run=dry_run)
+    return ApplyResult(changed=True, replaced=state.exists, digest=digest)
 
 
 def in_scratch_namespace(fn: Callable[[], T]) -> T:
@@ -203,28 +243,23 @@ def in_scratch_namespace(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def diff(table: Table, policy: Policy, nft: Nft | None = None) -> str:
-    """What `apply` would change in seng-fw's table, as a unified diff of nft listings
-    (both normalised by the kernel: the new table is loaded into a scratch namespace)."""
+def diff(table: Table, policy: Policy, nft: Nft | None = None, source: str = "") -> RulesetDiff:
+    """What `apply` would change in seng-fw's table, object by object (both listings
+    normalised by the kernel: the new table is loaded into a scratch namespace)."""
     nft = nft or Nft()
+    digest = ruleset_digest(table, source)
     state = read_state(nft, table.name)
     carry_over(table, policy, state)
     old = nft.list_text(f"table inet {table.name}") if state.exists else ""
+    transaction = _with_digest(table, digest).transaction()
 
     def load_and_list() -> str:
         scratch = Nft()
-        scratch.run_json(table.transaction())
+        scratch.run_json(transaction)
         return scratch.list_text(f"table inet {table.name}")
 
     new = in_scratch_namespace(load_and_list)
-    lines = difflib.unified_diff(
-        _expand_elements(old),
-        _expand_elements(new),
-        "live" if state.exists else "live (no seng table)",
-        "policy",
-        lineterm="",
-    )
-    return "\n".join(lines)
+    return compare(old, new, old_exists=state.exists)
 
 
 def counters(nft: Nft, table: str) -> dict[str, tuple[int, int]]:

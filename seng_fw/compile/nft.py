@@ -177,20 +177,39 @@ def key(*exprs: Expr) -> Expr:
 
 
 @dataclass(frozen=True)
+class AnonymousSet:
+    """An inline set of symbols as the right side of a match: `meta l4proto { tcp, udp }`."""
+
+    items: tuple[str, ...]
+
+    def json(self) -> Json:
+        return {"set": list(self.items)}
+
+    def text(self) -> str:
+        return "{ " + ", ".join(self.items) + " }"
+
+
+@dataclass(frozen=True)
 class Match(Expr):
     """`left right` (==), `left != right` or a flag test (`ct state established,related`).
-    `right` is a set reference (`@name`), a string, a number or a list of flags."""
+    `right` is a set reference (`@name`), a string, a number, a list of flags or an
+    anonymous set."""
 
     left: Expr
-    right: str | int | tuple[str, ...]
+    right: str | int | tuple[str, ...] | AnonymousSet
     op: Literal["==", "!=", "in"] = "=="
 
     def json(self) -> Json:
-        right = list(self.right) if isinstance(self.right, tuple) else self.right
+        if isinstance(self.right, AnonymousSet):
+            right: Json = self.right.json()
+        else:
+            right = list(self.right) if isinstance(self.right, tuple) else self.right
         return {"match": {"op": self.op, "left": self.left.json(), "right": right}}
 
     def text(self) -> str:
-        if isinstance(self.right, tuple):
+        if isinstance(self.right, AnonymousSet):
+            right = self.right.text()
+        elif isinstance(self.right, tuple):
             right = ",".join(self.right)
         elif isinstance(self.right, int):
             right = str(self.right)

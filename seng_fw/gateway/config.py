@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from seng_fw.gateway.limits import LimitsConfig
 from seng_fw.label.config import LabelConfig
 from seng_fw.policy.models import Policy, StrictModel
 from seng_fw.policy.yamlfile import PATTERN_WORDS, ConfigError, ConfigIssue, load_model
@@ -168,6 +169,7 @@ class GatewayConfig(StrictModel):
     attestation: AttestationConfig
     tun: TunConfig = TunConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
+    limits: LimitsConfig = LimitsConfig()
     # A policy file (apps, subnets), or a directory of *.yaml parts.
     policy: Path
     # per_app: every app has its own enclave subnet (told apart by address);

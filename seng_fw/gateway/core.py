@@ -2,8 +2,10 @@
 
 Inputs: datagrams received on the two SENG ports, packets read from the TUN device, the
 passage of time, policy reloads. Outputs, drained by the asyncio adapter: datagrams to
-send, packets to write to the TUN device, and released addresses whose conntrack entries
-must be deleted before the address may be leased again.
+send, packets to write to the TUN device, and events (`events()`): what happened, for
+the adapter to act on (peer sockets, the labeller's registry, exposures, metrics) and
+released addresses whose conntrack entries must be deleted before the address may be
+leased again. Nothing here does I/O or calls out while it handles an input.
 
 One enclave = tunnel #1 (port P: enclave -> gateway packets and the setup exchange) and
 tunnel #2 (port P+1: gateway -> enclave packets), paired by client host address and
@@ -14,14 +16,26 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Protocol
 
 from seng_fw.attest.identity import AttestationRejected, EnclaveIdentity, EvidenceVerifier
 from seng_fw.gateway.config import TimeoutConfig
+from seng_fw.gateway.counters import (
+    Drop,
+    EndKind,
+    EndReason,
+    GatewayCounters,
+    Limit,
+    PeerClosed,
+    Refusal,
+    RejectReason,
+    Revoked,
+    Traffic,
+)
+from seng_fw.gateway.handshakes import HalfOpenHandshakes
+from seng_fw.gateway.limits import LimitsConfig, TunnelCounts
 from seng_fw.policy.admission import Admission, AdmissionRejected
 from seng_fw.policy.ipam import EnclaveSubnet, Ipam, PoolExhausted
 from seng_fw.policy.models import App
@@ -65,7 +79,7 @@ class Enclave:
     last_activity: float
     downlink_peer: Address | None = None
     downlink: DtlsServerSession | None = None
-    counters: Counter[str] = field(default_factory=Counter)
+    traffic: Traffic = field(default_factory=Traffic)
 
     @property
     def address_bytes(self) -> bytes:
@@ -92,13 +106,42 @@ class Peer:
     candidate: DtlsServerSession | None = None
 
 
-class EnclaveObserver(Protocol):
-    """Told when an enclave's address starts and stops belonging to it (the labeller's
-    registry, metrics). Called synchronously from the core: keep it cheap."""
+# ----- events: what happened, drained by the adapter (in order) ------------------------
 
-    def enclave_admitted(self, enclave: Enclave) -> None: ...
 
-    def enclave_ended(self, enclave: Enclave, reason: str) -> None: ...
+@dataclass(frozen=True, eq=False)
+class EnclaveAdmitted:
+    """An enclave was admitted and leased `enclave.address` (tunnel #2 may follow)."""
+
+    enclave: Enclave
+
+
+@dataclass(frozen=True, eq=False)
+class EnclaveEnded:
+    """An enclave's tunnels were closed; its address no longer belongs to it."""
+
+    enclave: Enclave
+    reason: EndReason
+
+
+@dataclass(frozen=True)
+class AddressReleased:
+    """A released address: delete its conntrack entries, then call `address_flushed()`.
+    Always after the `EnclaveEnded` of its enclave."""
+
+    address: IPv4Address
+
+
+@dataclass(frozen=True)
+class HandshakeCompleted:
+    """A DTLS handshake ended (before attestation): seconds since the peer's first
+    datagram that passed the cookie check."""
+
+    port: Port
+    seconds: float
+
+
+GatewayEvent = EnclaveAdmitted | EnclaveEnded | AddressReleased | HandshakeCompleted
 
 
 class GatewayCore:
@@ -108,6 +151,7 @@ class GatewayCore:
         verifier: EvidenceVerifier,
         dtls: dict[Port, DtlsServerConfig],
         timeouts: TimeoutConfig,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self.admission = admission
         self.verifier = verifier
@@ -116,17 +160,22 @@ class GatewayCore:
         # Lease owners are app names (for status); the data path looks enclaves up by
         # packed address in `_enclave_by_address`, one dict probe per packet.
         self.ipam: Ipam[str] = Ipam(_ipam_subnets(admission))
-        self.counters: Counter[str] = Counter()
+        self.counters = GatewayCounters()
         self._peers: dict[tuple[Port, Address], Peer] = {}
         self._enclave_by_address: dict[bytes, Enclave] = {}
         # Enclaves whose tunnel #2 has not arrived yet, by (client host, identity).
         self._pending: dict[tuple[IPv4Address, EnclaveIdentity], Enclave] = {}
         self._outgoing: list[tuple[Port, Address, bytes]] = []
         self._to_tun: list[bytes] = []
-        self._to_flush: list[IPv4Address] = []
-        self.observers: list[EnclaveObserver] = []
-        # Seconds from a peer's first accepted datagram to its handshake's end (metrics).
-        self.handshake_seconds: list[float] = []
+        self._events: list[GatewayEvent] = []
+        # Sessions past the cookie check that have not completed (seng_fw.gateway.handshakes).
+        self.limits = limits = limits or LimitsConfig()
+        self.handshakes: HalfOpenHandshakes[tuple[Port, Address]] = HalfOpenHandshakes(
+            limits.handshakes(), self.counters
+        )
+        self.tunnel_counts = TunnelCounts(limits, self.counters)
+        # DTLS sessions dropped so far (the adapter returns freed memory to the OS).
+        self.sessions_released = 0
 
     # ----- outputs -------------------------------------------------------------------
 
@@ -138,9 +187,9 @@ class GatewayCore:
         out, self._to_tun = self._to_tun, []
         return out
 
-    def addresses_to_flush(self) -> list[IPv4Address]:
-        """Released addresses; call `address_flushed()` once their conntrack entries are gone."""
-        out, self._to_flush = self._to_flush, []
+    def events(self) -> list[GatewayEvent]:
+        """What happened since the last call, in order."""
+        out, self._events = self._events, []
         return out
 
     def address_flushed(self, address: IPv4Address) -> None:
@@ -156,20 +205,29 @@ class GatewayCore:
     # ----- inputs --------------------------------------------------------------------
 
     def datagram_received(self, port: Port, address: Address, data: bytes, now: float) -> None:
+        if len(data) > self.limits.max_datagram:
+            self.counters.limits[Limit.MAX_DATAGRAM] += 1
+            return
         peer = self._peers.get((port, address))
         if peer is None:
             # Datagrams from unknown addresses pass a stateless cookie check first, so
             # spoofed floods cost no per-peer state (RFC 6347 4.2.1).
+            if self.handshakes.throttled(address[0], now):
+                return  # over its handshake rate (counted): not even a cookie check
             cookie_id = peer_id(address)
             verdict = self._dtls[port].cookie_gate.check(data, cookie_id)
             if not verdict.accepted:
                 if verdict.reply is not None:
                     self._outgoing.append((port, address, verdict.reply))
                 else:
-                    self.counters["dropped.not_client_hello"] += 1
+                    self.counters.dropped[Drop.NOT_CLIENT_HELLO] += 1
                 return
+            if not self.handshakes.may_start(address[0], now):
+                return  # rate-limited (counted): the client retries with a new cookie
             session = DtlsServerSession(self._dtls[port], cookie_id, now)
             peer = self._peers[(port, address)] = Peer(port, address, session, now)
+            for key in self.handshakes.started((port, address), address[0], now):
+                self._drop_half_open(key)
         elif peer.candidate is not None:
             # A reconnect handshake is under way from this address: it sees every
             # datagram too (each session silently drops what is not its own epoch/keys).
@@ -184,15 +242,15 @@ class GatewayCore:
         by_address = self._enclave_by_address
         for packet in batch:
             if not packets.is_ipv4(packet):
-                self.counters["dropped.tun_not_ipv4"] += 1
+                self.counters.dropped[Drop.TUN_NOT_IPV4] += 1
                 continue
             enclave = by_address.get(packets.destination(packet))
             if enclave is None or enclave.downlink is None:
-                self.counters["dropped.no_enclave"] += 1
+                self.counters.dropped[Drop.NO_ENCLAVE] += 1
                 continue
             enclave.downlink.send_record(packet)
-            enclave.counters["packets_out"] += 1
-            enclave.counters["bytes_out"] += len(packet)
+            enclave.traffic.packets_out += 1
+            enclave.traffic.bytes_out += len(packet)
             assert enclave.downlink_peer is not None
             self._queue_datagrams(Port.DOWNLINK, enclave.downlink_peer, enclave.downlink)
 
@@ -206,16 +264,20 @@ class GatewayCore:
             if peer.candidate is not None and now >= (peer.candidate.next_timeout() or now + 1):
                 peer.candidate.handle_timeout(now)
                 self._candidate_events(peer, now)
+        for key in self.handshakes.expired(now, self._has_client_certificate):
+            self._drop_half_open(key)
         for enclave in list(self._enclave_by_address.values()):
             if enclave.downlink is None and now >= enclave.pairing_deadline:
-                self._end_enclave(enclave, "pairing_timeout", now)
+                self._end_enclave(enclave, EndKind.PAIRING_TIMEOUT, now)
             elif now - enclave.last_activity >= self.timeouts.idle:
-                self._end_enclave(enclave, "idle_timeout", now)
+                self._end_enclave(enclave, EndKind.IDLE_TIMEOUT, now)
             else:
                 self._send_setup(enclave, now)
 
     def next_timeout(self) -> float | None:
         deadlines = [d for p in self._peers.values() if (d := p.session.next_timeout()) is not None]
+        if (half_open := self.handshakes.next_deadline()) is not None:
+            deadlines.append(half_open)
         for enclave in self._enclave_by_address.values():
             deadlines.append(enclave.last_activity + self.timeouts.idle)
             if enclave.downlink is None:
@@ -232,11 +294,11 @@ class GatewayCore:
                 app = admission.admit(enclave.identity, enclave.host)
             except AdmissionRejected as refusal:
                 log.info("policy reload: closing %s: %s", enclave.describe(), refusal)
-                self._end_enclave(enclave, f"revoked.{refusal.check}", now)
+                self._end_enclave(enclave, Revoked(refusal.check), now)
                 continue
             new_subnet = admission.policy.subnet_of(app)
             if enclave.address not in new_subnet.subnet:
-                self._end_enclave(enclave, "revoked.subnet_changed", now)
+                self._end_enclave(enclave, Revoked("subnet_changed"), now)
             else:
                 enclave.app = app
         wanted = {s.network: s for s in _ipam_subnets(admission)}
@@ -248,7 +310,7 @@ class GatewayCore:
             if network not in existing:
                 self.ipam.add_subnet(subnet)
 
-    def revoke(self, matches: Callable[[Enclave], bool], reason: str, now: float) -> int:
+    def revoke(self, matches: Callable[[Enclave], bool], reason: EndReason, now: float) -> int:
         """Close the tunnels of every enclave `matches` selects; returns how many."""
         chosen = [enclave for enclave in self._enclave_by_address.values() if matches(enclave)]
         for enclave in chosen:
@@ -258,7 +320,7 @@ class GatewayCore:
     def shutdown(self, now: float) -> None:
         """Close every tunnel with close_notify (the adapter then sends what is queued)."""
         for enclave in list(self._enclave_by_address.values()):
-            self._end_enclave(enclave, "shutdown", now)
+            self._end_enclave(enclave, EndKind.SHUTDOWN, now)
         for peer in list(self._peers.values()):
             peer.session.close()
             self._collect(peer)
@@ -276,7 +338,20 @@ class GatewayCore:
             self._outgoing.append((port, address, datagram))
 
     def _forget(self, peer: Peer) -> None:
-        self._peers.pop((peer.port, peer.address), None)
+        key = (peer.port, peer.address)
+        self.handshakes.discard(key)
+        if self._peers.pop(key, None) is not None:
+            self.sessions_released += 1
+
+    def _has_client_certificate(self, key: tuple[Port, Address]) -> bool:
+        peer = self._peers.get(key)
+        return peer is not None and peer.session.client_certificate_received
+
+    def _drop_half_open(self, key: tuple[Port, Address]) -> None:
+        """Evicted or timed out before completing: forgotten without an alert."""
+        peer = self._peers.get(key)
+        if peer is not None and peer.enclave is None and not peer.session.established:
+            self._forget(peer)
 
     def _handle_events(self, peer: Peer, events: list[DtlsEvent], now: float) -> None:
         for event in events:
@@ -285,11 +360,11 @@ class GatewayCore:
             elif isinstance(event, HandshakeComplete):
                 self._handshake_complete(peer, event.peer_cert_der, now)
             elif isinstance(event, ConnectionClosed):
-                self.counters[f"closed.{event.reason}"] += 1
+                self.counters.closed[event.reason] += 1
                 if peer.enclave is not None:
-                    self._end_enclave(peer.enclave, f"peer_closed.{event.reason}", now)
+                    self._end_enclave(peer.enclave, PeerClosed(event.reason), now)
             elif isinstance(event, ReconnectRequested) and peer.candidate is None:
-                self.counters["reconnect_attempts"] += 1
+                self.counters.reconnect_attempts += 1
                 peer.candidate = DtlsServerSession(
                     self._dtls[peer.port], peer_id(peer.address), now
                 )
@@ -304,11 +379,11 @@ class GatewayCore:
         for event in candidate.events():
             if isinstance(event, ConnectionClosed):
                 peer.candidate = None  # e.g. a replayed hello: the old session carries on
-                self.counters[f"reconnect_failed.{event.reason}"] += 1
+                self.counters.reconnect_failed[event.reason] += 1
             elif isinstance(event, HandshakeComplete):
                 peer.candidate = None
                 if peer.enclave is not None:
-                    self._end_enclave(peer.enclave, "reconnected", now)
+                    self._end_enclave(peer.enclave, EndKind.RECONNECTED, now)
                 else:
                     peer.session.close()
                     self._queue_datagrams(peer.port, peer.address, peer.session)
@@ -324,14 +399,14 @@ class GatewayCore:
             self._refuse(peer, rejection.check, str(rejection), host)
             return None
 
-    def _refuse(self, peer: Peer, check: str, reason: str, host: IPv4Address) -> None:
-        self.counters[f"rejected.{check}"] += 1
+    def _refuse(self, peer: Peer, check: RejectReason, reason: str, host: IPv4Address) -> None:
+        self.counters.rejected[check] += 1
         log.warning("rejected host=%s port=%d: %s", host, peer.address[1], reason)
         peer.session.close()
 
     def _handshake_complete(self, peer: Peer, cert_der: bytes, now: float) -> None:
-        self.handshake_seconds.append(now - peer.created)
-        del self.handshake_seconds[:-1000]  # bounded if nobody drains it
+        self.handshakes.discard((peer.port, peer.address))
+        self._events.append(HandshakeCompleted(peer.port, now - peer.created))
         identity = self._attest(peer, cert_der)
         if identity is None:
             return
@@ -347,11 +422,14 @@ class GatewayCore:
         subnet = self.admission.policy.subnet_of(app)
         if (host, identity) in self._pending:
             # The same enclave retried before pairing: the old attempt is abandoned.
-            self._end_enclave(self._pending[(host, identity)], "superseded", now)
+            self._end_enclave(self._pending[(host, identity)], EndKind.SUPERSEDED, now)
+        if (limit := self.tunnel_counts.refusal(host)) is not None:
+            self._refuse(peer, *limit, host)
+            return
         try:
             address = self.ipam.lease(subnet.subnet, app.name)
         except PoolExhausted:
-            self._refuse(peer, "pool_exhausted", f"no free address in {subnet.subnet}", host)
+            self._refuse(peer, Refusal.POOL_EXHAUSTED, f"no free address in {subnet.subnet}", host)
             return
         assignment = IpAssignment(address, subnet.subnet.netmask, subnet.gateway_address)
         enclave = Enclave(
@@ -374,9 +452,9 @@ class GatewayCore:
         peer.enclave = enclave
         self._enclave_by_address[address.packed] = enclave
         self._pending[(host, identity)] = enclave
-        self.counters["admitted"] += 1
-        for observer in self.observers:
-            observer.enclave_admitted(enclave)
+        self.counters.admitted += 1
+        self.tunnel_counts.admitted(host)
+        self._events.append(EnclaveAdmitted(enclave))
         log.info("admitted %s quote_status=%s", enclave.describe(), identity.quote_status)
         log.info("leased %s to app=%s host=%s", address, app.name, host)
         self._send_setup(enclave, now)
@@ -386,7 +464,8 @@ class GatewayCore:
     ) -> None:
         enclave = self._pending.pop((host, identity), None)
         if enclave is None:
-            self._refuse(peer, "unpaired_downlink", "tunnel #2 matches no pending tunnel #1", host)
+            message = "tunnel #2 matches no pending tunnel #1"
+            self._refuse(peer, Refusal.UNPAIRED_DOWNLINK, message, host)
             return
         enclave.downlink, enclave.downlink_peer = peer.session, peer.address
         enclave.setup.acknowledge_implicitly()
@@ -410,7 +489,7 @@ class GatewayCore:
         if enclave is None:
             return  # a record before admission finished: nothing to do with it
         if peer.port is Port.DOWNLINK:
-            self.counters["dropped.downlink_record"] += 1  # SENG clients send nothing on #2
+            self.counters.dropped[Drop.DOWNLINK_RECORD] += 1  # SENG clients send nothing on #2
             return
         if not packets.is_ipv4(data):
             if enclave.setup.state is ServerSetupState.AWAITING_ACK:
@@ -419,22 +498,30 @@ class GatewayCore:
                 except SetupFailed as failure:
                     self._end_enclave(enclave, failure.check, now)
                 return
-            self.counters["dropped.not_ipv4"] += 1
+            self.counters.dropped[Drop.NOT_IPV4] += 1
             return
         if packets.source(data) != enclave.address_bytes:
-            self.counters["dropped.spoofed"] += 1
-            enclave.counters["dropped_spoofed"] += 1
+            self.counters.dropped[Drop.SPOOFED] += 1
+            enclave.traffic.dropped_spoofed += 1
+            return
+        if packets.has_options(data) and self.limits.ip_options == "drop":
+            # IP options (source routes, record route, timestamps, router alert) are
+            # not forwarded: applications behind SENG never need them, and they are a
+            # way around the firewall's view of a packet. Dropped, not stripped (that
+            # would rewrite every such header on the data path), and counted.
+            self.counters.dropped[Drop.IP_OPTIONS] += 1
             return
         enclave.setup.acknowledge_implicitly()
         enclave.last_activity = now
-        enclave.counters["packets_in"] += 1
-        enclave.counters["bytes_in"] += len(data)
+        enclave.traffic.packets_in += 1
+        enclave.traffic.bytes_in += len(data)
         self._to_tun.append(data)
 
-    def _end_enclave(self, enclave: Enclave, reason: str, now: float) -> None:
+    def _end_enclave(self, enclave: Enclave, reason: EndReason, now: float) -> None:
         if self._enclave_by_address.get(enclave.address_bytes) is not enclave:
             return  # already ended
         del self._enclave_by_address[enclave.address_bytes]
+        self.tunnel_counts.ended(enclave.host)
         self._pending.pop((enclave.host, enclave.identity), None)
         for port, peer_address, session in (
             (Port.SETUP, enclave.uplink_peer, enclave.uplink),
@@ -447,22 +534,22 @@ class GatewayCore:
             peer = self._peers.get((port, peer_address))
             if peer is not None and peer.session is session:
                 self._forget(peer)
-        self._to_flush.append(self.ipam.release(enclave.address))
-        for key, value in enclave.counters.items():
-            # Per-app totals outlive the enclave, so status and metrics never go back.
-            self.counters[f"app.{enclave.app.name}.{key}"] += value
-        for observer in self.observers:
-            observer.enclave_ended(enclave, reason)
-        self.counters[f"ended.{reason}"] += 1
+        released = self.ipam.release(enclave.address)
+        # Per-app totals outlive the enclave, so status and metrics never go back.
+        self.counters.ended_traffic.setdefault(enclave.app.name, Traffic()).add(enclave.traffic)
+        # The labeller forgets the address before its conntrack entries go (the other
+        # order lets a connection opened in between keep the old label).
+        self._events += [EnclaveEnded(enclave, reason), AddressReleased(released)]
+        self.counters.ended[reason] += 1
         log.info(
             "tunnel end %s reason=%s duration=%.1fs in=%d/%dB out=%d/%dB",
             enclave.describe(),
             reason,
             now - enclave.admitted_at,
-            enclave.counters["packets_in"],
-            enclave.counters["bytes_in"],
-            enclave.counters["packets_out"],
-            enclave.counters["bytes_out"],
+            enclave.traffic.packets_in,
+            enclave.traffic.bytes_in,
+            enclave.traffic.packets_out,
+            enclave.traffic.bytes_out,
         )
         log.info("released %s (conntrack flush pending)", enclave.address)
 

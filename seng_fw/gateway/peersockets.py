@@ -25,10 +25,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import Counter
 from collections.abc import Callable
 
 from seng_fw.gateway.core import Enclave
+from seng_fw.gateway.counters import Fault, GatewayCounters
 
 log = logging.getLogger("seng_fw.gateway")
 
@@ -41,22 +41,23 @@ def reuse_port(sock: socket.socket) -> None:
 
 
 class PeerSockets:
-    """An EnclaveObserver of the core: opens a connected socket when an enclave is
-    admitted and closes it when the enclave ends. Failing to open one (e.g. out of file
-    descriptors) is counted and logged; that enclave is then served by the listener."""
+    """The adapter opens a connected socket when the core reports an enclave admitted
+    (`open`) and closes it when the enclave ends (`close_for`), on the event loop.
+    Failing to open one (e.g. out of file descriptors) is counted and logged; that
+    enclave is then served by the listener."""
 
     def __init__(
         self,
         listener: socket.socket,
         on_readable: Callable[[socket.socket], None],
-        counters: Counter[str],
+        counters: GatewayCounters,
     ) -> None:
         self.listener = listener
         self.on_readable = on_readable
         self.counters = counters
         self._sockets: dict[int, socket.socket] = {}  # by id(enclave)
 
-    def enclave_admitted(self, enclave: Enclave) -> None:
+    def open(self, enclave: Enclave) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             reuse_port(sock)
@@ -67,13 +68,13 @@ class PeerSockets:
             asyncio.get_running_loop().add_reader(sock.fileno(), self.on_readable, sock)
         except (OSError, RuntimeError) as exc:
             sock.close()
-            self.counters["peer_socket_error"] += 1
+            self.counters.faults[Fault.PEER_SOCKET_ERROR] += 1
             log.warning("no socket of its own for %s (%s): it shares the listener",
                         enclave.describe(), exc)  # fmt: skip
             return
         self._sockets[id(enclave)] = sock
 
-    def enclave_ended(self, enclave: Enclave, reason: str) -> None:
+    def close_for(self, enclave: Enclave) -> None:
         sock = self._sockets.pop(id(enclave), None)
         if sock is not None:
             _close(sock)

@@ -1,6 +1,9 @@
 """asyncio adapter around `GatewayCore`: two UDP sockets (and one per admitted enclave's
 tunnel #1, `peersockets`), the TUN device, timers, conntrack flushes and signals. All
-protocol decisions live in the core.
+protocol decisions live in the core; all I/O lives here. After every input the adapter
+sends the core's datagrams, writes its packets and acts on its events (`_flush`):
+peer sockets, the labeller's registry, conntrack flushes (in a worker thread), and the
+`event_consumers` the process adds (exposures, metrics), which must not block the loop.
 
 Sockets and the TUN fd are read with `loop.add_reader` and drained in batches per wakeup
 (up to `BATCH` datagrams or packets): one event-loop iteration per datagram was about 3x
@@ -10,6 +13,8 @@ slower (DESIGN.md section 6).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -18,12 +23,21 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any, Protocol
 
-from seng_fw.gateway.core import Enclave, GatewayCore, Port
+from seng_fw.gateway.core import (
+    AddressReleased,
+    EnclaveAdmitted,
+    EnclaveEnded,
+    GatewayCore,
+    GatewayEvent,
+    Port,
+)
+from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
 from seng_fw.policy.ipam import EnclaveSubnet
 from seng_fw.system import sdnotify
+from seng_fw.system.memory import Trimmer
 from seng_fw.tunnel.tun import TunDevice
 
 if TYPE_CHECKING:
@@ -34,6 +48,10 @@ log = logging.getLogger("seng_fw.gateway")
 BATCH = 64
 MAX_DATAGRAM = 65535
 TIMER_TICK = 0.2  # upper bound on the timer sleep: handshake and setup timers are >= 1 s
+# The TUN device is gone (`ip link del`) or broken: every read fails at once, forever.
+# The gateway stops and exits non-zero for its supervisor to restart it (recreating
+# the device and its addresses from the configuration).
+TUN_GONE_ERRNOS = frozenset({errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF})
 
 
 class GatewayServer:
@@ -48,8 +66,6 @@ class GatewayServer:
         self.core = core
         # Shared-subnet mode: the NFQUEUE labeller's registry follows the leases.
         self.labelling = labelling
-        if labelling is not None:
-            core.observers.append(_RegistryFeed(labelling))
         self.sockets = sockets
         self.tun = tun
         self._flush_conntrack = flush_conntrack
@@ -60,6 +76,7 @@ class GatewayServer:
         # so that the tasks are not garbage-collected while they run.
         self._tasks: set[asyncio.Task[None]] = set()
         self._tun_addresses: set[IPv4Interface] = set()
+        self._unflushed: list[IPv4Address] = []
         self._tun_lock = asyncio.Lock()
         self.peer_sockets = PeerSockets(
             sockets[Port.SETUP], lambda sock: self._on_datagrams(Port.SETUP, sock), core.counters
@@ -67,6 +84,13 @@ class GatewayServer:
         # Started once sockets and TUN are up, closed first at shutdown (control socket,
         # metrics endpoint).
         self.services: list[Service] = []
+        # Why the gateway stopped on its own (None: a signal asked it to).
+        self.failure: str | None = None
+        # Returns the heap of dropped DTLS sessions to the kernel (system/memory.py).
+        self.trimmer = Trimmer()
+        # Told every core event after the adapter's own handling, on the event loop:
+        # anything slow goes to a worker thread (`spawn`).
+        self.event_consumers: list[Callable[[GatewayEvent], None]] = []
 
     # ----- event handlers ------------------------------------------------------------
 
@@ -84,7 +108,7 @@ class GatewayServer:
                 self.core.datagram_received(port, address, data, now)
             except Exception:
                 # One bad datagram must never stop the server from serving everyone else.
-                self.core.counters["internal_error.datagram"] += 1
+                self.core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
                 log.exception("internal error on a datagram from %s:%d", *address)
         self._flush()
 
@@ -92,7 +116,11 @@ class GatewayServer:
         try:
             batch = self.tun.read_batch(BATCH)
         except OSError as exc:
-            log.error("TUN read failed: %s", exc)
+            if exc.errno in TUN_GONE_ERRNOS:
+                self._tun_failed("read", exc)
+            else:
+                self.core.counters.faults[Fault.TUN_READ_ERROR] += 1
+                log.error("TUN read failed: %s", exc)
             return
         if batch:
             self.core.tun_packets(batch, time.monotonic())
@@ -104,16 +132,40 @@ class GatewayServer:
             try:
                 self.sockets[port].sendto(datagram, address)
             except OSError:
-                core.counters["dropped.send_error"] += 1
+                core.counters.dropped[Drop.SEND_ERROR] += 1
         for packet in core.packets_for_tun():
             try:
                 written = self.tun.write(packet)
-            except OSError:
+            except OSError as exc:
                 written = False
+                if exc.errno in TUN_GONE_ERRNOS:
+                    self._tun_failed("write", exc)
             if not written:
-                core.counters["dropped.tun_write_error"] += 1
-        for released in core.addresses_to_flush():
-            self._spawn(self._flush_address(released))
+                core.counters.dropped[Drop.TUN_WRITE_ERROR] += 1
+        for event in core.events():
+            self._handle_event(event)
+
+    def _handle_event(self, event: GatewayEvent) -> None:
+        if isinstance(event, EnclaveAdmitted):
+            self.peer_sockets.open(event.enclave)
+            if self.labelling is not None:
+                self.labelling.admitted(event.enclave)
+        elif isinstance(event, EnclaveEnded):
+            self.peer_sockets.close_for(event.enclave)
+            if self.labelling is not None:
+                # Before the address's conntrack flush (its AddressReleased comes next),
+                # so no new connection can pick up the old label.
+                self.labelling.released(event.enclave.address)
+        elif isinstance(event, AddressReleased):
+            if self._stopping.is_set():
+                self._unflushed.append(event.address)  # flushed before the process ends
+            else:
+                self._spawn(self._flush_address(event.address))
+        for consumer in self.event_consumers:
+            try:
+                consumer(event)
+            except Exception:
+                log.exception("internal error handling %s", type(event).__name__)
 
     async def _flush_address(self, address: IPv4Address) -> None:
         """Delete the conntrack entries of a released address, then free it for leasing."""
@@ -140,10 +192,16 @@ class GatewayServer:
             deadline = self.core.next_timeout()
             delay = TIMER_TICK if deadline is None else min(TIMER_TICK, max(0.0, deadline - now))
             await asyncio.sleep(delay)
-            self.core.handle_timers(time.monotonic())
+            now = time.monotonic()
+            self.core.handle_timers(now)
             self._flush()
+            self.trimmer.maybe_trim(self.core.sessions_released, now)
 
     # ----- lifecycle -----------------------------------------------------------------
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run background work on the loop, kept referenced until it ends."""
+        self._spawn(coroutine)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -152,6 +210,21 @@ class GatewayServer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _tun_failed(self, what: str, exc: OSError) -> None:
+        """The TUN device is gone: stop reading it (a level-triggered reader on a dead
+        fd spins the loop), admit no one, and stop; `failure` says why."""
+        if self.failure is not None:
+            return
+        self.failure = f"TUN device {self.tun.name} lost ({what}: {exc.strerror})"
+        self.core.counters.faults[Fault.TUN_LOST] += 1
+        log.error("%s: stopping, to be restarted", self.failure)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(self.tun.fileno())
+        for sock in self.sockets.values():  # no new handshakes meanwhile
+            loop.remove_reader(sock.fileno())
+        self.stop()
 
     def set_reload(self, reload: Callable[[], Awaitable[object]]) -> None:
         """What SIGHUP runs: `GatewayControl.reload` (loads the policy off the loop,
@@ -224,7 +297,6 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         for port, sock in self.sockets.items():
             loop.add_reader(sock.fileno(), self._on_datagrams, port, sock)
-        self.core.observers.append(self.peer_sockets)
         loop.add_reader(self.tun.fileno(), self._on_tun_readable)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
@@ -248,7 +320,8 @@ class GatewayServer:
                 await service.close()
             for sock in self.sockets.values():
                 loop.remove_reader(sock.fileno())
-            loop.remove_reader(self.tun.fileno())
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(self.tun.fileno())
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             self._shutdown()
@@ -258,12 +331,13 @@ class GatewayServer:
                 await self.labelling.stop()
 
     def _shutdown(self) -> None:
+        self._stopping.set()
         self.core.shutdown(time.monotonic())
         self._flush()  # sends the close_notify alerts
         self.peer_sockets.close()
         for task in self._tasks:
             task.cancel()
-        for address in self.core.addresses_to_flush():
+        for address in self._unflushed:
             try:
                 self._flush_conntrack(address)
             except Exception as exc:
@@ -271,28 +345,13 @@ class GatewayServer:
         self.tun.close()
         for sock in self.sockets.values():
             sock.close()
-        log.info("gateway stopped: %s", dict(self.core.counters))
+        log.info("gateway stopped: %s", self.core.counters.flat())
 
 
 class Service(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
-
-
-class _RegistryFeed:
-    """Keeps the labeller's registry in step with leases. An address leaves the registry
-    when its enclave ends, before its conntrack entries are flushed (the flush runs
-    later, from `_flush`), so no new connection can pick up the old label."""
-
-    def __init__(self, labelling: Labelling) -> None:
-        self.labelling = labelling
-
-    def enclave_admitted(self, enclave: Enclave) -> None:
-        self.labelling.admitted(enclave)
-
-    def enclave_ended(self, enclave: Enclave, reason: str) -> None:
-        self.labelling.released(enclave.address)
 
 
 def bind_udp(address: IPv4Address, port: int) -> socket.socket:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from seng_fw.attest.identity import EnclaveIdentity
 from seng_fw.gateway.config import GatewayConfig
-from seng_fw.policy.admission import Admission, AdmissionRejected
+from seng_fw.gateway.counters import Traffic, by_reason
+from seng_fw.policy.admission import Admission, AdmissionCheck, AdmissionRejected
 from seng_fw.policy.models import App, Policy
 
 if TYPE_CHECKING:
@@ -30,13 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("seng_fw.gateway.service")
 
-# The admission check that refuses revoked enclaves: counters `rejected.<check>` and,
-# for tunnels it closes, `ended.revoked.<check>` (GatewayCore.reload's naming).
-REVOKED_CHECK = "revoked_by_operator"
-# Per-app traffic of ended enclaves, kept by GatewayCore in `counters` under
-# `app.<name>.<key>` (key as in Enclave.counters), so totals never go backwards.
-APP_COUNTER_PREFIX = "app."
-TRAFFIC_KEYS = ("packets_in", "bytes_in", "packets_out", "bytes_out", "dropped_spoofed")
+# The admission check that refuses revoked enclaves: counted as rejected with this
+# check and, for tunnels it closes, as ended with `Revoked(REVOKED_CHECK)`.
+REVOKED_CHECK = AdmissionCheck.REVOKED_BY_OPERATOR
 
 
 IDENTITY_EVIDENCE_KEYS = (
@@ -148,12 +145,20 @@ class Snapshot:
 
     started_at: float  # wall clock
     uptime: float
-    counters: dict[str, int]  # GatewayCore.counters without the per-app ones
+    admitted: int
+    rejected: dict[str, int]  # by check (str of a RejectReason)
+    ended: dict[str, int]  # by reason (str of an EndReason)
+    dropped: dict[str, int]  # by Drop
     apps: list[AppTraffic]
     labeller: dict[str, int]
     firewall: dict[str, tuple[int, int]]  # nftables counters tx_APP / rx_APP
     policy_digest: str
     policy_applied_at: float  # wall clock
+    half_open: int = 0  # handshakes past the cookie check, not completed
+    half_open_sources: int = 0  # source addresses they come from
+    handshakes_started: int = 0
+    certificate_timeouts: int = 0  # half-open handshakes dropped without a certificate
+    limits: dict[str, int] = field(default_factory=dict)  # hits by Limit
 
 
 def policy_digest(policy: Policy) -> str:
@@ -354,39 +359,39 @@ class GatewayControl:
             "seconds": round(now - enclave.admitted_at, 1),
             "idle_seconds": round(now - enclave.last_activity, 1),
             "paired": enclave.downlink is not None,
-            **{key: enclave.counters[key] for key in TRAFFIC_KEYS},
+            **enclave.traffic.as_dict(),
         }
 
     def snapshot(self) -> Snapshot:
         core = self.core
-        totals: dict[str, Counter[str]] = {
-            app.name: Counter() for app in core.admission.policy.apps
-        }
+        counters = core.counters
+        totals: dict[str, Traffic] = {app.name: Traffic() for app in core.admission.policy.apps}
         active: Counter[str] = Counter()
-        counters: dict[str, int] = {}
-        for name, value in core.counters.items():
-            if name.startswith(APP_COUNTER_PREFIX):
-                app, _, key = name[len(APP_COUNTER_PREFIX) :].rpartition(".")
-                totals.setdefault(app, Counter())[key] += value
-            else:
-                counters[name] = value
+        for app_name, traffic in counters.ended_traffic.items():
+            totals.setdefault(app_name, Traffic()).add(traffic)
         for enclave in core.enclaves:
             active[enclave.app.name] += 1
-            app_totals = totals.setdefault(enclave.app.name, Counter())
-            for key in TRAFFIC_KEYS:
-                app_totals[key] += enclave.counters[key]
+            totals.setdefault(enclave.app.name, Traffic()).add(enclave.traffic)
         return Snapshot(
             started_at=self.started_at,
             uptime=self._clock() - self.started,
-            counters=counters,
+            admitted=counters.admitted,
+            rejected=by_reason(counters.rejected),
+            ended=by_reason(counters.ended),
+            dropped=by_reason(counters.dropped),
             apps=[
-                AppTraffic(name, active[name], *(counts[key] for key in TRAFFIC_KEYS))
-                for name, counts in totals.items()
+                AppTraffic(name, active[name], **traffic.as_dict())
+                for name, traffic in totals.items()
             ],
             labeller=dict(self.labeller_counters()) if self.labeller_counters else {},
             firewall=self._firewall(),
             policy_digest=self.policy_digest(),
             policy_applied_at=self.policy_applied_at,
+            half_open=len(core.handshakes),
+            half_open_sources=core.handshakes.sources(),
+            handshakes_started=counters.handshakes_started,
+            certificate_timeouts=counters.certificate_timeouts,
+            limits=by_reason(counters.limits),
         )
 
     def _firewall(self) -> dict[str, tuple[int, int]]:
@@ -436,13 +441,17 @@ class GatewayControl:
             },
             "enclaves": sum(app.enclaves for app in snap.apps),
             "apps": apps,
-            "admitted": snap.counters.get("admitted", 0),
-            "rejected": _by_prefix(snap.counters, "rejected."),
-            "ended": _by_prefix(snap.counters, "ended."),
-            "dropped": _by_prefix(snap.counters, "dropped."),
+            "admitted": snap.admitted,
+            "rejected": snap.rejected,
+            "ended": snap.ended,
+            "dropped": snap.dropped,
+            "handshakes": {
+                "half_open": snap.half_open,
+                "half_open_sources": snap.half_open_sources,
+                "started": snap.handshakes_started,
+                "certificate_timeouts": snap.certificate_timeouts,
+            },
+            # How often each limit (gateway.yaml `limits:`) refused or evicted something.
+            "limits": snap.limits,
             "revocations": self.revocations.to_json(),
         }
-
-
-def _by_prefix(counters: Mapping[str, int], prefix: str) -> dict[str, int]:
-    return {k[len(prefix) :]: v for k, v in sorted(counters.items()) if k.startswith(prefix)}

@@ -14,6 +14,13 @@ and then brings up a TUN device with the assigned address so that ordinary progr
 The UDP sockets always live in the current (client host) namespace: the gateway admits
 enclaves by the client host address their tunnels come from.
 
+With a keepalive (`keepalive=SECONDS`, seng_fw/lab/liveness.py) it notices a gateway that
+no longer carries its tunnel (killed, restarted, or the session lost otherwise): no record
+for that long, then no answer to a probe within as long again, or an ICMP error on its
+sockets that a probe does not disprove. `run()` then tears the TUN device down and raises
+EnclaveError; `run_reconnecting` starts over with exponential backoff, so a gateway
+restart costs applications only the gap (and a new lease, perhaps another address).
+
 Its RA-TLS certificate comes from a file (lab CA output) or, with `GramineAttestation`, from
 Gramine's /dev/attestation interface, so the same client runs inside a real Gramine enclave
 on SGX hardware: the key hash goes to `user_report_data`, the DCAP quote comes from `quote`.
@@ -22,12 +29,16 @@ on SGX hardware: the key hash goes to `user_report_data`, the DCAP quote comes f
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -41,6 +52,7 @@ from seng_fw.lab.dcap import (
     gramine_extensions,
     gramine_report_data,
 )
+from seng_fw.lab.liveness import Liveness, is_probe_answer, probe_packet
 from seng_fw.system.netns import ip
 from seng_fw.tunnel.dtls import (
     ConnectionClosed,
@@ -58,6 +70,8 @@ log = logging.getLogger("seng_fw.lab.enclave")
 SETUP_TIMEOUT = 30.0  # the gateway's own pairing timeout
 BATCH = 64
 ROUTING_TABLE_BASE = 4200  # policy-routing table = base + TUN ifindex (no netns mode)
+# What an ICMP error on a connected UDP socket turns into (port, host, net unreachable).
+_ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
 class EnclaveError(Exception):
@@ -130,13 +144,29 @@ class _Tunnel:
     records: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     handshake: asyncio.Future[None] | None = None
     closed_reason: str | None = None
+    liveness: Liveness | None = None  # set once the tunnel is up
+    icmp_errors: int = 0
+
+    def _socket_error(self, exc: OSError) -> None:
+        if exc.errno not in _ICMP_ERRNOS:
+            log.debug("socket: %s", exc)
+            return
+        self.icmp_errors += 1
+        why = f"ICMP error on port {self.sock.getpeername()[1]}: {exc.strerror}"
+        if self.handshake is not None and not self.handshake.done():
+            # Nobody listens there (yet): fail the attempt now, not at the setup timeout.
+            self.handshake.set_exception(EnclaveError(f"gateway unreachable: {why}"))
+        elif self.liveness is not None:
+            if self.liveness.suspicion is None:
+                log.warning("%s: probing the gateway", why)
+            self.liveness.suspect(why)
 
     def flush(self) -> None:
         for datagram in self.session.datagrams_to_send():
             try:
                 self.sock.send(datagram)
             except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
-                log.debug("send: %s", exc)
+                self._socket_error(exc)
 
     def dispatch(self) -> None:
         for event in self.session.events():
@@ -144,6 +174,8 @@ class _Tunnel:
                 if self.handshake is not None and not self.handshake.done():
                     self.handshake.set_result(None)
             elif isinstance(event, RecordReceived):
+                if self.liveness is not None:
+                    self.liveness.heard(time.monotonic())
                 self.records.put_nowait(event.data)
             elif isinstance(event, ConnectionClosed):
                 self.closed_reason = f"{event.reason} {event.detail}".strip()
@@ -159,7 +191,7 @@ class _Tunnel:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                log.debug("recv: %s", exc)
+                self._socket_error(exc)
                 continue
             self.session.receive_datagram(data, now)
         self.dispatch()
@@ -186,13 +218,21 @@ class EnclaveClient:
         tun_name: str = "seng0",
         netns: str | None = None,
         state_file: Path | None = None,
+        keepalive: float | None = None,
     ) -> None:
         self.server = server
         self.config = config
         self.tun_name = tun_name
         self.netns = netns
         self.state_file = state_file
+        self.keepalive = keepalive
         self.assignment: IpAssignment | None = None
+        self.was_up = False
+        self.reconnects = 0  # how many clients ran before this one (run_reconnecting)
+        self.liveness: Liveness | None = None
+        self.dead_reason: str | None = None
+        self._probe_ident = random.getrandbits(16)
+        self._probe_seq = 0
         self._tunnels: list[_Tunnel] = []
         self._tun: TunDevice | None = None
         self._rule_table: int | None = None
@@ -231,6 +271,27 @@ class EnclaveClient:
             await asyncio.sleep(0.1)
             for tunnel in self._tunnels:
                 tunnel.on_timer()
+            self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        liveness, assignment = self.liveness, self.assignment
+        if liveness is None or assignment is None or self.dead_reason is not None:
+            return
+        now = time.monotonic()
+        reason = liveness.dead(now)
+        if reason is not None:
+            self.dead_reason = reason
+            log.warning("tunnel dead: %s", reason)
+            self._stop.set()
+        elif liveness.probe_due(now):
+            self._probe_seq += 1
+            probe = probe_packet(assignment.ip, self._probe_ident, self._probe_seq)
+            with contextlib.suppress(Exception):  # a closed session: dead() decides
+                self._tunnels[0].send_record(probe)
+
+    def request_stop(self) -> None:
+        """End `run()` normally (SIGTERM, or `run_reconnecting` being stopped)."""
+        self._stop.set()
 
     async def _setup(self) -> tuple[_Tunnel, _Tunnel]:
         uplink = await self._open(self.server[1])
@@ -283,15 +344,21 @@ class EnclaveClient:
 
     async def _forward_to_tun(self, downlink: _Tunnel) -> None:
         assert self._tun is not None
+        assert self.assignment is not None
+        address, ident = self.assignment.ip, self._probe_ident
         while (record := await downlink.records.get()) is not None:
+            if is_probe_answer(record, address, ident):
+                continue  # the keepalive's own answer: not for the applications
             self._tun.write(record)
         self._stop.set()
 
-    async def run(self) -> None:
-        """Set up the tunnels and forward until SIGTERM/SIGINT or the gateway closes."""
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Set up the tunnels and forward until SIGTERM/SIGINT (or `request_stop`); raises
+        EnclaveError if the gateway refuses or ends the tunnel, or the tunnel dies."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._stop.set)
         timers = loop.create_task(self._timers())
         try:
             try:
@@ -300,6 +367,8 @@ class EnclaveClient:
                 raise EnclaveError("no tunnel within the setup timeout") from None
             assert self.assignment is not None
             self._tun = self._bring_up_tun(self.assignment)
+            self.liveness = Liveness(self.keepalive, time.monotonic())
+            uplink.liveness = downlink.liveness = self.liveness
             loop.add_reader(self._tun.fileno(), self._forward_from_tun, uplink)
             to_tun = loop.create_task(self._forward_to_tun(downlink))
             self.write_state(
@@ -310,10 +379,16 @@ class EnclaveClient:
                 tun=self._tun.name,
                 # First datagram to a usable address (both tunnels and the TUN up).
                 setup_seconds=round(time.monotonic() - self._started, 4),
+                up_at=time.time(),
+                keepalive=self.keepalive,
+                reconnects=self.reconnects,
             )
+            self.was_up = True
             log.info("tunnel up: %s via gateway %s", self.assignment.ip, self.assignment.gateway)
             await self._stop.wait()
             to_tun.cancel()
+            if self.dead_reason is not None:
+                raise EnclaveError(f"tunnel dead: {self.dead_reason}")
             ended_by_gateway = any(t.closed_reason for t in (uplink, downlink))
             if ended_by_gateway:
                 reasons = [t.closed_reason for t in (uplink, downlink) if t.closed_reason]
@@ -334,6 +409,62 @@ class EnclaveClient:
             if self._rule_table is not None and self.assignment is not None:
                 ip("rule", "del", "from", str(self.assignment.ip), "lookup", str(self._rule_table))
             self._tun.close()  # its routes go with it
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff between reconnect attempts, with +-20 % jitter so that the
+    enclaves of a restarted gateway do not all come back in the same instant."""
+
+    initial: float = 0.5
+    maximum: float = 10.0
+
+    def delay(self, failures: int) -> float:
+        """The wait after `failures` attempts in a row that never came up (0: the tunnel
+        was up, and died)."""
+        base: float = min(self.maximum, self.initial * 2 ** min(failures, 30))
+        return base * random.uniform(0.8, 1.2)
+
+
+async def run_reconnecting(
+    new_client: Callable[[], EnclaveClient], backoff: Backoff = Backoff()
+) -> None:
+    """Run clients one after the other until SIGTERM/SIGINT: whenever one fails (refused,
+    ended by the gateway, dead tunnel; its TUN device is gone by then), wait and start a
+    new one. Each writes its state file; between them the state is "reconnecting"."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    current: EnclaveClient | None = None
+
+    def stop() -> None:
+        stopping.set()
+        if current is not None:
+            current.request_stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    failures = 0
+    reconnects = 0
+    while not stopping.is_set():
+        current = new_client()
+        current.reconnects = reconnects
+        try:
+            await current.run(handle_signals=False)
+            return  # stopped
+        except EnclaveError as exc:
+            if stopping.is_set():
+                return
+            failures = 0 if current.was_up else failures + 1
+            delay = backoff.delay(failures)
+            reconnects += 1
+            was = "down" if current.was_up else "refused"
+            log.warning("tunnel %s: %s; reconnecting in %.1f s", was, exc, delay)
+            current.write_state(
+                status="reconnecting", was=was, reason=str(exc), retry_in=round(delay, 3),
+                reconnects=reconnects,
+            )  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
 
 
 def parse_server(text: str) -> tuple[str, int]:

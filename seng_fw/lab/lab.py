@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -233,6 +234,9 @@ class Lab:
         return result
 
     def start_gateway(self) -> None:
+        """Start the gateway and wait until it listens (a restart too: only what this
+        start logs counts)."""
+        start = self.gateway_log.stat().st_size if self.gateway_log.exists() else 0
         with self.gateway_log.open("ab") as log:  # the child keeps its own descriptor
             self.gateway = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns(GATEWAY), sys.executable, "-m", "seng_fw",
@@ -240,7 +244,7 @@ class Lab:
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
-        while "listening on" not in self.gateway_log.read_text(errors="replace"):  # ready
+        while b"listening on" not in self.gateway_log.read_bytes()[start:]:  # ready
             if self.gateway.poll() is not None or time.monotonic() > deadline:
                 raise LabError(f"gateway did not start:\n{self.gateway_log.read_text()[-2000:]}")
             time.sleep(0.05)
@@ -316,7 +320,10 @@ class Lab:
         _write_private(directory / "key.pem", issued.key_pem)
         return directory / "cert.pem", directory / "key.pem"
 
-    def start_enclave(self, spec: EnclaveSpec, tun: str | None = None) -> RunningEnclave:
+    def start_enclave(
+        self, spec: EnclaveSpec, tun: str | None = None, extra_args: Sequence[str] = ()
+    ) -> RunningEnclave:
+        """`seng-fw lab enclave` on the spec's host; `extra_args` e.g. ("--reconnect",)."""
         cert, key = self.enclave_credentials(spec)
         directory = cert.parent
         state_file, log_file = directory / "state.json", directory / "enclave.log"
@@ -328,7 +335,7 @@ class Lab:
                  "lab", "enclave", "--server", f"{self.gateway_lan}:{GATEWAY_PORT}",
                  "--server-cert", str(self.state_dir / "server.pem"),
                  "--cert", str(cert), "--key", str(key), "--tun", tun_name,
-                 "--state-file", str(state_file)],
+                 "--state-file", str(state_file), *extra_args],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         enclave = RunningEnclave(spec, process, state_file, log_file)

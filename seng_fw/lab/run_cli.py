@@ -72,6 +72,27 @@ def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
         metavar="JSON",
         help="write the assigned address (or the failure) here",
     )
+    enclave.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="when the tunnel is refused, ended or dead, tear the TUN device down and "
+        "connect again with exponential backoff (until SIGTERM)",
+    )
+    enclave.add_argument(
+        "--keepalive",
+        type=float,
+        metavar="SECONDS",
+        help="probe the gateway after this long without a record and give the tunnel up "
+        "if it does not answer within as long again (default 10 with --reconnect, else "
+        "off; 0: off)",
+    )
+    enclave.add_argument(
+        "--backoff-max",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="longest wait between reconnect attempts (from 0.5 s, doubling)",
+    )
     enclave.set_defaults(func=_enclave)
 
     from seng_fw.lab import demo
@@ -118,7 +139,13 @@ def _client_credentials(args: argparse.Namespace) -> tuple[bytes, bytes]:
 
 
 def _enclave(args: argparse.Namespace) -> int:
-    from seng_fw.lab.enclave import EnclaveClient, EnclaveError, parse_server
+    from seng_fw.lab.enclave import (
+        Backoff,
+        EnclaveClient,
+        EnclaveError,
+        parse_server,
+        run_reconnecting,
+    )
     from seng_fw.tunnel.dtls import make_client_config
 
     if args.verbose == 0:
@@ -129,9 +156,20 @@ def _enclave(args: argparse.Namespace) -> int:
         config = make_client_config(cert, key, read_input(args.server_cert))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    client = EnclaveClient(
-        server, config, tun_name=args.tun, netns=args.netns, state_file=args.state_file
-    )
+    keepalive = args.keepalive if args.keepalive is not None else (10.0 if args.reconnect else 0)
+    if keepalive < 0 or args.backoff_max <= 0:
+        raise UsageError("--keepalive and --backoff-max take a positive number of seconds")
+
+    def new_client() -> EnclaveClient:
+        return EnclaveClient(
+            server, config, tun_name=args.tun, netns=args.netns, state_file=args.state_file,
+            keepalive=keepalive or None,
+        )  # fmt: skip
+
+    if args.reconnect:
+        asyncio.run(run_reconnecting(new_client, Backoff(maximum=args.backoff_max)))
+        return EXIT_OK
+    client = new_client()
     try:
         asyncio.run(client.run())
     except EnclaveError as exc:

@@ -312,8 +312,20 @@ def apply_line(registry: Registry, line: bytes) -> str:
         else:
             raise ValueError(f"unknown message type {kind!r}")
         return str(kind)
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"malformed registry message: {exc!r}") from exc
+
+
+def parse_stats(line: bytes) -> dict[str, Any] | None:
+    """A labeller's `{"type": "stats", "queues": [...], "counters": {...}}` line, or None
+    for anything else (the server ignores what it does not understand)."""
+    try:
+        message = json.loads(line)
+        if message["type"] != "stats":
+            return None
+        return {"queues": list(message["queues"]), "counters": dict(message["counters"])}
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
 
 
 @dataclass(eq=False)  # clients are kept in a set, by identity
@@ -393,13 +405,9 @@ class LabelRegistryServer:
         log.info("%s connected", client.name)
         try:
             while line := await reader.readline():
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    message = json.loads(line)
-                    if message["type"] == "stats":
-                        client.stats = {
-                            "queues": list(message["queues"]),
-                            "counters": dict(message["counters"]),
-                        }
+                stats = parse_stats(line)
+                if stats is not None:
+                    client.stats = stats
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:

@@ -331,6 +331,13 @@ def format_status(status: dict[str, Any]) -> str:
         ("enclaves", str(status["enclaves"])),
         ("admitted", str(status["admitted"])),
     ]  # fmt: skip
+    handshakes = status.get("handshakes")
+    if handshakes is not None:
+        fields.append(("pending", (
+            f"{handshakes['half_open']} handshakes half-open from "
+            f"{handshakes['half_open_sources']} sources; {handshakes['started']} started, "
+            f"{handshakes['certificate_timeouts']} without a certificate in time"
+        )))  # fmt: skip
     if status.get("labeller"):
         labeller = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in status["labeller"].items())
         fields.append(("labeller", labeller))
@@ -356,8 +363,8 @@ def format_status(status: dict[str, Any]) -> str:
         rows,
     )  # fmt: skip
     for title, key in (("REJECTED (check)", "rejected"), ("ENDED (reason)", "ended"),
-                       ("DROPPED (reason)", "dropped")):  # fmt: skip
-        if status[key]:
+                       ("DROPPED (reason)", "dropped"), ("LIMIT HIT", "limits")):  # fmt: skip
+        if status.get(key):
             out += "\n" + table([title, "COUNT"], sorted(status[key].items()))
     return out
 
@@ -417,6 +424,19 @@ timeouts:                   # seconds
   pairing: 30               # wait this long for tunnel #2 after tunnel #1
   assignment_resend: 1.0    # resend IpAssignment until it is acknowledged...
   assignment_attempts: 8    # ...this many times
+
+limits:                     # what clients may cost; each hit: `seng-fw status` LIMIT HIT
+  max_tunnels: 4096         # enclaves (tunnel pairs) at once...
+  max_tunnels_per_host: 1024  # ...and per client host
+  max_half_open: 512        # handshakes past the cookie check, not completed...
+  max_half_open_per_source: 16  # ...and per source address (the oldest is evicted)
+  certificate_timeout: 5    # seconds a half-open handshake has to send its certificate
+  handshake_rate_per_host: 20   # new handshakes per second per client address...
+  handshake_burst_per_host: 5
+  handshake_rate: 100       # ...and from everyone together
+  handshake_burst: 10
+  max_datagram: 18445       # bytes; larger datagrams are dropped unread
+  ip_options: drop          # IPv4 options from enclaves: drop (or forward)
 
 policy: policies            # a policy file, or a directory of *.yaml parts
 

@@ -184,6 +184,8 @@ class ControlServer:
             return {"ok": False, "error": str(exc)}
         except ValueError as exc:  # json.JSONDecodeError
             return {"ok": False, "error": f"not a JSON request: {exc}"}
+        except RecursionError:  # found by fuzzing: "[[[[..." deeper than json can decode
+            return {"ok": False, "error": "not a JSON request: nested too deeply"}
         except Exception as exc:
             log.exception("control: internal error")
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}

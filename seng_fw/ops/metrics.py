@@ -16,7 +16,8 @@ Metric names (all prefixed ``seng_fw_``):
   forwarded_bytes_total{app,direction}, spoofed_packets_total{app},
   dropped_packets_total{reason}, firewall_packets_total{app,direction},
   firewall_bytes_total{app,direction}, labeller_events_total{event},
-  handshake_duration_seconds (histogram), start_time_seconds,
+  handshake_duration_seconds (histogram), handshakes_half_open, handshakes_started_total,
+  limit_hits_total{limit}, start_time_seconds,
   policy_applied_timestamp_seconds, policy_info{digest}.
 """
 
@@ -47,26 +48,35 @@ class _SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        counters = snap.counters
-
-        yield _counter("admissions", "Enclaves admitted", [((), counters.get("admitted", 0))])
+        yield _counter("admissions", "Enclaves admitted", [((), snap.admitted)])
         yield _counter(
-            "rejections",
-            "Tunnels refused, by failed check",
-            _labelled(counters, "rejected."),
-            ["reason"],
+            "rejections", "Tunnels refused, by failed check", _labelled(snap.rejected), ["reason"]
         )
         yield _counter(
-            "tunnel_ends",
-            "Enclave tunnels ended, by reason",
-            _labelled(counters, "ended."),
-            ["reason"],
+            "tunnel_ends", "Enclave tunnels ended, by reason", _labelled(snap.ended), ["reason"]
         )
         yield _counter(
             "dropped_packets",
             "Packets the gateway dropped, by reason",
-            _labelled(counters, "dropped."),
+            _labelled(snap.dropped),
             ["reason"],
+        )
+
+        yield GaugeMetricFamily(
+            f"{PREFIX}_handshakes_half_open",
+            "DTLS handshakes past the cookie check and not completed",
+            snap.half_open,
+        )
+        yield _counter(
+            "handshakes_started",
+            "DTLS handshakes started (past the cookie check and the rate limits)",
+            [((), snap.handshakes_started)],
+        )
+        yield _counter(
+            "limit_hits",
+            "Times a configured limit refused or evicted something, by limit",
+            _labelled(snap.limits),
+            ["limit"],
         )
 
         active = GaugeMetricFamily(
@@ -128,8 +138,8 @@ class _SnapshotCollector(Collector):
         yield info
 
 
-def _labelled(counters: dict[str, int], prefix: str) -> list[tuple[tuple[str, ...], int]]:
-    return [((k[len(prefix) :],), v) for k, v in sorted(counters.items()) if k.startswith(prefix)]
+def _labelled(by_reason: dict[str, int]) -> list[tuple[tuple[str, ...], int]]:
+    return [((reason,), value) for reason, value in sorted(by_reason.items())]
 
 
 def _counter(

@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
+from collections.abc import Callable
 from datetime import timedelta
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,14 @@ from seng_fw.attest.verifier import IasVerifier
 from seng_fw.compile.live import Nft, counters, set_exposure_target
 from seng_fw.gateway.config import GatewayConfig, load_gateway_config, mode_problem
 from seng_fw.gateway.conntrack import flush_address
-from seng_fw.gateway.core import Enclave, GatewayCore, Port
+from seng_fw.gateway.core import (
+    EnclaveAdmitted,
+    EnclaveEnded,
+    GatewayCore,
+    GatewayEvent,
+    HandshakeCompleted,
+    Port,
+)
 from seng_fw.gateway.server import GatewayServer, bind_udp
 from seng_fw.gateway.service import ControlError, GatewayControl
 from seng_fw.label.labelling import Labelling
@@ -29,8 +37,8 @@ from seng_fw.policy.admission import Admission
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError, ConfigIssue
-from seng_fw.system.cli_toolkit import EXIT_OK, UsageError, error_text, read_input
-from seng_fw.system.logs import setup_logging
+from seng_fw.system.cli_toolkit import EXIT_FAULT, EXIT_OK, UsageError, error_text, read_input
+from seng_fw.system.logs import flush_repeats, setup_logging
 from seng_fw.tunnel.dtls import make_server_config
 from seng_fw.tunnel.tun import TunDevice, TunError
 
@@ -104,6 +112,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
         build_verifier(config),
         {Port.SETUP: dtls, Port.DOWNLINK: dtls},
         config.timeouts,
+        config.limits,
     )
     labelling = None
     if config.mode == "shared":
@@ -132,10 +141,10 @@ def build_server(config: GatewayConfig) -> GatewayServer:
     # operator revocations across policy reloads.
     server.set_reload(control.reload)
     server.services.append(ControlServer.from_config(control, config.control))
-    core.observers.append(_ExposureFeed(core))
+    server.event_consumers.append(_ExposureFeed(server))
     if config.metrics.address is not None:
         metrics = GatewayMetrics(control.snapshot)
-        core.observers.append(_HandshakeMetrics(core, metrics))
+        server.event_consumers.append(_handshake_metrics(metrics))
         server.services.append(MetricsServer(metrics, *config.metrics.address))
     server.sync_tun_addresses()
     return server
@@ -158,42 +167,35 @@ def _firewall_counters() -> dict[str, tuple[int, int]]:
 
 class _ExposureFeed:
     """Points an app's declared exposures (DNAT on a gateway address) at one of its live
-    enclaves, and withdraws them when the last one leaves."""
+    enclaves, and withdraws them when the last one leaves. The nft transactions run in a
+    worker thread, one at a time and in event order, each against the enclaves alive
+    when it runs."""
 
-    def __init__(self, core: GatewayCore) -> None:
-        self.core = core
+    def __init__(self, server: GatewayServer) -> None:
+        self.server = server
+        self._lock = asyncio.Lock()  # FIFO: updates apply in the order of the events
 
-    def _target(self, app: str, enclave: IPv4Address | None) -> None:
-        try:
-            set_exposure_target(Nft(), self.core.admission.policy, app, enclave)
-        except Exception as exc:  # no ruleset applied yet, or the app left the policy
-            log.warning("exposure of app %s not updated: %s", app, exc)
+    def __call__(self, event: GatewayEvent) -> None:
+        if isinstance(event, EnclaveAdmitted | EnclaveEnded) and event.enclave.app.expose:
+            self.server.spawn(self._update(event.enclave.app.name))
 
-    def enclave_admitted(self, enclave: Enclave) -> None:
-        if enclave.app.expose:
-            self._target(enclave.app.name, enclave.address)
-
-    def enclave_ended(self, enclave: Enclave, reason: str) -> None:
-        if not enclave.app.expose:
-            return
-        others = [e for e in self.core.enclaves if e.app.name == enclave.app.name]
-        self._target(enclave.app.name, others[0].address if others else None)
+    async def _update(self, app: str) -> None:
+        async with self._lock:
+            policy = self.server.core.admission.policy
+            live = [e.address for e in self.server.core.enclaves if e.app.name == app]
+            target = live[0] if live else None
+            try:
+                await asyncio.to_thread(set_exposure_target, Nft(), policy, app, target)
+            except Exception as exc:  # no ruleset applied yet, or the app left the policy
+                log.warning("exposure of app %s not updated: %s", app, exc)
 
 
-class _HandshakeMetrics:
-    """Feeds handshake durations to the histogram as enclaves are admitted."""
+def _handshake_metrics(metrics: GatewayMetrics) -> Callable[[GatewayEvent], None]:
+    def consume(event: GatewayEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            metrics.observe_handshake(event.seconds)
 
-    def __init__(self, core: GatewayCore, metrics: GatewayMetrics) -> None:
-        self.core = core
-        self.metrics = metrics
-
-    def enclave_admitted(self, enclave: Enclave) -> None:
-        durations, self.core.handshake_seconds = self.core.handshake_seconds, []
-        for seconds in durations:
-            self.metrics.observe_handshake(seconds)
-
-    def enclave_ended(self, enclave: Enclave, reason: str) -> None:
-        pass
+    return consume
 
 
 def _write_pid_file(path: Path) -> None:
@@ -218,4 +220,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     finally:
         pid_file.unlink(missing_ok=True)
+        flush_repeats()
+    if server.failure is not None:
+        print(f"seng-fw serve: {server.failure}", file=sys.stderr)
+        return EXIT_FAULT
     return EXIT_OK

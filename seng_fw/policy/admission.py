@@ -3,16 +3,29 @@ the client host it connects from. Pure logic; the gateway calls it after attesta
 
 from __future__ import annotations
 
+import enum
 from ipaddress import IPv4Address
 
 from seng_fw.attest.identity import EnclaveIdentity
 from seng_fw.policy.models import App, Policy
 
 
+class AdmissionCheck(enum.StrEnum):
+    """Stable names of the admission rules (counters, logs, metrics labels)."""
+
+    UNKNOWN_MRENCLAVE = "unknown_mrenclave"
+    MRSIGNER_MISMATCH = "mrsigner_mismatch"
+    ISV_PROD_ID_MISMATCH = "isv_prod_id_mismatch"
+    ISV_SVN_TOO_LOW = "isv_svn_too_low"
+    DEBUG_ENCLAVE = "debug_enclave"
+    HOST_NOT_ALLOWED = "host_not_allowed"
+    REVOKED_BY_OPERATOR = "revoked_by_operator"  # seng_fw.gateway.service's revocations
+
+
 class AdmissionRejected(Exception):
     """The enclave is attested but the policy does not admit it. `check` names the rule."""
 
-    def __init__(self, check: str, message: str) -> None:
+    def __init__(self, check: AdmissionCheck, message: str) -> None:
         super().__init__(f"{check}: {message}")
         self.check = check
         self.message = message
@@ -29,29 +42,31 @@ class Admission:
         app = self._app_by_mrenclave.get(identity.mrenclave)
         if app is None:
             raise AdmissionRejected(
-                "unknown_mrenclave", f"MRENCLAVE {identity.mrenclave.hex()} is not in the policy"
+                AdmissionCheck.UNKNOWN_MRENCLAVE,
+                f"MRENCLAVE {identity.mrenclave.hex()} is not in the policy",
             )
         if app.mrsigner is not None and identity.mrsigner != app.mrsigner:
             raise AdmissionRejected(
-                "mrsigner_mismatch",
+                AdmissionCheck.MRSIGNER_MISMATCH,
                 f"app {app.name}: MRSIGNER {identity.mrsigner.hex()} is not {app.mrsigner.hex()}",
             )
         if app.isv_prod_id is not None and identity.isv_prod_id != app.isv_prod_id:
             raise AdmissionRejected(
-                "isv_prod_id_mismatch",
+                AdmissionCheck.ISV_PROD_ID_MISMATCH,
                 f"app {app.name}: ISVPRODID {identity.isv_prod_id} is not {app.isv_prod_id}",
             )
         if identity.isv_svn < app.min_isv_svn:
             raise AdmissionRejected(
-                "isv_svn_too_low",
+                AdmissionCheck.ISV_SVN_TOO_LOW,
                 f"app {app.name}: ISVSVN {identity.isv_svn} is below {app.min_isv_svn}",
             )
         if identity.debug and not app.allow_debug:
             raise AdmissionRejected(
-                "debug_enclave", f"app {app.name}: DEBUG enclaves are not allowed"
+                AdmissionCheck.DEBUG_ENCLAVE, f"app {app.name}: DEBUG enclaves are not allowed"
             )
         if not any(host in hosts for hosts in app.hosts):
             raise AdmissionRejected(
-                "host_not_allowed", f"app {app.name}: client host {host} is not in its hosts"
+                AdmissionCheck.HOST_NOT_ALLOWED,
+                f"app {app.name}: client host {host} is not in its hosts",
             )
         return app

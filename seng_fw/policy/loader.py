@@ -70,15 +70,15 @@ class _Origins:
 def load_policy(path: Path) -> Policy:
     """Load and validate a policy (file or directory). Raises ConfigError listing every
     problem found."""
-    return _validate([load_yaml(file) for file in policy_files(path)])
+    return _validate([load_yaml(file) for file in policy_files(path)], path)
 
 
 def load_policy_text(text: str, name: str = "<stdin>") -> Policy:
     """A policy given as text (`seng-fw check -`); errors name `name`."""
-    return _validate([load_yaml(Path(name), text)])
+    return _validate([load_yaml(Path(name), text)], Path(name))
 
 
-def _validate(docs: list[YamlDocument]) -> Policy:
+def _validate(docs: list[YamlDocument], path: Path) -> Policy:
     issues: list[ConfigIssue] = []
     parts: list[tuple[YamlDocument, Policy]] = []
     for doc in docs:
@@ -88,6 +88,7 @@ def _validate(docs: list[YamlDocument]) -> Policy:
         except pydantic.ValidationError as exc:
             _point_at_keys(doc)
             issues += validation_issues(doc, exc, model=Policy)
+    issues += _missing_apps(docs, path)
     if issues:
         raise ConfigError(issues)
     policy, origins, merge_issues = _merge(parts)
@@ -99,6 +100,24 @@ def _validate(docs: list[YamlDocument]) -> Policy:
         issues = merge_issues + [origins.issue(where, msg) for where, msg in problems]
         raise ConfigError(issues)
     return policy
+
+
+def _missing_apps(docs: list[YamlDocument], path: Path) -> list[ConfigIssue]:
+    """An empty file, or a policy without `apps`, is refused: it is more likely truncated
+    or the wrong file than meant, and applying it would refuse every enclave. A policy
+    without apps says so: `apps: []`."""
+    issues = [
+        ConfigIssue(doc.file, 1, "", "the file is empty (a policy without apps says `apps: []`)")
+        for doc in docs
+        if doc.data is None or doc.data == {}
+    ]
+    if issues or not all(isinstance(doc.data, dict) for doc in docs):
+        return issues  # (a file that is not a mapping: pydantic says so)
+    if any("apps" in doc.data for doc in docs):
+        return []
+    where = f" from every file in {path}" if path.is_dir() else ""
+    message = f"missing{where}: the policy names no apps (a policy without apps says `apps: []`)"
+    return [ConfigIssue(docs[0].file, 1, "apps", message)]
 
 
 def _point_at_keys(doc: YamlDocument) -> None:

@@ -114,10 +114,21 @@ class Ref:
         return what if self.host is None else f"{what} on hosts {self.host}"
 
 
-Peer = IPv4Network | Ref
+@dataclass(frozen=True)
+class GatewayRef:
+    """The gateway itself (`{gateway: true}`): its addresses on every interface, its
+    address on each enclave subnet included. Only a rule that names the gateway, this
+    way or by writing one of its addresses out (a single address, not a prefix), lets
+    enclaves reach it: `to: 0.0.0.0/0` does not."""
+
+    def __str__(self) -> str:
+        return "the gateway"
+
+
+Peer = IPv4Network | Ref | GatewayRef
 _PEER_HELP = (
     "must be an IPv4 address or prefix, {app: NAME}, {category: NAME} or {host: PREFIX} "
-    "(host alone or with app or category)"
+    "(host alone or with app or category), or {gateway: true}"
 )
 
 
@@ -131,7 +142,7 @@ def _network(value: object, what: str) -> IPv4Network:
 
 
 def _peer(value: object) -> Peer:
-    if isinstance(value, IPv4Network | Ref):
+    if isinstance(value, IPv4Network | Ref | GatewayRef):
         return value
     if isinstance(value, str):
         return _network(value, "address or prefix")
@@ -140,8 +151,12 @@ def _peer(value: object) -> Peer:
     raise ValueError(f"{_PEER_HELP}, got {value!r}")
 
 
-def _selector(value: dict[object, object]) -> Ref:
+def _selector(value: dict[object, object]) -> Ref | GatewayRef:
     keys = set(value)
+    if "gateway" in keys:
+        if value != {"gateway": True}:
+            raise ValueError(f"the gateway is named as {{gateway: true}} alone, got {value!r}")
+        return GatewayRef()
     named = keys & {"app", "category"}
     if not keys or keys - {"app", "category", "host"} or len(named) > 1:
         raise ValueError(f"{_PEER_HELP}, got {value!r}")
@@ -157,13 +172,15 @@ def _selector(value: dict[object, object]) -> Ref:
     return Ref(kind, name, host)
 
 
-def _peer_as_written(peer: Peer) -> str | dict[str, str]:
+def _peer_as_written(peer: Peer) -> str | dict[str, str | bool]:
     """A peer as the policy writes it (`10.0.0.0/8`, `{app: NAME, host: PREFIX}`): a plain
     validator leaves pydantic no schema to serialize the union by, and without this
     `model_dump` warned (PydanticSerializationUnexpectedValue) at every digest."""
     if isinstance(peer, IPv4Network):
         return str(peer)
-    written: dict[str, str] = {peer.kind: peer.name} if peer.kind else {}
+    if isinstance(peer, GatewayRef):
+        return {"gateway": True}
+    written: dict[str, str | bool] = {peer.kind: peer.name} if peer.kind else {}
     if peer.host is not None:
         written["host"] = str(peer.host)
     return written
@@ -419,6 +436,8 @@ def _check_peers(policy: Policy) -> list[Problem]:
     problems: list[Problem] = []
     app_names = {app.name for app in policy.apps}
     for path, peer in _rule_peers(policy):
+        if isinstance(peer, GatewayRef) and "from" in path:
+            problems.append((path, _GATEWAY_FROM))
         if not isinstance(peer, Ref) or peer.kind is None:
             continue
         known = app_names if peer.kind == "app" else policy.categories
@@ -436,6 +455,10 @@ def _check_peers(policy: Policy) -> list[Problem]:
     return problems
 
 
+_GATEWAY_FROM = (
+    "{gateway: true} is for egress `to` only (enclaves reaching the gateway); the gateway's "
+    "own connections to enclaves are matched by its address"
+)
 _OWN_SUBNET = (
     "the app has its own subnet, where enclaves are told apart by address, not by client host"
 )

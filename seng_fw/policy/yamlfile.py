@@ -101,7 +101,16 @@ def _convert(
             _convert(item, (*path, i), doc, issues, scalars) for i, item in enumerate(node.value)
         ]
     # Scalars: PyYAML's safe constructor resolves the tag (int, bool, null, str, ...).
-    value = scalars.construct_object(node, deep=True)
+    # An explicit tag can make it fail, and PyYAML's constructors raise whatever their
+    # code hits (`!!int 0x` ValueError, `!!bool maybe` KeyError, `!!timestamp 2020-1`
+    # AttributeError, an unknown `!tag` ConstructorError): all found by fuzzing. For one
+    # scalar any exception means a bad value in the file, not a crash.
+    try:
+        value = scalars.construct_object(node, deep=True)
+    except Exception as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        issues.append(doc.issue(path, f"bad value {node.value!r} ({node.tag}): {problem}"))
+        return None
     if isinstance(value, int) and not isinstance(value, bool) and len(node.value) > 20:
         # A 64-digit MRENCLAVE made only of decimal digits would become a (lossy) int;
         # no integer setting is that long, so keep the text.
@@ -134,7 +143,10 @@ def load_yaml(path: Path, text: str | None = None) -> YamlDocument:
     issues: list[ConfigIssue] = []
     # A constructor per file: it keeps every node it constructed (a module-wide one kept
     # every policy's whole node tree, 400 MB for 10,000 apps, and more on each reload).
-    doc.data = _convert(node, (), doc, issues, yaml.constructor.SafeConstructor())
+    try:
+        doc.data = _convert(node, (), doc, issues, yaml.constructor.SafeConstructor())
+    except RecursionError:  # found by fuzzing: libyaml composes deeper trees than we walk
+        raise ConfigError([ConfigIssue(name, 1, "", "invalid YAML: nested too deeply")]) from None
     if issues:
         raise ConfigError(issues)
     return doc

@@ -9,6 +9,7 @@ Exit codes, the same for every command (README, "Exit codes"):
      kernel said no) or, for `diff`, differences found
   2  usage error or unreadable input (missing, unreadable or unwritable files)
   3  no gateway answering on the control socket
+  4  serve only: stopped on a fault a restart repairs (its TUN device deleted)
 
 A command reports a user mistake by raising CliError (or one of its kinds); `main`
 prints its message as one line on stderr and exits with its code. No traceback.
@@ -28,12 +29,14 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_NO_GATEWAY = 3
+EXIT_FAULT = 4  # serve: stopped on a fault a restart repairs (Restart=on-failure)
 
 EXIT_CODES = (
     (EXIT_OK, "done"),
     (EXIT_REFUSED, "refused or rejected, or differences found"),
     (EXIT_USAGE, "usage error or unreadable input"),
     (EXIT_NO_GATEWAY, "no gateway answering on the control socket"),
+    (EXIT_FAULT, "serve: stopped on a fault a restart repairs (its TUN device deleted)"),
 )
 
 STDIN = "-"

@@ -126,6 +126,15 @@ _ERR_BAD_HS_CLIENT_HELLO: Final = 0x7900
 _HANDSHAKE_OVER: Final = tls.HandshakeStep["HANDSHAKE_OVER"]
 _HELLO_REQUEST: Final = tls.HandshakeStep["HELLO_REQUEST"]
 _SERVER_CERTIFICATE: Final = tls.HandshakeStep["SERVER_CERTIFICATE"]
+# Server side: the steps after the client's Certificate message.
+_AFTER_CLIENT_CERTIFICATE: Final = frozenset(
+    tls.HandshakeStep[name]
+    for name in (
+        "CLIENT_KEY_EXCHANGE", "CERTIFICATE_VERIFY", "CLIENT_CHANGE_CIPHER_SPEC",
+        "CLIENT_FINISHED", "SERVER_CHANGE_CIPHER_SPEC", "SERVER_FINISHED", "FLUSH_BUFFERS",
+        "HANDSHAKE_WRAPUP", "HANDSHAKE_OVER",
+    )
+)  # fmt: skip
 _BEFORE_SERVER_HELLO: Final = frozenset(
     tls.HandshakeStep[name] for name in ("HELLO_REQUEST", "CLIENT_HELLO", "SERVER_HELLO")
 )
@@ -167,10 +176,9 @@ class CloseReason(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed:
-    """The session is over; it ignores further input. `reason` is a `CloseReason`
-    value (a str), `detail` free text for logs."""
+    """The session is over; it ignores further input. `detail` is free text for logs."""
 
-    reason: str
+    reason: CloseReason
     detail: str = ""
 
 
@@ -935,7 +943,7 @@ class _DtlsSession:
         self._keys.wipe()
         self._final_flight = None
         self._last_output = []
-        self._events.append(ConnectionClosed(reason.value, detail))
+        self._events.append(ConnectionClosed(reason, detail))
 
 
 class _HandOverError(Exception):
@@ -994,6 +1002,14 @@ class DtlsServerSession(_DtlsSession):
         self._hello_done = False  # a ServerHello was sent: the cookie was valid
         self.hello_verify_requests_sent = 0
         buffer.setcookieparam(peer)
+
+    @property
+    def client_certificate_received(self) -> bool:
+        """The handshake got past the client's Certificate message (or is over)."""
+        if self.state is not SessionState.HANDSHAKING:
+            return self.state is SessionState.ESTABLISHED
+        buf = self._buf
+        return buf is not None and buf._handshake_state in _AFTER_CLIENT_CERTIFICATE
 
     def _screen_handshake_datagram(self, data: bytes) -> bool:
         # Before the cookie checked out, only ClientHellos may reach mbed TLS.

@@ -21,6 +21,11 @@ def is_ipv4(packet: bytes) -> bool:
     return IPV4_MIN_HEADER <= header_length <= total_length == len(packet)
 
 
+def has_options(packet: bytes) -> bool:
+    """True if a packet that passed `is_ipv4` carries IP options (IHL > 5)."""
+    return packet[0] & 0x0F != 5
+
+
 def source(packet: bytes) -> bytes:
     """Source address (4 network-order bytes) of a packet that passed `is_ipv4`."""
     return packet[12:16]

@@ -19,10 +19,19 @@ import enum
 from seng_fw.tunnel.messages import IpAssignAck, IpAssignment, SetupMessageError
 
 
+class SetupCheck(enum.StrEnum):
+    """Why a setup exchange failed (for logs and counters)."""
+
+    ASSIGNMENT_UNACKNOWLEDGED = "assignment_unacknowledged"
+    BAD_SETUP_MESSAGE = "bad_setup_message"
+    WRONG_ACK = "wrong_ack"
+    CONFLICTING_ASSIGNMENT = "conflicting_assignment"
+
+
 class SetupFailed(Exception):
     """The setup exchange cannot complete; `check` names why (for logs and counters)."""
 
-    def __init__(self, check: str, message: str) -> None:
+    def __init__(self, check: SetupCheck, message: str) -> None:
         super().__init__(f"{check}: {message}")
         self.check = check
 
@@ -53,7 +62,9 @@ class ServerSetup:
         if self.state is not ServerSetupState.AWAITING_ACK or now < self._next_send:
             return []
         if self._attempts_left == 0:
-            raise SetupFailed("assignment_unacknowledged", "no IpAssignACK after every resend")
+            raise SetupFailed(
+                SetupCheck.ASSIGNMENT_UNACKNOWLEDGED, "no IpAssignACK after every resend"
+            )
         self._attempts_left -= 1
         self._next_send = now + self._resend_interval
         return [self._record]
@@ -63,10 +74,10 @@ class ServerSetup:
         try:
             ack = IpAssignAck.decode(record)
         except SetupMessageError as exc:
-            raise SetupFailed("bad_setup_message", str(exc)) from exc
+            raise SetupFailed(SetupCheck.BAD_SETUP_MESSAGE, str(exc)) from exc
         if ack.ip != self.assignment.ip:
             raise SetupFailed(
-                "wrong_ack", f"IpAssignACK for {ack.ip}, assigned {self.assignment.ip}"
+                SetupCheck.WRONG_ACK, f"IpAssignACK for {ack.ip}, assigned {self.assignment.ip}"
             )
         self.state = ServerSetupState.ACKNOWLEDGED
 
@@ -87,12 +98,12 @@ class ClientSetup:
             assignment = IpAssignment.decode(record)
         except SetupMessageError as exc:
             if self.assignment is None:
-                raise SetupFailed("bad_setup_message", str(exc)) from exc
+                raise SetupFailed(SetupCheck.BAD_SETUP_MESSAGE, str(exc)) from exc
             return []  # after setup the gateway sends nothing else on tunnel #1: ignore
         if self.assignment is None:
             self.assignment = assignment
         elif assignment != self.assignment:
             raise SetupFailed(
-                "conflicting_assignment", f"got {assignment.ip} after {self.assignment.ip}"
+                SetupCheck.CONFLICTING_ASSIGNMENT, f"got {assignment.ip} after {self.assignment.ip}"
             )
         return [IpAssignAck(assignment.ip).encode()]

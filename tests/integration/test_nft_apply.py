@@ -17,6 +17,7 @@ stand-in for the labeller's marks.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from seng_fw.compile import live
 from seng_fw.compile.compiler import Options, compile_policy, label_table
@@ -319,7 +321,7 @@ def test_exposed_service(topo: Topology) -> None:
         serve(NGINX)
         assert connects(topo, "ext", EXT, GW_EXT, 8443)
         # an apply keeps the gateway's entry while the exposure exists
-        apply_in(topo, policy)
+        apply_in(topo, policy, force=True)
         assert connects(topo, "ext", EXT, GW_EXT, 8443)
         # only from the exposure's `from` (10.77.2.0/24)
         ip("addr", "add", "10.77.3.2/32", "dev", "lo", netns=topo.ns("ext"))
@@ -327,6 +329,74 @@ def test_exposed_service(topo: Topology) -> None:
         # withdrawn when the enclave goes
         serve(None)
         assert not connects(topo, "ext", EXT, GW_EXT, 8443)
+
+
+def test_exposures_keep_their_own_sources(topo: Topology) -> None:
+    """Issue 13, defect 1: X exposes gateway port 8001 -> X:8080 to one admin host, Y
+    exposes 8002 -> Y:8080 to a /24. A host of that /24 reaches Y, and not X."""
+    policy = Policy.model_validate(
+        yaml.safe_load(
+            f"""
+apps:
+  - name: x
+    mrenclave: "{"11" * 32}"
+    hosts: 10.77.1.0/24
+    subnet: {{subnet: 192.168.28.0/24}}
+    expose: [{{address: {GW_EXT}, port: 8001, to_port: 8080, from: {EXT}/32}}]
+  - name: y
+    mrenclave: "{"22" * 32}"
+    hosts: 10.77.1.0/24
+    subnet: {{subnet: 172.16.28.0/26}}
+    expose: [{{address: {GW_EXT}, port: 8002, to_port: 8080, from: 10.77.3.0/24}}]
+"""
+        )
+    )
+    apply_in(topo, policy)
+    for app, enclave in (("x", DEMO), ("y", NGINX)):
+        topo.call(
+            "gw",
+            lambda a=app, e=enclave: live.set_exposure_target(  # type: ignore[misc]
+                live.Nft(), policy, a, IPv4Address(e)
+            ),
+        )
+    lan_host = "10.77.3.2"  # a host of Y's /24
+    ip("addr", "add", f"{lan_host}/32", "dev", "lo", netns=topo.ns("ext"))
+    ip("route", "add", "10.77.3.0/24", "via", EXT, netns=topo.ns("gw"))
+    with listening(topo, "enc1", DEMO, 8080), listening(topo, "enc2", NGINX, 8080):
+        assert connects(topo, "ext", EXT, GW_EXT, 8001)  # X's admin host
+        assert connects(topo, "ext", lan_host, GW_EXT, 8002)  # the /24, to Y
+        assert not connects(topo, "ext", lan_host, GW_EXT, 8001)  # the /24, to X
+        assert not connects(topo, "ext", EXT, GW_EXT, 8002)  # X's admin, to Y
+
+
+def test_the_gateway_is_reached_only_by_rules_that_name_it(topo: Topology, tmp_path: Path) -> None:
+    """Issue 13, defect 2: demo-enclave's `to: 0.0.0.0/0 tcp 80,443` (web-clients) opens
+    the web, not the gateway's own addresses (LAN, external side, its address on the
+    enclave's subnet); `{gateway: true}` does."""
+    ip("addr", "add", "192.168.28.1/32", "dev", "lo", netns=topo.ns("gw"))
+    gateway = (GW_EXT, "10.77.1.1", "192.168.28.1")
+
+    def reaches_gateway(port: int) -> list[bool]:
+        with ExitStack() as stack:
+            for address in gateway:
+                stack.enter_context(listening(topo, "gw", address, port))
+            return [connects(topo, "enc1", DEMO, address, port) for address in gateway]
+
+    apply_in(topo, load_policy(EXAMPLE))
+    assert tcp(topo, "enc1", DEMO, "ext", EXT, 443)  # the internet, as the rule says
+    assert reaches_gateway(443) == [False, False, False]
+    assert reaches_gateway(80) == [False, False, False]
+    named = tmp_path / "named.yaml"
+    named.write_text(
+        EXAMPLE.read_text().replace(
+            "      - to: 10.77.2.0/24\n        protocol: icmp\n",
+            "      - to: 10.77.2.0/24\n        protocol: icmp\n"
+            "      - {to: {gateway: true}, protocol: tcp, ports: 443}\n",
+        )
+    )
+    apply_in(topo, load_policy(named))
+    assert reaches_gateway(443) == [True, True, True]
+    assert reaches_gateway(80) == [False, False, False]
 
 
 def test_admin_tables_survive_apply(topo: Topology, tmp_path: Path) -> None:
@@ -416,7 +486,7 @@ def test_established_connections_survive_apply(topo: Topology) -> None:
         replies = 0
         for i in range(300):
             if i in (50, 150, 250):  # applies while the flow runs
-                apply_in(topo, policy)
+                apply_in(topo, policy, force=True)
             client.sendto(str(i).encode(), (RESOLVER, 53))
             if client.recv(100) == str(i).encode():
                 replies += 1
@@ -455,7 +525,8 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     pid_file.write_text(f"{gateway.pid}\n")
 
     shown = _cli(topo, "diff", str(EXAMPLE), "--tun", "lan")
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 1, shown.stderr  # like `git diff --exit-code`
+    assert "\033[" not in shown.stdout  # no colour: not a terminal
     assert "+++ policy" in shown.stdout and "+\t\t\t192.168.28.0/24 : goto out_demo-enclave" in (
         shown.stdout
     )
@@ -471,7 +542,8 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert marker.exists()
-    assert _cli(topo, "diff", str(EXAMPLE), "--tun", "lan").stdout.strip() == "no changes"
+    same = _cli(topo, "diff", str(EXAMPLE), "--tun", "lan")
+    assert same.returncode == 0 and same.stdout.strip() == "no changes"
 
     # an apply that removes an app: its enclaves' new connections are refused
     assert tcp(topo, "enc1", DEMO, "ext", EXT, 443)
@@ -479,7 +551,12 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     check = _cli(topo, "check", str(smaller))
     assert check.returncode == 0, check.stderr
     shown = _cli(topo, "diff", str(smaller), "--tun", "lan")
+    assert shown.returncode == 1
     assert "-\t\t\t192.168.28.0/24 : goto out_demo-enclave" in shown.stdout
+    stat = _cli(topo, "diff", str(smaller), "--tun", "lan", "--stat").stdout.splitlines()
+    demo = next(line for line in stat if line.split()[0] == "demo-enclave").split()
+    assert demo[3] == "+0" and demo[4] != "-0"  # its rules go, none come
+    assert re.fullmatch(r" \d+ app\(s\) changed; rules \+\d+ -[1-9]\d*, .*", stat[-1])
     assert _cli(topo, "apply", str(smaller), "--tun", "lan").returncode == 0
     assert not tcp(topo, "enc1", DEMO, "ext", EXT, 443)
     assert tcp(topo, "ext", EXT, "enc2", NGINX, 443)
@@ -493,6 +570,40 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     assert ruleset(topo) == before
     gateway.terminate()
     gateway.wait()
+
+
+def test_apply_of_an_unchanged_policy_does_nothing(topo: Topology, tmp_path: Path) -> None:
+    first = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan")
+    assert first.returncode == 0, first.stderr
+    summary = first.stdout.splitlines()[0]
+    assert re.fullmatch(
+        r"applied: table inet seng created: 4 apps, \d+ sets and maps with \d+ elements, "
+        r"\d+ chains with \d+ rules, 8 counters \(digest [0-9a-f]{12}\)",
+        summary,
+    ), summary
+    assert first.stderr == ""  # no progress output: not a terminal
+    handles = topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout
+    again = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan")
+    assert again.returncode == 0
+    assert again.stdout.startswith("no changes: the live table holds this ruleset")
+    # not even reloaded: the same objects, with the same handles
+    assert topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout == handles
+    dry = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.startswith("no changes")
+    # --force loads it anyway; a changed policy is applied (replacing the table)
+    forced = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--force")
+    assert forced.stdout.startswith("applied: table inet seng replaced: 4 apps")
+    assert topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout != handles
+    # an admission change alone changes no rule, but the gateway must reload it
+    admission = tmp_path / "admission.yaml"
+    admission.write_text(EXAMPLE.read_text().replace("min_isv_svn: 3", "min_isv_svn: 4"))
+    changed = _cli(topo, "apply", str(admission), "--tun", "lan")
+    assert changed.stdout.startswith("applied: table inet seng replaced: 4 apps")
+    smaller = _cli(topo, "apply", str(without_demo(tmp_path)), "--tun", "lan")
+    assert smaller.stdout.startswith("applied: table inet seng replaced: 3 apps")
+    # the digest is not part of the diff
+    same = _cli(topo, "diff", str(without_demo(tmp_path)), "--tun", "lan")
+    assert same.returncode == 0 and same.stdout.strip() == "no changes"
 
 
 def _objects(topo: Topology) -> list[str]:

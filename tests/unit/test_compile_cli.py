@@ -105,25 +105,6 @@ def test_carry_over_keeps_counters_and_valid_exposures() -> None:
     assert table.set("expose_addr").elements == []
 
 
-def test_diff_lists_one_element_per_line() -> None:
-    listing = (
-        "table inet seng {\n\tset s {\n\t\ttype ipv4_addr\n"
-        "\t\telements = { 10.0.0.2, 10.0.0.1,\n\t\t\t     10.0.0.3 }\n\t}\n}\n"
-    )
-    assert live._expand_elements(listing) == [
-        "table inet seng {",
-        "\tset s {",
-        "\t\ttype ipv4_addr",
-        "\t\telements = {",
-        "\t\t\t10.0.0.1",
-        "\t\t\t10.0.0.2",
-        "\t\t\t10.0.0.3",
-        "\t\t}",
-        "\t}",
-        "}",
-    ]
-
-
 def test_reload_gateway(tmp_path: Path) -> None:
     pid_file = tmp_path / "gateway.pid"
     assert "no gateway pid file" in live.reload_gateway(pid_file)
@@ -159,3 +140,40 @@ def test_reload_gateway(tmp_path: Path) -> None:
         gateway.stdout.close()
     pid_file.write_text(f"{gateway.pid}\n")
     assert "is not running" in live.reload_gateway(pid_file)
+
+
+# --- apply: progress and summary ------------------------------------------------------
+
+
+def test_progress_shows_slow_phases_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from seng_fw.compile.cli import _Progress
+
+    monkeypatch.setattr(_Progress, "DELAY", 0.05)
+    progress = _Progress(enabled=True)
+    with progress.step("quick"):
+        pass
+    with progress.step("kernel transaction"):
+        time.sleep(0.3)
+    err = capsys.readouterr().err
+    assert "quick" not in err
+    assert err.startswith("seng-fw apply: kernel transaction... ") and err.endswith(" s\n")
+    with _Progress(enabled=False).step("kernel transaction"):  # not a terminal
+        time.sleep(0.1)
+    assert capsys.readouterr().err == ""
+
+
+def test_apply_summary() -> None:
+    from seng_fw.compile.cli import summary
+
+    table = compile_policy(load_policy(EXAMPLE))
+    result = live.ApplyResult(changed=True, replaced=False, digest=live.ruleset_digest(table))
+    line = summary(table, result, 4)
+    assert line.startswith("applied: table inet seng created: 4 apps, ")
+    assert f"{len(table.chains)} chains with " in line and line.endswith(f"{result.digest[:12]})")
+    # the digest: of the compiled table only, stable, and changed by any change
+    again = compile_policy(load_policy(EXAMPLE))
+    assert live.ruleset_digest(again) == result.digest
+    again.chains[-1].rules.pop()
+    assert live.ruleset_digest(again) != result.digest

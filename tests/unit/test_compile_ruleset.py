@@ -20,6 +20,8 @@ from seng_fw.compile.compiler import (
     DADDR,
     DPORT,
     L4PROTO,
+    ORIGINAL_DADDR,
+    ORIGINAL_DPORT,
     ORIGINATOR,
     PROTOCOLS,
     RESPONDER,
@@ -51,13 +53,16 @@ def in_set(table: Table, name: str, *point: int) -> bool:
 
 @dataclass
 class Packet:
-    """The first packet of a new connection and its conntrack mark."""
+    """The first packet of a new connection and its conntrack mark; after DNAT, the
+    connection's original destination (conntrack's `original` direction)."""
 
     src: int
     dst: int
     proto: int
     port: int
     mark: int
+    original_dst: int = 0
+    original_port: int = 0
 
     def value(self, expr: Expr) -> int:
         values = {
@@ -67,6 +72,8 @@ class Packet:
             DPORT: self.port,
             ORIGINATOR: self.mark & 0xFFFF,
             RESPONDER: self.mark >> 16,
+            ORIGINAL_DADDR: self.original_dst,
+            ORIGINAL_DPORT: self.original_port,
         }
         return values[expr]
 
@@ -95,11 +102,29 @@ def app_allows(table: Table, chain_verdict: str | None, packet: Packet) -> bool:
     return in_set(table, lookup.right[1:], *point)
 
 
+def exposure_admits(table: Table, packet: Packet) -> bool:
+    """Whether the ingress chain's rule for exposed services returns `packet` (a DNATed
+    connection): its lookup, evaluated with the expressions it is keyed on."""
+    rule = table.chain("ingress").rules[0]
+    (lookup,) = [e for e in rule.exprs if isinstance(e, Match) and e.right == "@expose_from"]
+    assert isinstance(lookup.left, Concat) and rule.exprs[-1] == Verdict("return")
+    point = tuple(packet.value(expr) for expr in lookup.left.exprs)
+    return in_set(table, "expose_from", *point)
+
+
 def decide(
-    table: Table, src: str, dst: str, proto: str, port: int = 0, mark: int = 0, dnat_from: str = ""
+    table: Table,
+    src: str,
+    dst: str,
+    proto: str,
+    port: int = 0,
+    mark: int = 0,
+    dnat: tuple[str, int] | None = None,
 ) -> bool:
-    """Whether a new connection is accepted, as the egress and ingress chains decide."""
-    packet = Packet(ip(src), ip(dst), PROTOCOLS[proto][0], port, mark)
+    """Whether a new connection is accepted, as the egress and ingress chains decide.
+    `dnat`: the connection was to this gateway address and port, translated to dst:port."""
+    original = (ip(dnat[0]), dnat[1]) if dnat else (0, 0)
+    packet = Packet(ip(src), ip(dst), PROTOCOLS[proto][0], port, mark, *original)
     s, d = packet.src, packet.dst
     if in_set(table, "enclave_nets", s):
         chosen = verdict(table, "egress_apps", s)
@@ -108,9 +133,7 @@ def decide(
         if not app_allows(table, chosen, packet):
             return False
     if in_set(table, "enclave_nets", d):
-        if dnat_from and in_set(
-            table, "expose_from", s, mark & 0xFFFF, ip(dnat_from), packet.proto, port
-        ):
+        if dnat and exposure_admits(table, packet):
             return True
         chosen = verdict(table, "ingress_apps", d)
         if chosen is None and in_set(table, "shared_net", d):
@@ -194,8 +217,8 @@ def test_exposure(table: Table) -> None:
     assert ports.elements == [((ip("10.77.2.1"),) * 2, (6, 6), (8443, 8443))]
     assert ports.values == [443]
     assert table.set("expose_addr").elements == []  # the gateway fills it
-    assert decide(table, "10.77.2.7", NGINX, "tcp", 443, dnat_from="10.77.2.1")
-    assert not decide(table, "10.77.9.7", NGINX, "tcp", 443, dnat_from="10.77.2.1")
+    assert decide(table, "10.77.2.7", NGINX, "tcp", 443, dnat=("10.77.2.1", 8443))
+    assert not decide(table, "10.77.9.7", NGINX, "tcp", 443, dnat=("10.77.2.1", 8443))
 
 
 def test_counters_and_logging(policy: Policy, table: Table) -> None:

@@ -165,7 +165,7 @@ def test_unlabelled_connections_are_refused(
 def test_exposure_from_shared_subnet_enclaves(table: Table) -> None:
     """An exposed service admits sources by their label too (the originator's half)."""
     for src, allowed in ((DB_B, True), (WEB_B, False), (API_A, False), (EXT, False)):
-        got = decide(table, src, OWN, "tcp", 443, mark=mark(src, OWN), dnat_from="10.77.2.1")
+        got = decide(table, src, OWN, "tcp", 443, mark=mark(src, OWN), dnat=("10.77.2.1", 8443))
         assert got is allowed, src
 
 

@@ -21,6 +21,7 @@ import pytest
 from seng_fw.attest.identity import EnclaveIdentity
 from seng_fw.gateway.config import ControlConfig, GatewayConfig
 from seng_fw.gateway.core import Enclave, GatewayCore
+from seng_fw.gateway.counters import Drop, EndKind, Revoked, Traffic
 from seng_fw.gateway.service import REVOKED_CHECK, ControlError, GatewayControl, policy_digest
 from seng_fw.ops.control import (
     ControlClient,
@@ -28,7 +29,7 @@ from seng_fw.ops.control import (
     ControlServer,
     ControlUnavailable,
 )
-from seng_fw.policy.admission import Admission, AdmissionRejected
+from seng_fw.policy.admission import Admission, AdmissionCheck, AdmissionRejected
 from seng_fw.policy.models import Policy
 
 WEBAPP, NGINX, OTHER = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
@@ -129,12 +130,15 @@ def gateway(tmp_path: Path) -> Gateway:
 
 def test_status_counts_enclaves_traffic_and_rejections(gateway: Gateway) -> None:
     web = gateway.add("webapp", WEBAPP)
-    web.counters.update(packets_in=3, bytes_in=300, packets_out=2, bytes_out=200)
-    gateway.add("webapp", WEBAPP, host="10.0.0.20", nonce=1).counters["dropped_spoofed"] = 4
+    web.traffic = Traffic(packets_in=3, bytes_in=300, packets_out=2, bytes_out=200)
+    gateway.add("webapp", WEBAPP, host="10.0.0.20", nonce=1).traffic.dropped_spoofed = 4
     # Ended enclaves' traffic, as GatewayCore keeps it per app.
-    gateway.core.counters.update({"app.webapp.bytes_in": 1000, "app.webapp.packets_in": 10,
-                                  "rejected.unknown_mrenclave": 2, "dropped.no_enclave": 5,
-                                  "ended.idle_timeout": 1, "admitted": 3})  # fmt: skip
+    counters = gateway.core.counters
+    counters.ended_traffic["webapp"] = Traffic(bytes_in=1000, packets_in=10)
+    counters.rejected[AdmissionCheck.UNKNOWN_MRENCLAVE] = 2
+    counters.dropped[Drop.NO_ENCLAVE] = 5
+    counters.ended[EndKind.IDLE_TIMEOUT] = 1
+    counters.admitted = 3
     gateway.clock.now += 90
     status = gateway.control.status()
     assert status["listen"] == ["10.0.0.1:12345", "10.0.0.1:12346"]
@@ -171,7 +175,7 @@ def test_status_shows_firewall_counters_and_survives_their_failure(gateway: Gate
 def test_enclaves_lists_every_tunnel(gateway: Gateway) -> None:
     gateway.add("nginx", NGINX)
     web = gateway.add("webapp", WEBAPP, host="10.0.0.20")
-    web.counters.update(bytes_in=10, bytes_out=20)
+    web.traffic = Traffic(bytes_in=10, bytes_out=20)
     gateway.clock.now += 5
     records = gateway.control.enclaves()
     assert [(r["app"], r["address"], r["host"]) for r in records] == [
@@ -197,7 +201,7 @@ def test_revoke_app_closes_its_tunnels_and_refuses_it(gateway: Gateway) -> None:
     assert result["revoked"] == {"kind": "app", "app": "webapp"}
     assert sorted(e["host"] for e in result["ended"]) == ["10.0.0.10", "10.0.0.20"]
     assert gateway.core.enclaves == [nginx]
-    assert gateway.core.counters[f"ended.revoked.{REVOKED_CHECK}"] == 2
+    assert gateway.core.counters.ended[Revoked(REVOKED_CHECK)] == 2
     assert gateway.changes == 1  # the adapter sends close_notify and flushes conntrack
     assert gateway.admit(WEBAPP) == REVOKED_CHECK
     assert gateway.admit(NGINX) == "nginx"

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from seng_fw.cli import main
 from seng_fw.gateway.config import load_gateway_config
+from seng_fw.gateway.counters import Traffic
 from seng_fw.ops.cli import EXIT_UNREACHABLE, human_bytes, human_duration, render_config, table
 from seng_fw.ops.control import ControlServer
 from seng_fw.ops.servercert import fingerprint
@@ -50,7 +51,7 @@ class RunningGateway:
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[RunningGateway]:
     with RunningGateway(tmp_path) as gateway:
-        gateway.gateway.add("webapp", WEBAPP).counters.update(bytes_in=2048, bytes_out=10)
+        gateway.gateway.add("webapp", WEBAPP).traffic = Traffic(bytes_in=2048, bytes_out=10)
         gateway.gateway.add("nginx", NGINX, host="10.0.0.20")
         yield gateway
 
@@ -66,6 +67,7 @@ def test_status_table_and_json(running: RunningGateway, capsys: pytest.CaptureFi
     assert code == 0
     assert "listen    10.0.0.1:12345 (tunnel #1), 10.0.0.1:12346 (tunnel #2)" in out
     assert "mode      per_app, queue: none" in out
+    assert "pending   0 handshakes half-open from 0 sources; 0 started" in out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("APP "))
     webapp = next(line for line in lines if line.startswith("webapp "))

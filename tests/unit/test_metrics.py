@@ -7,8 +7,10 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from seng_fw.gateway.counters import Traffic
 from seng_fw.gateway.service import AppTraffic, Snapshot
 from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
+from seng_fw.policy.admission import AdmissionCheck
 from tests.unit.test_control import NGINX, WEBAPP, Gateway
 
 
@@ -16,13 +18,10 @@ def snapshot() -> Snapshot:
     return Snapshot(
         started_at=1_700_000_000.0,
         uptime=12.0,
-        counters={
-            "admitted": 4,
-            "rejected.debug_enclave": 2,
-            "rejected.quote_status": 1,
-            "ended.idle_timeout": 3,
-            "dropped.no_enclave": 7,
-        },
+        admitted=4,
+        rejected={"debug_enclave": 2, "quote_status": 1},
+        ended={"idle_timeout": 3},
+        dropped={"no_enclave": 7},
         apps=[
             AppTraffic("webapp", 2, 10, 1000, 20, 2000, 1),
             AppTraffic("nginx", 0, 0, 0, 0, 0, 0),
@@ -31,6 +30,9 @@ def snapshot() -> Snapshot:
         firewall={"tx_webapp": (8, 800), "rx_webapp": (9, 900)},
         policy_digest="ab" * 32,
         policy_applied_at=1_700_000_100.0,
+        half_open=9,
+        handshakes_started=40,
+        limits={"max_half_open_per_source": 6},
     )
 
 
@@ -52,6 +54,9 @@ def test_render_exposes_the_snapshot() -> None:
     assert values[("seng_fw_tunnel_ends_total", (("reason", "idle_timeout"),))] == 3
     assert values[("seng_fw_dropped_packets_total", (("reason", "no_enclave"),))] == 7
     assert values[("seng_fw_tunnels_active", (("app", "webapp"),))] == 2
+    assert values[("seng_fw_handshakes_half_open", ())] == 9
+    assert values[("seng_fw_handshakes_started_total", ())] == 40
+    assert values[("seng_fw_limit_hits_total", (("limit", "max_half_open_per_source"),))] == 6
     assert values[("seng_fw_tunnels_active", (("app", "nginx"),))] == 0
     key = (("app", "webapp"), ("direction", "from_enclave"))
     assert values[("seng_fw_forwarded_packets_total", key)] == 10
@@ -75,15 +80,15 @@ def test_each_gateway_has_its_own_registry() -> None:
 
 def test_metrics_of_a_real_gateway_core(tmp_path: Path) -> None:
     gateway = Gateway(tmp_path)
-    gateway.add("webapp", WEBAPP).counters.update(packets_in=3, bytes_in=30)
+    gateway.add("webapp", WEBAPP).traffic = Traffic(packets_in=3, bytes_in=30)
     gateway.add("nginx", NGINX)
-    gateway.core.counters["rejected.unknown_mrenclave"] = 1
+    gateway.core.counters.rejected[AdmissionCheck.UNKNOWN_MRENCLAVE] = 1
     values = samples(GatewayMetrics(gateway.control.snapshot).render().decode())
     assert values[("seng_fw_tunnels_active", (("app", "webapp"),))] == 1
     key = (("app", "webapp"), ("direction", "from_enclave"))
     assert values[("seng_fw_forwarded_bytes_total", key)] == 30
-    # Ended enclaves keep counting (GatewayCore moves their traffic to app.* counters).
-    gateway.core.counters["app.webapp.bytes_in"] += 30
+    # Ended enclaves keep counting (GatewayCore moves their traffic to ended_traffic).
+    gateway.core.counters.ended_traffic["webapp"] = Traffic(bytes_in=30)
     gateway.core._enclave_by_address.clear()
     values = samples(GatewayMetrics(gateway.control.snapshot).render().decode())
     assert values[("seng_fw_forwarded_bytes_total", key)] == 30
