@@ -298,11 +298,14 @@ class GatewayControl:
         what, document = self._add_revocation(app, address, mrenclave)
         before = self.core.enclaves
         # The core closes the tunnels of every enclave that its admission now refuses.
-        self.core.reload(self._admission(), self._clock())
+        self.core.reload(self._admission(), self._clock(), cause="revocation")
         remaining = set(self.core.enclaves)
         ended = [enclave for enclave in before if enclave not in remaining]
         self.after_change()
-        log.warning("revoked %s: %d enclaves closed", what, len(ended))
+        log.warning(
+            "revocation: revoked %s: %d enclaves closed", what, len(ended),
+            extra={"event": "revocation", "revoked": document, "closed": len(ended)},
+        )  # fmt: skip
         now, wall = self._clock(), self._wall()
         return {"revoked": document, "ended": [self._record(e, now, wall) for e in ended]}
 
