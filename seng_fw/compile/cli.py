@@ -59,7 +59,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     _policy_argument(compile_)
     _ruleset_arguments(compile_)
-    compile_.add_argument("--format", choices=("nft", "json"), default="nft")
+    compile_.add_argument(
+        "--format",
+        choices=("nft", "json"),
+        default="nft",
+        help="nft: nft -f syntax (default); json: the libnftables JSON transaction",
+    )
     compile_.add_argument(
         "-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout"
     )
@@ -116,7 +121,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="convert an original SENG server database to a YAML policy",
         description="Convert a SENG database (plain or netfilter-extension schema).",
     )
-    importer.add_argument("database", type=Path, metavar="SENG.db")
+    importer.add_argument(
+        "database", type=Path, metavar="SENG.db", help="the SQLite database of a SENG server"
+    )
     importer.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
     importer.add_argument(
         "--allow-debug", action="store_true", help="admit DEBUG enclaves, as the original did"

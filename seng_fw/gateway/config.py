@@ -151,11 +151,12 @@ class MetricsConfig(StrictModel):
         return None if self.listen is None else parse_host_port(self.listen)
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """ "127.0.0.1:9108" -> ("127.0.0.1", 9108); IPv4 only, like the rest of the gateway."""
+def parse_host_port(text: str, example: str = "127.0.0.1:9108") -> tuple[str, int]:
+    """ "127.0.0.1:9108" -> ("127.0.0.1", 9108); IPv4 only, like the rest of the gateway.
+    `example` is what the error shows (the metrics port unless the caller says)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"expected ADDRESS:PORT, e.g. 127.0.0.1:9108, got {text!r}")
+        raise ValueError(f"expected ADDRESS:PORT, e.g. {example}, got {text!r}")
     try:
         IPv4Address(host)
     except ValueError:

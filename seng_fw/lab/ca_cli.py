@@ -55,7 +55,9 @@ def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
     collateral.add_argument(
         "--ca", type=Path, required=True, metavar="DIR", help="lab CA directory"
     )
-    collateral.add_argument("--out", type=Path, required=True, metavar="FILE")
+    collateral.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="the collateral bundle to write"
+    )
     collateral.add_argument(
         "--valid-days",
         type=_positive_float,

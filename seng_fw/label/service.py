@@ -91,9 +91,25 @@ async def serve(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="registry socket")
     parser.add_argument("--queues", type=parse_queues, default=[0], help="N or FIRST-LAST")
-    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
-    parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
-    parser.add_argument("--stats-interval", type=float, default=5.0)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"verdicts sent per batch (default {DEFAULT_BATCH})",
+    )
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=DEFAULT_MAX_LEN,
+        help=f"kernel queue length per NFQUEUE (default {DEFAULT_MAX_LEN})",
+    )
+    parser.add_argument(
+        "--stats-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the queue statistics are read and published (default 5)",
+    )
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -160,10 +160,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help=f"the seng-fw program the units run (default {DEFAULT_BIN})",
     )
     units.add_argument(
-        "--root",
+        "--prefix",
         type=Path,
         default=Path("/"),
+        metavar="DIR",
         help="install below this directory (packaging, tests); only / creates the user",
+    )
+    # The old name, which read like `init --root` (a trust anchor): hidden, still accepted.
+    units.add_argument(
+        "--root", dest="prefix", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     units.set_defaults(func=_cmd_install_units)
 
@@ -469,7 +474,7 @@ def render_config(
     mode: str = "per_app",
     hook: str = "in_process",
 ) -> str:
-    address, port = parse_host_port(listen)
+    address, port = parse_host_port(listen, example="10.0.0.1:12345")
     return CONFIG_TEMPLATE.format(
         address=address,
         port=port,
@@ -511,11 +516,14 @@ def secure_key(key: Path) -> None:
 def _cmd_init(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     try:
-        parse_host_port(args.listen)
+        parse_host_port(args.listen, example="10.0.0.1:12345")
+    except ValueError as exc:
+        raise UsageError(f"--listen (the tunnel address): {exc}") from None
+    try:
         if args.metrics:
             parse_host_port(args.metrics)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"--metrics: {exc}") from None
     for root in args.root:
         if not root.is_file():
             raise UsageError(f"{root}: no such file")
@@ -606,7 +614,7 @@ SYSCTL_TEXT = "# seng-fw: the gateway routes between enclave tunnels and the net
 
 def _cmd_install_units(args: argparse.Namespace) -> int:
     source: Path = args.source
-    root: Path = args.root
+    root: Path = args.prefix
     live = root == Path("/")
     missing = [name for name in (*UNITS, "seng-fw.sysusers") if not (source / name).is_file()]
     if missing:

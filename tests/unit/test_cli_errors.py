@@ -170,3 +170,54 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 0
     assert capsys.readouterr().out == f"seng-fw {version()}\n"
     assert version() != "unknown"
+
+
+def test_every_command_and_option_has_a_description() -> None:
+    import argparse
+
+    from seng_fw.cli import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                for name, sub in action.choices.items():
+                    if not helps.get(name):
+                        missing.append(f"{path} {name}")
+                    walk(sub, f"{path} {name}")
+            elif not action.help:
+                missing.append(f"{path} {action.option_strings or action.dest}")
+
+    walk(build_parser(), "seng-fw")
+    assert missing == []
+
+
+def test_init_listen_error_names_the_listen_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["init", "--dir", str(tmp_path), "--listen", "10.0.0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--listen (the tunnel address)" in err and "10.0.0.1:12345" in err
+    assert "9108" not in err
+    assert main(["init", "--dir", str(tmp_path), "--metrics", "x"]) == 2
+    assert "--metrics: expected ADDRESS:PORT, e.g. 127.0.0.1:9108" in capsys.readouterr().err
+
+
+def test_install_units_prefix_and_its_old_name(tmp_path: Path) -> None:
+    from seng_fw.cli import build_parser
+
+    for option in ("--prefix", "--root"):
+        args = build_parser().parse_args(["install-units", option, str(tmp_path)])
+        assert args.prefix == tmp_path
+    assert build_parser().parse_args(["install-units"]).prefix == Path("/")
+    assert (
+        "--root"
+        not in build_parser()
+        ._subparsers._group_actions[0]
+        .choices[  # type: ignore[union-attr]
+            "install-units"
+        ]
+        .format_help()
+    )

@@ -210,7 +210,7 @@ def test_install_units_into_a_root(tmp_path: Path, capsys: pytest.CaptureFixture
     program.parent.mkdir(parents=True)
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
-    code, _, _ = run(capsys, "install-units", "--root", str(tmp_path), "--bin", str(program))
+    code, _, _ = run(capsys, "install-units", "--prefix", str(tmp_path), "--bin", str(program))
     assert code == 0
     units = tmp_path / "etc" / "systemd" / "system"
     service = (units / "seng-fw.service").read_text()
