@@ -280,9 +280,10 @@ def commands(count: int, trees: dict[str, Path]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         policy, changed = Path(tmp) / "policy.yaml", Path(tmp) / "changed.yaml"
         data = policy_data(count)
-        policy.write_text(yaml.safe_dump(data, sort_keys=False))
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        policy.write_text(yaml.dump(data, Dumper=dumper, sort_keys=False))
         data["apps"][count // 2]["egress"][1]["ports"] = [4242]
-        changed.write_text(yaml.safe_dump(data, sort_keys=False))
+        changed.write_text(yaml.dump(data, Dumper=dumper, sort_keys=False))
         argvs = {
             "check": ["check", str(policy)],
             "apply": ["apply", str(policy), "--gateway-pid-file", "/nonexistent"],
@@ -290,28 +291,29 @@ def commands(count: int, trees: dict[str, Path]) -> None:
             "apply --dry-run": ["apply", str(changed), "--dry-run"],
             "diff": ["diff", str(changed)],
         }
-        results: dict[str, dict[str, tuple[float, float, int]]] = {}
-        for name, tree in trees.items():
-            netns = f"sfwbench{os.getpid()}"
+        names = list(trees)
+        print(f"{count} apps: seconds and peak RSS (MB) per command, one process each")
+        header = f"{'command':<16}" + "".join(f" {n + ' s':>9} {n + ' MB':>9}" for n in names)
+        print(header + (f" {'ratio s':>8} {'ratio MB':>8}" if len(names) == 2 else ""))
+        spaces = {name: f"sfwbench{os.getpid()}-{index}" for index, name in enumerate(names)}
+        for netns in spaces.values():
             ip("netns", "add", netns)
-            try:
-                results[name] = {c: _timed_command(netns, tree, argvs[c]) for c in COMMANDS}
-            finally:
+        try:
+            # command by command, each tree in turn: the two figures of a row are taken
+            # close together, under the same load
+            for command in COMMANDS:
+                row, figures = f"{command:<16}", []
+                for name, tree in trees.items():
+                    seconds, mbytes, status = _timed_command(spaces[name], tree, argvs[command])
+                    figures.append((seconds, mbytes))
+                    row += f" {seconds:>9.1f} {mbytes:>9.0f}" + ("" if status in (0, 1) else "!")
+                if len(figures) == 2:
+                    (s0, m0), (s1, m1) = figures
+                    row += f" {s0 / s1:>8.1f} {m0 / m1:>8.1f}"
+                print(row, flush=True)
+        finally:
+            for netns in spaces.values():
                 ip("netns", "delete", netns)
-            print(f"  ({name} done)", file=sys.stderr, flush=True)
-    names = list(trees)
-    print(f"\n{count} apps: seconds and peak RSS (MB) per command, one process each")
-    header = f"{'command':<16}" + "".join(f" {n + ' s':>12} {n + ' MB':>12}" for n in names)
-    print(header + (f" {'ratio s':>8} {'ratio MB':>8}" if len(names) == 2 else ""))
-    for command in COMMANDS:
-        row = f"{command:<16}"
-        for name in names:
-            seconds, mbytes, status = results[name][command]
-            row += f" {seconds:>12.1f} {mbytes:>12.0f}" + ("" if status in (0, 1) else "!")
-        if len(names) == 2:
-            (s0, m0, _), (s1, m1, _) = (results[n][command] for n in names)
-            row += f" {s0 / s1:>8.1f} {m0 / m1:>8.1f}"
-        print(row, flush=True)
 
 
 def main() -> int:

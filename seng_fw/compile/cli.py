@@ -7,11 +7,14 @@ changes, 1 changes, 2 when it cannot compare (invalid policy, nftables error).
 `check`, `compile` and `import-db` need no privileges; `diff` and `apply` read (and
 `apply` writes) the live ruleset, so they need CAP_NET_ADMIN (root).
 
-`apply` replaces seng-fw's table (`table inet seng`) in one transaction, then sends
-SIGHUP to the gateway whose pid is in `--gateway-pid-file` (default
-/run/seng-fw/gateway.pid), if that file exists: the gateway reloads its policy file
-(apply the same file its configuration names), disconnects enclaves of apps that are
-no longer allowed and deletes their leases' conntrack entries.
+`apply` replaces seng-fw's table (`table inet seng`) in one transaction, stamped with
+the policy's digest, then asks the running gateway over its control socket
+(`--control-socket`) to load that very policy (its absolute path and digest): the
+gateway reads it, refuses it if its digest differs (the file changed meanwhile),
+disconnects enclaves of apps that are no longer allowed and deletes their leases'
+conntrack entries. With no gateway answering the ruleset is applied all the same and
+apply says so, with exit status 3 (seng-fw-policy.service, which runs before the
+gateway, counts that as success); a gateway that refuses the policy gives exit status 1.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from seng_fw.policy.importdb import DbImportError, DbUnreadable, import_db
 from seng_fw.policy.loader import load_policy, policy_files
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError
+from seng_fw.system import ipc
 from seng_fw.system.cli_toolkit import (
     EXIT_OK,
     EXIT_REFUSED,
@@ -46,8 +50,13 @@ from seng_fw.system.cli_toolkit import (
     error_text,
     write_output,
 )
+from seng_fw.system.ipc import DEFAULT_CONTROL_SOCKET
 
 EXIT_REJECTED = EXIT_REFUSED
+
+EXIT_NO_GATEWAY = 3  # the README's table: no gateway answering
+# A 10,000-app policy takes the gateway seconds to load and check.
+RELOAD_TIMEOUT = 300.0
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -91,7 +100,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "apply",
         help="load a policy's ruleset atomically and reload the gateway",
         description="Replace seng-fw's table in one transaction (all or nothing; other "
-        "tables are not touched), then send SIGHUP to a running gateway.",
+        "tables are not touched), then make a running gateway admit by the same policy "
+        "(over its control socket).",
     )
     _policy_argument(apply)
     _ruleset_arguments(apply)
@@ -108,11 +118,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     _colour_argument(apply)
     apply.add_argument(
-        "--gateway-pid-file",
+        "--control-socket",
         type=Path,
-        default=live.DEFAULT_PID_FILE,
+        default=DEFAULT_CONTROL_SOCKET,
         metavar="PATH",
-        help=f"pid file of the gateway to reload (default {live.DEFAULT_PID_FILE})",
+        help=f"the gateway to hand the policy to (default {DEFAULT_CONTROL_SOCKET})",
     )
     apply.set_defaults(func=_cmd_apply)
 
@@ -341,7 +351,32 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     except (live.NftError, OSError) as exc:
         raise Refused(f"apply: the ruleset was not changed: {error_text(exc)}") from None
     print(summary(table, result, len(policy.apps)))
-    print(live.reload_gateway(args.gateway_pid_file))
+    return _hand_over(args.policy.resolve(), result.policy_digest, args.control_socket)
+
+
+def _hand_over(path: Path, digest: str, control_socket: Path) -> int:
+    """Ask the running gateway to admit by the policy just applied."""
+    message = {"command": "reload", "args": {"policy": str(path), "digest": digest}}
+    try:
+        answer = ipc.request(control_socket, message, timeout=RELOAD_TIMEOUT)
+    except ipc.IpcUnavailable as exc:
+        print(f"seng-fw apply: no gateway answering ({exc}): the ruleset is applied, "
+              "no gateway was reloaded", file=sys.stderr)  # fmt: skip
+        return EXIT_NO_GATEWAY
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        error = answer.get("error") if isinstance(answer, dict) else answer
+        print(
+            f"seng-fw apply: the ruleset is applied, but the gateway refused the policy: "
+            f"{error}\nits admission policy and the ruleset now differ (seng-fw status "
+            "shows both digests)",
+            file=sys.stderr,
+        )
+        return EXIT_REJECTED
+    result = answer.get("result") or {}
+    print(
+        f"gateway reloaded {result.get('policy')}: {result.get('enclaves')} enclaves remain, "
+        f"{result.get('closed')} disconnected"
+    )
     return EXIT_OK
 
 

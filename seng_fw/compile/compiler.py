@@ -194,6 +194,7 @@ class _Resolver:
             for app in policy.apps
             if app.subnet is not None
         }
+        self.gateway_addresses = {s.gateway_address for s in policy.enclave_subnets()}
 
     def selected(self, ref: Ref) -> list[App]:
         """The apps whose enclaves `ref` names (its host prefix aside)."""
@@ -248,6 +249,18 @@ class _Resolver:
             ]
         return out
 
+    def may_be_gateway(self, peer: IPv4Network) -> bool:
+        """Whether a peer is one address that can be the gateway's: on one of its
+        networks (`gateway_networks`; any address when the policy lists none) or its
+        address on an enclave subnet. (Other single addresses would only make the
+        `to_gateway` sets large.)"""
+        if peer.prefixlen != 32:
+            return False
+        address = peer.network_address
+        if address in self.gateway_addresses or not self.policy.gateway_networks:
+            return True
+        return any(address in network for network in self.policy.gateway_networks)
+
     def gateway_boxes(self, app: App) -> list[Box]:
         """Elements (app . protocol . port . gateway address) of the app's egress rules
         that name the gateway: `{gateway: true}` (any of its addresses) or one address
@@ -259,8 +272,10 @@ class _Resolver:
                 ANY_ADDRESS if isinstance(peer, GatewayRef) else network_interval(peer)
                 for peer in rule.to
                 if isinstance(peer, GatewayRef)
-                or (isinstance(peer, IPv4Network) and peer.prefixlen == 32)
+                or (isinstance(peer, IPv4Network) and self.may_be_gateway(peer))
             ]
+            if not addresses:
+                continue
             proto = PROTOCOLS[rule.protocol]
             out += [
                 (owner, proto, port, address)

@@ -1,5 +1,5 @@
 """The live ruleset: apply a compiled table atomically, show what an apply would change,
-read the per-app counters, and tell a running gateway to reload.
+read the per-app counters and the digests stamped on the live table.
 
 Everything goes through libnftables (the `nftables` Python binding, package
 `pip-nftables`, which needs Debian's libnftables1). Only seng-fw's own table is
@@ -10,6 +10,13 @@ and a failed apply's previous ruleset are left exactly as they were.
 State that lives in the table survives an apply: the per-app counters keep their
 values and the gateway's entries in `expose_addr` (which enclave serves an exposed
 service) are carried over while the exposure still exists.
+
+Every applied table carries two digests, as the names of counters (libnftables 1.0.6
+drops table comments given in JSON; diffs do not show them): the ruleset's
+(`seng_fw_digest_<hex>`: apply skips a ruleset the table already holds) and the
+policy's (`seng_fw_digest_policy_<hex>`, `seng_fw.policy.digest`), which `seng-fw
+status` compares with the policy the gateway admits by. Telling the gateway to reload
+is not done here: `seng-fw apply` hands it the policy over its control socket.
 """
 
 from __future__ import annotations
@@ -21,21 +28,21 @@ import functools
 import hashlib
 import json
 import os
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import Any, TypeVar
 
 from seng_fw.compile.compiler import PROTOCOLS, TABLE
 from seng_fw.compile.diff import DIGEST_COUNTER, RulesetDiff, compare
 from seng_fw.compile.nft import FAMILY, Counter, Json, Table
+from seng_fw.policy.digest import policy_digest
 from seng_fw.policy.models import Policy
 
 T = TypeVar("T")
-DEFAULT_PID_FILE = Path("/run/seng-fw/gateway.pid")
+# The policy's digest (not the ruleset's): what the gateway compares with its own.
+POLICY_DIGEST_COUNTER = DIGEST_COUNTER + "policy_"
 _PROTOCOL_NUMBERS = {name: low for name, (low, _) in PROTOCOLS.items() if name != "any"}
 
 
@@ -119,6 +126,7 @@ def ruleset_digest(table: Table, source: str = "") -> str:
 class LiveState:
     exists: bool = False
     digest: str | None = None  # of the ruleset the last apply loaded
+    policy_digest: str | None = None  # of the policy it was compiled from
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)
     # (gateway address, protocol number, port) -> serving enclave address
     exposed: dict[tuple[int, int, int], IPv4Address] = field(default_factory=dict)
@@ -133,6 +141,9 @@ def read_state(nft: Nft, table: str) -> LiveState:
     for obj in nft.list_json(f"counters table {FAMILY} {table}"):
         if "counter" in obj:
             counter = obj["counter"]
+            if counter["name"].startswith(POLICY_DIGEST_COUNTER):
+                state.policy_digest = counter["name"].removeprefix(POLICY_DIGEST_COUNTER)
+                continue
             if counter["name"].startswith(DIGEST_COUNTER):
                 state.digest = counter["name"].removeprefix(DIGEST_COUNTER)
                 continue
@@ -169,9 +180,9 @@ def carry_over(table: Table, policy: Policy, state: LiveState) -> None:
 # --- apply, diff --------------------------------------------------------------------
 
 
-def _with_digest(table: Table, digest: str) -> Table:
-    counters = [*table.counters, Counter(DIGEST_COUNTER + digest)]
-    return dataclasses.replace(table, counters=counters)
+def _with_digest(table: Table, digest: str, policy: str) -> Table:
+    stamps = [Counter(DIGEST_COUNTER + digest), Counter(POLICY_DIGEST_COUNTER + policy)]
+    return dataclasses.replace(table, counters=[*table.counters, *stamps])
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,7 @@ class ApplyResult:
     changed: bool  # False: the live table already holds this ruleset; nothing was done
     replaced: bool  # there was a seng table before
     digest: str
+    policy_digest: str  # `seng_fw.policy.digest` of the policy applied
 
 
 Step = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -207,17 +219,24 @@ def apply(
     nft = nft or Nft()
     with step("render"):
         digest = ruleset_digest(table, source)
+        admission = policy_digest(policy)
     with step("read the live table"):
         state = read_state(nft, table.name)
     if state.digest == digest and not force:
-        return ApplyResult(changed=False, replaced=state.exists, digest=digest)
+        return ApplyResult(False, state.exists, digest, admission)
     carry_over(table, policy, state)
-    marked = _with_digest(table, digest)
+    marked = _with_digest(table, digest, admission)
     with step("render"):
         transaction = marked.transaction()
     with step("kernel transaction"):
         nft.run_json(transaction, dry_run=dry_run)
-    return ApplyResult(changed=True, replaced=state.exists, digest=digest)
+    return ApplyResult(True, state.exists, digest, admission)
+
+
+def live_digest(nft: Nft, table: str = TABLE) -> str | None:
+    """The policy digest stamped on the live table; None without table or stamp (a
+    table loaded by hand, or by an older seng-fw)."""
+    return read_state(nft, table).policy_digest
 
 
 def in_scratch_namespace(fn: Callable[[], T]) -> T:
@@ -251,7 +270,7 @@ def diff(table: Table, policy: Policy, nft: Nft | None = None, source: str = "")
     state = read_state(nft, table.name)
     carry_over(table, policy, state)
     old = nft.list_text(f"table inet {table.name}") if state.exists else ""
-    transaction = _with_digest(table, digest).transaction()
+    transaction = _with_digest(table, digest, policy_digest(policy)).transaction()
 
     def load_and_list() -> str:
         scratch = Nft()
@@ -285,32 +304,3 @@ def set_exposure_target(
             commands.append({"add": {"element": {**body, "elem": [[key, str(enclave)]]}}})
     if commands:
         nft.run_json({"nftables": commands})
-
-
-# --- the gateway --------------------------------------------------------------------
-
-
-def reload_gateway(pid_file: Path) -> str:
-    """Send SIGHUP to the gateway whose pid is in `pid_file`; it reloads the policy,
-    disconnects enclaves of apps no longer allowed and deletes their conntrack entries.
-    Returns what happened, for the user."""
-    try:
-        text = pid_file.read_text().strip()
-    except FileNotFoundError:
-        return f"no gateway pid file {pid_file}: no running gateway to reload"
-    except OSError as exc:
-        return f"warning: cannot read {pid_file}: {exc}"
-    if not text.isdigit():
-        return f"warning: {pid_file} does not hold a pid ({text[:20]!r})"
-    pid = int(text)
-    # A stale pid file may name an unrelated process, which SIGHUP would kill.
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return f"warning: gateway pid {pid} from {pid_file} is not running"
-    if b"seng" not in cmdline:
-        return f"warning: pid {pid} from {pid_file} is not a seng-fw gateway; not signalled"
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGHUP)
-        return f"gateway (pid {pid}) told to reload its policy"
-    return f"warning: gateway pid {pid} from {pid_file} is not running"

@@ -61,7 +61,21 @@ def _address_interval(interval: Interval) -> tuple[Json, str]:
 
 
 def render_value(datatype: Datatype, interval: Interval) -> tuple[Json, str]:
-    """One field of an element: (JSON, nft text)."""
+    """One field of an element: (JSON, nft text). Cached: an app's subnet, its peers and
+    ports recur in many elements (the JSON objects are shared, never modified)."""
+    key = (datatype, interval)
+    rendered = _RENDERED.get(key)
+    if rendered is None:
+        if len(_RENDERED) > 1_000_000:
+            _RENDERED.clear()
+        rendered = _RENDERED[key] = _render_value(datatype, interval)
+    return rendered
+
+
+_RENDERED: dict[tuple[Datatype, Interval], tuple[Json, str]] = {}
+
+
+def _render_value(datatype: Datatype, interval: Interval) -> tuple[Json, str]:
     low, high = interval
     if datatype == "ipv4_addr":
         return _address_interval(interval)

@@ -14,6 +14,9 @@ from seng_fw.label.config import LabelConfig
 from seng_fw.policy.models import Policy, StrictModel
 from seng_fw.policy.yamlfile import PATTERN_WORDS, ConfigError, ConfigIssue, load_model
 
+# Defined with the IPC, below the layers that need it (`seng-fw apply` talks to it too).
+from seng_fw.system.ipc import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
+
 QUOTE_STATUSES = (
     "OK",
     "GROUP_OUT_OF_DATE",
@@ -93,7 +96,6 @@ class TimeoutConfig(StrictModel):
     assignment_attempts: int = Field(default=8, ge=1)
 
 
-DEFAULT_CONTROL_SOCKET = Path("/run/seng-fw/control.sock")
 GROUP_PATTERN = r"^[a-z_][a-z0-9_-]*\$?$"
 PATTERN_WORDS[GROUP_PATTERN] = "a group name is lower-case letters, digits, '_' and '-'"
 
@@ -164,6 +166,13 @@ def parse_host_port(text: str, example: str = "127.0.0.1:9108") -> tuple[str, in
     return host, int(port)
 
 
+class StateConfig(StrictModel):
+    """What the gateway keeps across restarts (systemd's StateDirectory=)."""
+
+    # Operator revocations (`seng-fw revoke`), with who, when and why.
+    revocations: Path = Path("/var/lib/seng-fw/revocations.json")
+
+
 class GatewayConfig(StrictModel):
     listen: ListenConfig = ListenConfig()
     tls: TlsConfig
@@ -179,6 +188,7 @@ class GatewayConfig(StrictModel):
     label: LabelConfig = LabelConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
+    state: StateConfig = StateConfig()
     # text: "LEVEL logger: message"; json: one JSON object per line. One event per line.
     log_format: Literal["text", "json"] = "text"
 
@@ -207,6 +217,7 @@ class GatewayConfig(StrictModel):
                 "policy": fix(self.policy),
                 "control": self.control.model_copy(update={"socket": fix(self.control.socket)}),
                 "label": self.label.model_copy(update={"socket": fix(self.label.socket)}),
+                "state": StateConfig(revocations=fix(self.state.revocations)),
             }
         )
 

@@ -33,7 +33,6 @@ from seng_fw.gateway.core import (
 )
 from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
-from seng_fw.gateway.service import ControlError
 from seng_fw.label.labelling import Labelling
 from seng_fw.policy.ipam import EnclaveSubnet
 from seng_fw.system import sdnotify
@@ -227,8 +226,8 @@ class GatewayServer:
         self.stop()
 
     def set_reload(self, reload: Callable[[], Awaitable[object]]) -> None:
-        """What SIGHUP runs: `GatewayControl.reload` (loads the policy off the loop,
-        applies it, logs the outcome and raises if it was refused)."""
+        """What SIGHUP runs: `GatewayService.reload_on_signal` (loads the policy off the
+        loop, applies it and logs the outcome)."""
         self._reload = reload
 
     def reload(self) -> None:
@@ -239,8 +238,6 @@ class GatewayServer:
     async def _reload_logged(self, reload: Callable[[], Awaitable[object]]) -> None:
         try:
             await reload()
-        except ControlError:  # refused, and logged: the running policy stays
-            pass
         except Exception:
             log.exception("internal error in a policy reload")
 

@@ -1,6 +1,6 @@
 """The one owner of a running gateway's policy, revocations and status.
 
-`GatewayControl` answers what the control socket, signals and `seng-fw apply` ask of a
+`GatewayService` answers what the control socket, SIGHUP and `seng-fw apply` ask of a
 running `GatewayCore`: status, the enclave list, revocations and policy reloads; it runs
 on the event loop and leaves the I/O to the adapter through its callbacks.
 """
@@ -8,8 +8,7 @@ on the event loop and leaves the I/O to the adapter through its callbacks.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
+import contextlib
 import logging
 import os
 import time
@@ -18,13 +17,22 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from seng_fw.attest.identity import EnclaveIdentity
 from seng_fw.gateway.config import GatewayConfig
 from seng_fw.gateway.counters import Traffic, by_reason
-from seng_fw.policy.admission import Admission, AdmissionCheck, AdmissionRejected
-from seng_fw.policy.models import App, Policy
+from seng_fw.gateway.revocations import (
+    RevocableAdmission,
+    Revocation,
+    RevocationStore,
+    RevocationStoreError,
+    identity_fingerprint,
+    revocations_from,
+)
+from seng_fw.policy.admission import AdmissionCheck
+from seng_fw.policy.digest import policy_digest
+from seng_fw.policy.models import Policy
 
 if TYPE_CHECKING:
     from seng_fw.gateway.core import Enclave, GatewayCore
@@ -48,82 +56,6 @@ IDENTITY_EVIDENCE_KEYS = (
 
 class ControlError(Exception):
     """A request the gateway refuses or cannot carry out; the text goes to the user."""
-
-
-@dataclass(frozen=True, order=True)
-class RevokedEnclave:
-    """One revoked enclave instance, as it was when revoked."""
-
-    address: str
-    app: str
-    host: str
-
-    def __str__(self) -> str:
-        return f"{self.address} (app {self.app}, host {self.host})"
-
-
-@dataclass
-class Revocations:
-    """What the operator revoked: refused at admission, and their tunnels closed, until
-    the gateway restarts or `seng-fw revoke --clear`. Policy reloads keep them."""
-
-    apps: set[str] = field(default_factory=set)
-    mrenclaves: set[bytes] = field(default_factory=set)
-    # One enclave instance: its client host and attestation evidence. A restarted
-    # enclave attests afresh and may come back (unless its app or MRENCLAVE is revoked).
-    instances: dict[tuple[IPv4Address, EnclaveIdentity], RevokedEnclave] = field(
-        default_factory=dict
-    )
-
-    def reason(self, app: str, identity: EnclaveIdentity, host: IPv4Address) -> str | None:
-        if app in self.apps:
-            return f"app {app} was revoked by the operator"
-        if identity.mrenclave in self.mrenclaves:
-            return f"MRENCLAVE {identity.mrenclave.hex()} was revoked by the operator"
-        instance = self.instances.get((host, identity))
-        if instance is not None:
-            return f"enclave {instance} was revoked by the operator"
-        return None
-
-    def describe(self) -> list[str]:
-        return [
-            *(f"app {name}" for name in sorted(self.apps)),
-            *(f"mrenclave {m.hex()}" for m in sorted(self.mrenclaves)),
-            *(f"enclave {instance}" for instance in sorted(self.instances.values())),
-        ]
-
-    def to_json(self) -> list[dict[str, str]]:
-        """Every revocation as an object with `kind` (app, mrenclave or enclave)."""
-        return [
-            *({"kind": "app", "app": name} for name in sorted(self.apps)),
-            *({"kind": "mrenclave", "mrenclave": m.hex()} for m in sorted(self.mrenclaves)),
-            *(
-                {"kind": "enclave", **asdict(instance)}
-                for instance in sorted(self.instances.values())
-            ),
-        ]
-
-    def clear(self) -> int:
-        count = len(self.apps) + len(self.mrenclaves) + len(self.instances)
-        self.apps.clear()
-        self.mrenclaves.clear()
-        self.instances.clear()
-        return count
-
-
-class RevocableAdmission(Admission):
-    """The policy's admission, minus what the operator revoked."""
-
-    def __init__(self, policy: Policy, revocations: Revocations) -> None:
-        super().__init__(policy)
-        self.revocations = revocations
-
-    def admit(self, identity: EnclaveIdentity, host: IPv4Address) -> App:
-        app = super().admit(identity, host)
-        reason = self.revocations.reason(app.name, identity, host)
-        if reason is not None:
-            raise AdmissionRejected(REVOKED_CHECK, reason)
-        return app
 
 
 @dataclass(frozen=True)
@@ -152,23 +84,14 @@ class Snapshot:
     apps: list[AppTraffic]
     labeller: dict[str, int]
     firewall: dict[str, tuple[int, int]]  # nftables counters tx_APP / rx_APP
-    policy_digest: str
+    policy_digest: str  # of the policy the gateway admits by
+    ruleset_digest: str | None  # of the policy the live ruleset was compiled from
     policy_applied_at: float  # wall clock
     half_open: int = 0  # handshakes past the cookie check, not completed
     half_open_sources: int = 0  # source addresses they come from
     handshakes_started: int = 0
     certificate_timeouts: int = 0  # half-open handshakes dropped without a certificate
     limits: dict[str, int] = field(default_factory=dict)  # hits by Limit
-
-
-def policy_digest(policy: Policy) -> str:
-    """SHA-256 of the parsed policy: the same for the same rules, whatever the comments."""
-
-    def plain(value: object) -> str:
-        return value.hex() if isinstance(value, bytes) else str(value)
-
-    text = json.dumps(policy.model_dump(mode="python"), sort_keys=True, default=plain)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _nothing() -> None:
@@ -183,13 +106,26 @@ def iso_time(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class GatewayControl:
-    """`ControlHandler` over a running `GatewayCore`; all methods run on the event loop.
+@dataclass(frozen=True)
+class FirewallState:
+    """What the live ruleset says, read with libnftables in a worker thread."""
 
-    `load_policy` reads the policy again (raises if it is invalid); `before_reload` gets
+    counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # tx_APP / rx_APP
+    # The digest of the policy the live table was compiled from (None: not stamped).
+    policy_digest: str | None = None
+    read: bool = False  # False: not read (no nft access configured, or it failed)
+
+
+class GatewayService:
+    """The one owner of a running gateway's policy, revocations and status: the control
+    socket (`ControlHandler`), SIGHUP and `seng-fw apply` all go through it. All methods
+    run on the event loop; blocking work goes to worker threads.
+
+    `load_policy(path)` reads a policy (raises if it is invalid); `before_reload` gets
     the adapter ready for a new policy before it takes effect. `after_change` runs
     after tunnels were closed or subnets changed, so that the adapter sends the queued
     close_notify alerts, starts conntrack flushes and syncs the TUN addresses.
+    `read_firewall` reads the live ruleset's counters and policy digest (blocking).
     """
 
     def __init__(
@@ -197,12 +133,13 @@ class GatewayControl:
         core: GatewayCore,
         config: GatewayConfig,
         *,
-        load_policy: Callable[[], Policy],
+        load_policy: Callable[[Path], Policy],
         before_reload: Callable[[Policy], Awaitable[None]] | None = None,
         after_change: Callable[[], None] = _nothing,
         queue_mode: Callable[[], str] = _no_queue,
-        firewall_counters: Callable[[], Mapping[str, tuple[int, int]]] | None = None,
+        read_firewall: Callable[[], FirewallState] | None = None,
         labeller_counters: Callable[[], Mapping[str, int]] | None = None,
+        store: RevocationStore | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -212,15 +149,22 @@ class GatewayControl:
         self.before_reload = before_reload
         self.after_change = after_change
         self.queue_mode = queue_mode
-        self.firewall_counters = firewall_counters
+        self.read_firewall = read_firewall
         self.labeller_counters = labeller_counters
         self._clock = clock
         self._wall = wall_clock
-        self.revocations = Revocations()
+        # Raises RevocationStoreError if the stored ones cannot be read: the gateway
+        # must not start and let revoked enclaves back in.
+        self.store = store
+        self.revocations = revocations_from(store)
         self.started = clock()
         self.started_at = wall_clock()
         self.policy_applied_at = self.started_at
+        # Where the running policy came from: the configuration's, until `apply` hands
+        # over another one (then SIGHUP reloads that one too).
+        self.policy_path: Path = config.policy
         self._digest: tuple[Policy, str] | None = None
+        self._firewall = FirewallState()
         self._reload_lock = asyncio.Lock()
         core.admission = self._admission()
 
@@ -233,24 +177,36 @@ class GatewayControl:
             return admission
         return RevocableAdmission(admission.policy, self.revocations)
 
-    async def load_and_apply_policy(self) -> int:
-        """Load the policy and apply it; raises if it is invalid and keeps the running
-        one. Enclaves it no longer admits are closed; returns how many. The files are
-        read and checked (and the digest taken) in a worker thread: a 10,000-app policy
-        takes half a minute to load, and on the event loop that stalled every tunnel
-        (and the watchdog) for as long. Reloads run one at a time."""
+    async def load_and_apply_policy(
+        self, path: Path | None = None, expected_digest: str | None = None
+    ) -> int:
+        """Load the policy at `path` (default: the running policy's file) and apply it;
+        raises if it is invalid, or its digest is not `expected_digest`, and keeps the
+        running one. Enclaves it no longer admits are closed; returns how many. The
+        files are read and checked (and the digest taken) in a worker thread: a
+        10,000-app policy takes seconds to load, and on the event loop that stalled
+        every tunnel (and the watchdog) for as long. Reloads run one at a time."""
         async with self._reload_lock:
-            policy, digest = await asyncio.to_thread(self._load_with_digest)
+            path = path or self.policy_path
+            policy, digest = await asyncio.to_thread(self._load_with_digest, path)
+            if expected_digest is not None and digest != expected_digest:
+                # The file changed between `apply` compiling it and us reading it: what
+                # we would admit by is not what the ruleset enforces. Fail closed.
+                raise ControlError(
+                    f"{path} now has digest {digest[:16]}, not {expected_digest[:16]} "
+                    "as applied: it changed meanwhile; apply it again"
+                )
             if self.before_reload is not None:
                 await self.before_reload(policy)
             before = len(self.core.enclaves)
             self.core.reload(RevocableAdmission(policy, self.revocations), self._clock())
             self._digest = (policy, digest)
+            self.policy_path = path
             self.policy_applied_at = self._wall()
             return before - len(self.core.enclaves)
 
-    def _load_with_digest(self) -> tuple[Policy, str]:
-        policy = self.load_policy()
+    def _load_with_digest(self, path: Path) -> tuple[Policy, str]:
+        policy = self.load_policy(path)
         return policy, policy_digest(policy)
 
     def policy_digest(self) -> str:
@@ -259,12 +215,42 @@ class GatewayControl:
             self._digest = (policy, policy_digest(policy))
         return self._digest[1]
 
+    async def refresh_firewall(self) -> FirewallState:
+        """Read the live ruleset's counters and digest (in a worker thread); kept for
+        `snapshot()`. A failure is logged and leaves an unread state: status and
+        metrics must not fail because nft did."""
+        if self.read_firewall is None:
+            return self._firewall
+        try:
+            self._firewall = await asyncio.to_thread(self.read_firewall)
+        except Exception as exc:
+            log.warning("cannot read the live ruleset: %s", exc)
+            self._firewall = FirewallState()
+        return self._firewall
+
+    async def reload_on_signal(self) -> None:
+        """SIGHUP: like `seng-fw reload`; a refusal is logged, the running policy kept."""
+        with contextlib.suppress(ControlError):
+            await self.reload()
+
     # --- ControlHandler --------------------------------------------------------------
 
-    async def reload(self) -> dict[str, Any]:
-        """`seng-fw reload`, `systemctl reload` and SIGHUP."""
+    async def reload(self, policy: str | None = None, digest: str | None = None) -> dict[str, Any]:
+        """`seng-fw reload`, `systemctl reload` and SIGHUP (the running policy's file
+        again), and `seng-fw apply` (`policy`: the file it applied, `digest`: of what it
+        compiled; the gateway loads that very policy or refuses)."""
+        path = None
+        if policy is not None:
+            path = Path(policy)
+            if not path.is_absolute():
+                raise ControlError(f"reload: the policy path must be absolute, got {policy!r}")
+        if digest is not None and not _is_digest(digest):
+            raise ControlError(f"reload: a digest is 64 hex digits, got {digest!r}")
         try:
-            closed = await self.load_and_apply_policy()
+            closed = await self.load_and_apply_policy(path, digest)
+        except ControlError as exc:
+            log.error("policy reload refused, keeping the running policy: %s", exc)
+            raise ControlError(f"policy not reloaded, the running one is kept: {exc}") from exc
         except Exception as exc:
             detail = str(exc).replace("\n", "; ")
             log.error("policy reload failed, keeping the running policy: %s", detail)
@@ -273,29 +259,36 @@ class GatewayControl:
         after = len(self.core.enclaves)
         log.info("policy reloaded: %d enclaves remain, %d closed", after, closed)
         return {
-            "policy": str(self.config.policy),
+            "policy": str(self.policy_path),
             "digest": self.policy_digest(),
             "apps": len(self.core.admission.policy.apps),
             "enclaves": after,
             "closed": closed,
         }
 
-    def revoke(
+    async def revoke(
         self,
         *,
         app: str | None = None,
         address: str | None = None,
         mrenclave: str | None = None,
         clear: bool = False,
+        reason: str = "",
+        by: str = "?",
     ) -> dict[str, Any]:
+        """Revoke (or with `clear` lift every revocation); in force at once, then saved
+        in the store (in a worker thread). If saving fails the revocation still holds
+        until the gateway stops, and the answer says so."""
         given = [value for value in (app, address, mrenclave) if value is not None]
         if len(given) + clear != 1:
             raise ControlError("revoke: give exactly one of app, address, mrenclave or clear")
         if clear:
             count = self.revocations.clear()
-            log.warning("revocations cleared (%d)", count)
-            return {"cleared": count, "ended": []}
-        what, document = self._add_revocation(app, address, mrenclave)
+            log.warning("revocations cleared (%d) by %s", count, by)
+            return {"cleared": count, "ended": [], **await self._save()}
+        revocation = self._revocation(app, address, mrenclave, reason, by)
+        self.revocations.add(revocation)
+        what = revocation.describe()
         before = self.core.enclaves
         # The core closes the tunnels of every enclave that its admission now refuses.
         self.core.reload(self._admission(), self._clock(), cause="revocation")
@@ -303,21 +296,36 @@ class GatewayControl:
         ended = [enclave for enclave in before if enclave not in remaining]
         self.after_change()
         log.warning(
-            "revocation: revoked %s: %d enclaves closed", what, len(ended),
-            extra={"event": "revocation", "revoked": document, "closed": len(ended)},
+            "revocation: revoked %s by %s%s: %d enclaves closed",
+            what, by, f" ({reason})" if reason else "", len(ended),
+            extra={"event": "revocation", "revoked": what, "by": by, "closed": len(ended)},
         )  # fmt: skip
         now, wall = self._clock(), self._wall()
-        return {"revoked": document, "ended": [self._record(e, now, wall) for e in ended]}
+        ended_records = [self._record(e, now, wall) for e in ended]
+        return {"revoked": what, "ended": ended_records, **await self._save()}
 
-    def _add_revocation(
-        self, app: str | None, address: str | None, mrenclave: str | None
-    ) -> tuple[str, dict[str, str]]:
-        """The revocation added, for the log and as a Revocations.to_json() object."""
+    def revocation_list(self) -> list[dict[str, Any]]:
+        """`seng-fw revoke --list`: every revocation with who, when and why."""
+        return self.revocations.to_json()
+
+    async def _save(self) -> dict[str, Any]:
+        if self.store is None:
+            return {"saved": False}
+        try:
+            await asyncio.to_thread(self.store.save, list(self.revocations.items))
+        except RevocationStoreError as exc:
+            log.error("revocations not saved (in force until the gateway stops): %s", exc)
+            return {"saved": False, "warning": f"not saved, in force until a restart: {exc}"}
+        return {"saved": True}
+
+    def _revocation(
+        self, app: str | None, address: str | None, mrenclave: str | None, reason: str, by: str
+    ) -> Revocation:
+        at = iso_time(self._wall())
         if app is not None:
             if app not in {known.name for known in self.core.admission.policy.apps}:
                 raise ControlError(f"no app {app!r} in the running policy")
-            self.revocations.apps.add(app)
-            return f"app {app}", {"kind": "app", "app": app}
+            return Revocation("app", app, by, at, reason)
         if mrenclave is not None:
             text = mrenclave.strip().lower().removeprefix("0x")
             try:
@@ -326,17 +334,17 @@ class GatewayControl:
                 value = b""
             if len(value) != 32:
                 raise ControlError(f"MRENCLAVE must be 64 hex digits, got {mrenclave!r}")
-            self.revocations.mrenclaves.add(value)
-            return f"mrenclave {value.hex()}", {"kind": "mrenclave", "mrenclave": value.hex()}
+            return Revocation("mrenclave", value.hex(), by, at, reason)
         try:
             wanted = IPv4Address(address or "")
         except ValueError:
             raise ControlError(f"{address!r} is not an IPv4 address") from None
         for enclave in self.core.enclaves:
             if enclave.address == wanted:
-                instance = RevokedEnclave(str(wanted), enclave.app.name, str(enclave.host))
-                self.revocations.instances[(enclave.host, enclave.identity)] = instance
-                return f"enclave {instance}", {"kind": "enclave", **asdict(instance)}
+                return Revocation(
+                    "enclave", str(wanted), by, at, reason, app=enclave.app.name,
+                    host=str(enclave.host), fingerprint=identity_fingerprint(enclave.identity),
+                )  # fmt: skip
         raise ControlError(f"no enclave has address {wanted}")
 
     def enclaves(self) -> list[dict[str, Any]]:
@@ -387,8 +395,9 @@ class GatewayControl:
                 for name, traffic in totals.items()
             ],
             labeller=dict(self.labeller_counters()) if self.labeller_counters else {},
-            firewall=self._firewall(),
+            firewall=dict(self._firewall.counters),
             policy_digest=self.policy_digest(),
+            ruleset_digest=self._firewall.policy_digest,
             policy_applied_at=self.policy_applied_at,
             half_open=len(core.handshakes),
             half_open_sources=core.handshakes.sources(),
@@ -397,16 +406,8 @@ class GatewayControl:
             limits=by_reason(counters.limits),
         )
 
-    def _firewall(self) -> dict[str, tuple[int, int]]:
-        if self.firewall_counters is None:
-            return {}
-        try:
-            return dict(self.firewall_counters())
-        except Exception as exc:  # the status must not fail because nft did
-            log.warning("cannot read the firewall counters: %s", exc)
-            return {}
-
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        firewall = await self.refresh_firewall()
         snap = self.snapshot()
         config = self.config
         policy = self.core.admission.policy
@@ -437,11 +438,15 @@ class GatewayControl:
             "control_socket": str(config.control.socket),
             "metrics": config.metrics.listen,
             "policy": {
-                "file": str(config.policy),
+                "file": str(self.policy_path),
                 "digest": snap.policy_digest,
                 "applied_at": iso_time(snap.policy_applied_at),
                 "apps": len(policy.apps),
+                # The digest stamped on the live ruleset by `seng-fw apply` (None: not
+                # read, or not stamped).
+                "ruleset_digest": snap.ruleset_digest,
             },
+            "warnings": _warnings(firewall, snap.policy_digest),
             "enclaves": sum(app.enclaves for app in snap.apps),
             "apps": apps,
             "admitted": snap.admitted,
@@ -458,3 +463,26 @@ class GatewayControl:
             "limits": snap.limits,
             "revocations": self.revocations.to_json(),
         }
+
+
+def _is_digest(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _warnings(firewall: FirewallState, admission_digest: str) -> list[str]:
+    """What an operator must know about the live ruleset against the admission policy."""
+    if not firewall.read:
+        return []
+    if firewall.policy_digest is None:
+        return [
+            "the live ruleset carries no policy digest (no table inet seng, or not loaded "
+            "by seng-fw apply): cannot tell whether it enforces the policy the gateway "
+            "admits by"
+        ]
+    if firewall.policy_digest != admission_digest:
+        return [
+            f"the live ruleset was compiled from another policy (digest "
+            f"{firewall.policy_digest[:16]}) than the gateway admits by "
+            f"({admission_digest[:16]}): apply the gateway's policy, or reload it"
+        ]
+    return []

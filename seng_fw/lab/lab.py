@@ -203,6 +203,7 @@ class Lab:
             },
             "policy": str(self.policy),
             "control": {"socket": "control.sock"},  # state dir: labs do not share /run
+            "state": {"revocations": "revocations.json"},
             **self.gateway_settings,
             **overrides,
         }
@@ -223,13 +224,14 @@ class Lab:
         return subprocess.run(argv, capture_output=True, text=True)
 
     def apply_policy(self, policy: Path | None = None) -> subprocess.CompletedProcess[str]:
-        """`seng-fw apply` in the gateway (it reloads a running gateway); raises LabError
-        if the policy is refused."""
+        """`seng-fw apply` in the gateway (a running gateway then admits by that policy);
+        raises LabError if the policy is refused. No gateway running yet (exit 3) is
+        fine: it loads the policy when it starts."""
         result = self.seng_fw(
             GATEWAY, "apply", str(policy or self.policy),
-            "--gateway-pid-file", str(self.state_dir / "gateway.pid"),
+            "--control-socket", str(self.state_dir / "control.sock"),
         )  # fmt: skip
-        if result.returncode != 0:
+        if result.returncode not in (0, 3):
             raise LabError(f"seng-fw apply failed:\n{result.stdout}{result.stderr}")
         return result
 

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from seng_fw.label.marks import NONE, UNKNOWN, LabelTable
+from seng_fw.system import ipc
 
 log = logging.getLogger("seng_fw.label")
 
@@ -345,35 +345,28 @@ class LabelRegistryServer:
         self.path = path
         self.max_buffer = max_buffer
         self._clients: set[_Client] = set()
-        self._server: asyncio.AbstractServer | None = None
+        # Only the gateway's user (and root) may connect: the records name enclaves.
+        self._listener = ipc.UnixListener(
+            path, self._serve, mode=0o600, limit=MAX_LINE, what="label registry socket",
+            server_name="gateway",
+        )  # fmt: skip
         self._unsubscribe: Callable[[], None] | None = None
         self._counter = 0
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a stale socket of an earlier run
-        old_umask = os.umask(0o177)  # only root may connect: the records name enclaves
-        try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=MAX_LINE
-            )
-        finally:
-            os.umask(old_umask)
+        """Listen with the hardening of `seng_fw.system.ipc` (private directory, a
+        stale socket replaced, a live one refused, mode 0600 before the name appears).
+        Raises IpcError."""
+        await self._listener.start()
         self._unsubscribe = self.registry.subscribe(self._broadcast)
 
     async def close(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        if self._server is not None:
-            self._server.close()
-            for client in list(self._clients):
-                client.writer.close()
-            await self._server.wait_closed()
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for client in list(self._clients):
+            client.writer.close()
+        await self._listener.close()
 
     @property
     def client_stats(self) -> dict[str, dict[str, Any]]:

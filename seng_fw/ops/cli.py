@@ -82,15 +82,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     revoke = sub.add_parser(
         "revoke",
         help="close the tunnels of an app, an enclave or a MRENCLAVE and refuse them",
-        description="Close the matching tunnels now and refuse new ones until the gateway "
-        "restarts or `revoke --clear` (policy reloads keep revocations). To make it "
-        "permanent, remove the app from the policy and apply it.",
+        description="Close the matching tunnels now and refuse new ones until `revoke "
+        "--clear` (revocations survive restarts and policy reloads: state.revocations in "
+        "gateway.yaml). `--list` shows them with who revoked them, when and why.",
     )
     what = revoke.add_mutually_exclusive_group(required=True)
     what.add_argument("--app", metavar="NAME", help="every enclave of this app")
     what.add_argument("--enclave", metavar="ADDR", help="the enclave holding this address")
     what.add_argument("--mrenclave", metavar="HEX", help="every enclave of this build")
     what.add_argument("--clear", action="store_true", help="lift every revocation")
+    what.add_argument("--list", action="store_true", help="show every revocation: who, when, why")
+    revoke.add_argument("--reason", metavar="TEXT", help="why (kept with the revocation)")
     _client_arguments(revoke)
     revoke.set_defaults(func=_cmd_revoke)
 
@@ -206,20 +208,24 @@ def _request(args: argparse.Namespace, command: str, **request: Any) -> tuple[in
         raise Refused(f"{command}: {exc}") from None
 
 
-def revocation_text(revocation: dict[str, str]) -> str:
-    """`app webapp`, `mrenclave ab..`, `enclave 192.168.29.2 (app webapp, host 10.0.0.10)`."""
-    kind = revocation["kind"]
+def revocation_text(revocation: str | dict[str, str]) -> str:
+    """`app webapp`, `mrenclave ab..`, `enclave 192.168.29.2 (app webapp, host 10.0.0.10)`
+    from a revocation object of `status --json` (or its text, as `revoke` answers)."""
+    if isinstance(revocation, str):
+        return revocation
+    kind, target = revocation["kind"], revocation.get("target", "?")
     if kind == "enclave":
-        return (
-            f"enclave {revocation['address']} (app {revocation['app']}, host {revocation['host']})"
-        )
-    return f"{kind} {revocation.get(kind, '?')}"
+        return f"enclave {target} (app {revocation.get('app')}, host {revocation.get('host')})"
+    return f"{kind} {target}"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     code, status = _request(args, "status")
     if code == EXIT_OK:
         emit_json(args, status) if args.json else print(format_status(status), end="")
+        if not args.json:
+            for warning in status.get("warnings", []):
+                print(f"warning: {warning}", file=sys.stderr)
     return code
 
 
@@ -234,6 +240,8 @@ def _cmd_enclaves(args: argparse.Namespace) -> int:
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_revocations(args)
     code, result = _request(
         args,
         "revoke",
@@ -241,9 +249,12 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         address=args.enclave,
         mrenclave=args.mrenclave,
         clear=True if args.clear else None,
+        reason=args.reason,
     )
     if code != EXIT_OK:
         return code
+    if result.get("warning"):
+        print(f"seng-fw revoke: warning: {result['warning']}", file=sys.stderr)
     if args.json:
         emit_json(args, result)
     elif args.clear:
@@ -254,9 +265,27 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         if ended:
             print(format_enclaves(ended), end="")
         print(
-            "new tunnels are refused until the gateway restarts or `seng-fw revoke --clear`; "
+            "new tunnels are refused until `seng-fw revoke --clear`, across restarts; "
             "to make it permanent, change the policy and apply it"
         )
+    return EXIT_OK
+
+
+def _list_revocations(args: argparse.Namespace) -> int:
+    code, revocations = _request(args, "revocations")
+    if code != EXIT_OK:
+        return code
+    if args.json:
+        emit_json(args, {"revocations": revocations})
+    elif not revocations:
+        print("no revocations")
+    else:
+        rows = [
+            [r["kind"], r["target"] + (f" (app {r['app']}, host {r['host']})" if r.get("host")
+                                       else ""), r["by"], r["at"], r.get("reason") or "-"]
+            for r in revocations
+        ]  # fmt: skip
+        print(table(["KIND", "WHAT", "WHO", "WHEN", "WHY"], rows), end="")
     return EXIT_OK
 
 
@@ -331,6 +360,7 @@ def format_status(status: dict[str, Any]) -> str:
         ("tun", f"{status['tun']['name']} (mtu {status['tun']['mtu']})"),
         ("policy", f"{policy['file']} ({policy['apps']} apps)"),
         ("digest", f"{policy['digest'][:16]}, applied {policy['applied_at']}"),
+        ("ruleset", _ruleset_line(policy)),
         ("control", status["control_socket"]),
         ("metrics", status["metrics"] or "off"),
         ("enclaves", str(status["enclaves"])),
@@ -372,6 +402,15 @@ def format_status(status: dict[str, Any]) -> str:
         if status.get(key):
             out += "\n" + table([title, "COUNT"], sorted(status[key].items()))
     return out
+
+
+def _ruleset_line(policy: dict[str, Any]) -> str:
+    """The live ruleset's policy digest, against the admission policy's."""
+    digest = policy.get("ruleset_digest")
+    if digest is None:
+        return "digest unknown"
+    same = "same policy" if digest == policy["digest"] else "ANOTHER POLICY (see warning)"
+    return f"digest {digest[:16]} ({same})"
 
 
 def format_enclaves(enclaves: list[dict[str, Any]]) -> str:
@@ -452,6 +491,9 @@ control:                    # `seng-fw status | enclaves | revoke | reload`
 
 metrics:                    # e.g. listen: 127.0.0.1:9108 (Prometheus scrapes /metrics)
   listen: {metrics}
+
+state:                      # kept across restarts (the unit's StateDirectory)
+  revocations: /var/lib/seng-fw/revocations.json   # `seng-fw revoke`, who/when/why
 
 log_format: text            # or json; one event per line on stderr (the journal)
 """

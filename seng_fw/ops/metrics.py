@@ -1,7 +1,7 @@
 """Prometheus metrics of the gateway (`metrics.listen` in gateway.yaml).
 
 Counters and gauges are not updated on the data path: a collector reads them from the
-gateway's own counters (`GatewayControl.snapshot()`) at scrape time, so forwarding a
+gateway's own counters (`GatewayService.snapshot()`) at scrape time, so forwarding a
 packet costs nothing extra. Only the handshake latency histogram is observed as it
 happens (`observe_handshake`). Everything lives in the gateway's own registry, never
 prometheus_client's global one, so several gateways (tests) can share a process.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -157,7 +157,14 @@ def _counter(
 class GatewayMetrics:
     """The gateway's registry: snapshot-backed counters plus the handshake histogram."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        refresh: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        # `refresh` reads what the snapshot cannot read on the event loop (the live
+        # ruleset's counters, in a worker thread) before each scrape.
+        self.refresh = refresh
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_SnapshotCollector(snapshot))
         self.handshake = Histogram(
@@ -206,6 +213,8 @@ class MetricsServer:
             if method not in ("GET", "HEAD"):
                 status, body, kind = "405 Method Not Allowed", b"GET only\n", "text/plain"
             elif path == "/metrics":
+                if self.metrics.refresh is not None:
+                    await self.metrics.refresh()
                 status, body, kind = "200 OK", self.metrics.render(), CONTENT_TYPE_LATEST
             elif path == "/":
                 status, body, kind = "200 OK", b'<a href="/metrics">/metrics</a>\n', "text/html"

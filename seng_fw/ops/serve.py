@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -17,7 +16,8 @@ from seng_fw.attest.dcap import AnyEvidenceVerifier, DcapPolicy, DcapVerifier
 from seng_fw.attest.identity import EvidenceVerifier
 from seng_fw.attest.policy import AttestationPolicy, load_root_certificates
 from seng_fw.attest.verifier import IasVerifier
-from seng_fw.compile.live import Nft, counters, set_exposure_target
+from seng_fw.compile.compiler import TABLE
+from seng_fw.compile.live import Nft, counters, live_digest, set_exposure_target
 from seng_fw.gateway.config import GatewayConfig, load_gateway_config, mode_problem
 from seng_fw.gateway.conntrack import flush_address
 from seng_fw.gateway.core import (
@@ -28,8 +28,9 @@ from seng_fw.gateway.core import (
     HandshakeCompleted,
     Port,
 )
+from seng_fw.gateway.revocations import JsonFileRevocationStore, RevocationStoreError
 from seng_fw.gateway.server import GatewayServer, bind_udp
-from seng_fw.gateway.service import ControlError, GatewayControl
+from seng_fw.gateway.service import ControlError, FirewallState, GatewayService
 from seng_fw.label.labelling import Labelling
 from seng_fw.ops.control import ControlServer
 from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
@@ -37,7 +38,15 @@ from seng_fw.policy.admission import Admission
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError, ConfigIssue
-from seng_fw.system.cli_toolkit import EXIT_FAULT, EXIT_OK, UsageError, error_text, read_input
+from seng_fw.system.cli_toolkit import (
+    EXIT_FAULT,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    error_text,
+    read_input,
+)
+from seng_fw.system.ipc import IpcError
 from seng_fw.system.logs import flush_repeats, setup_logging
 from seng_fw.tunnel.dtls import make_server_config
 from seng_fw.tunnel.tun import TunDevice, TunError
@@ -49,9 +58,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     serve = sub.add_parser("serve", help="run the gateway (DTLS tunnels, TUN forwarding)")
     serve.add_argument("--config", type=Path, required=True, help="gateway.yaml")
     serve.add_argument("--log-format", choices=("text", "json"), help="default: from config")
-    serve.add_argument(
-        "--pid-file", type=Path, help="default: gateway.pid beside the control socket"
-    )
     serve.set_defaults(func=_serve)
 
 
@@ -87,13 +93,14 @@ def build_verifier(config: GatewayConfig) -> EvidenceVerifier:
     return AnyEvidenceVerifier(IasVerifier(policy), DcapVerifier(dcap_policy))
 
 
-def checked_policy(config: GatewayConfig) -> Policy:
-    """The configured policy, read again for a reload, refused (ConfigError) if it
-    cannot run in the configured mode."""
-    policy = load_policy(config.policy)
+def checked_policy(config: GatewayConfig, path: Path | None = None) -> Policy:
+    """The policy (`path`, default the configured one), read for a reload, refused
+    (ConfigError) if it cannot run in the configured mode."""
+    path = config.policy if path is None else path
+    policy = load_policy(path)
     problem = mode_problem(config.mode, policy)
     if problem is not None:
-        raise ConfigError([ConfigIssue(str(config.policy), 1, "", problem)])
+        raise ConfigError([ConfigIssue(str(path), 1, "", problem)])
     return policy
 
 
@@ -127,23 +134,24 @@ def build_server(config: GatewayConfig) -> GatewayServer:
     }
     tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu)
     server = GatewayServer(core, sockets, tun, flush_address, labelling=labelling)
-    control = GatewayControl(
+    service = GatewayService(
         core,
         config,
-        load_policy=lambda: checked_policy(config),
+        load_policy=lambda path: checked_policy(config, path),
         before_reload=server.prepare_subnets,
         after_change=server.after_change,
         queue_mode=lambda: _queue_mode(labelling),
-        firewall_counters=_firewall_counters,
+        read_firewall=_read_firewall,
         labeller_counters=None if labelling is None else lambda: _labeller_counters(labelling),
+        store=JsonFileRevocationStore(config.state.revocations),
     )
-    # SIGHUP and `seng-fw reload` both go through the control object, which keeps
-    # operator revocations across policy reloads.
-    server.set_reload(control.reload)
-    server.services.append(ControlServer.from_config(control, config.control))
+    # SIGHUP, `seng-fw reload` and `seng-fw apply` all go through the service, which
+    # keeps operator revocations across policy reloads.
+    server.set_reload(service.reload_on_signal)
+    server.services.append(ControlServer.from_config(service, config.control))
     server.event_consumers.append(_ExposureFeed(server))
     if config.metrics.address is not None:
-        metrics = GatewayMetrics(control.snapshot)
+        metrics = GatewayMetrics(service.snapshot, refresh=service.refresh_firewall)
         server.event_consumers.append(_handshake_metrics(metrics))
         server.services.append(MetricsServer(metrics, *config.metrics.address))
     server.sync_tun_addresses()
@@ -161,8 +169,10 @@ def _labeller_counters(labelling: Labelling) -> dict[str, int]:
     return {key: int(value) for key, value in counters.items()}
 
 
-def _firewall_counters() -> dict[str, tuple[int, int]]:
-    return counters(Nft(), "seng")
+def _read_firewall() -> FirewallState:
+    """The live ruleset's counters and policy digest (blocking: a worker thread)."""
+    nft = Nft()
+    return FirewallState(counters(nft, TABLE), live_digest(nft, TABLE), read=True)
 
 
 class _ExposureFeed:
@@ -198,28 +208,24 @@ def _handshake_metrics(metrics: GatewayMetrics) -> Callable[[GatewayEvent], None
     return consume
 
 
-def _write_pid_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{os.getpid()}\n")
-
-
 def _serve(args: argparse.Namespace) -> int:
     config = load_gateway_config(args.config)  # a ConfigError: every issue, exit 2 (cli.run)
     level = logging.DEBUG if args.verbose else logging.INFO
     setup_logging(args.log_format or config.log_format, level)
     try:
         server = build_server(config)
-    except (OSError, TunError) as exc:
-        raise UsageError(f"cannot start: {error_text(exc)}") from None
-    # `seng-fw apply` finds the gateway to reload here (next to the control socket).
-    pid_file = args.pid_file or config.control.socket.parent / "gateway.pid"
-    _write_pid_file(pid_file)
+    except ConfigError as exc:
+        print(f"seng-fw serve: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, TunError, RevocationStoreError) as exc:
+        print(f"seng-fw serve: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         asyncio.run(server.run())
-    except ControlError as exc:
-        raise UsageError(str(exc)) from None
+    except (ControlError, IpcError) as exc:
+        print(f"seng-fw serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
-        pid_file.unlink(missing_ok=True)
         flush_repeats()
     if server.failure is not None:
         print(f"seng-fw serve: {server.failure}", file=sys.stderr)

@@ -9,6 +9,7 @@ Everything not allowed is refused. Checks that span several apps live in
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,10 +136,18 @@ _PEER_HELP = (
 def _network(value: object, what: str) -> IPv4Network:
     if isinstance(value, str):
         try:
-            return IPv4Network(value.strip())
+            return _parse_network(value.strip())
         except ValueError as exc:
             raise ValueError(f"{value!r} is not an IPv4 {what}: {exc}") from None
     raise ValueError(f"{value!r} is not an IPv4 {what}")
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_network(text: str) -> IPv4Network:
+    """IPv4Network(text), cached: large policies name the same peers and host prefixes
+    in many rules, and parsing is most of the cost of validating a peer. (Networks are
+    immutable; errors are not cached.)"""
+    return IPv4Network(text)
 
 
 def _peer(value: object) -> Peer:

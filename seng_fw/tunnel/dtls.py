@@ -69,7 +69,7 @@ import enum
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias, cast
+from typing import Final, TypeAlias, cast
 
 from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import serialization
@@ -83,6 +83,8 @@ from seng_fw.tunnel.dtls_native import (
     ExportedKeys,
     HandshakeClock,
     NativeHandle,
+    handshake_state,
+    reset_session,
     set_curves,
 )
 from seng_fw.tunnel.record import (
@@ -702,13 +704,13 @@ class _DtlsSession:
                     self._collect_output()  # mbed TLS may have queued a fatal alert
                     self._fail_from_error(exc)
                     return
-                if buf._handshake_state is _HANDSHAKE_OVER:
+                if handshake_state(buf) is _HANDSHAKE_OVER:
                     break
             else:
                 self._finish(CloseReason.HANDSHAKE_FAILED, "handshake made no progress")
                 return
         self._collect_output()
-        if buf._handshake_state is _HANDSHAKE_OVER:
+        if handshake_state(buf) is _HANDSHAKE_OVER:
             self._on_handshake_over()
 
     # Hooks for the server side.
@@ -1009,7 +1011,7 @@ class DtlsServerSession(_DtlsSession):
         if self.state is not SessionState.HANDSHAKING:
             return self.state is SessionState.ESTABLISHED
         buf = self._buf
-        return buf is not None and buf._handshake_state in _AFTER_CLIENT_CERTIFICATE
+        return buf is not None and handshake_state(buf) in _AFTER_CLIENT_CERTIFICATE
 
     def _screen_handshake_datagram(self, data: bytes) -> bool:
         # Before the cookie checked out, only ClientHellos may reach mbed TLS.
@@ -1040,7 +1042,7 @@ class DtlsServerSession(_DtlsSession):
     def _drive_handshake(self) -> None:
         super()._drive_handshake()
         if not self._hello_done and self._buf is not None:
-            self._hello_done = self._buf._handshake_state not in _BEFORE_SERVER_HELLO
+            self._hello_done = handshake_state(self._buf) not in _BEFORE_SERVER_HELLO
 
     def _on_hello_verify_request(self) -> None:
         self._collect_output()
@@ -1137,13 +1139,12 @@ class DtlsCookieGate:
                 break
             except TLSError:
                 break  # malformed; python-mbedtls reset the buffer
-            if buf._handshake_state is _SERVER_CERTIFICATE:
+            if handshake_state(buf) is _SERVER_CERTIFICATE:
                 verdict = CookieCheck(True)  # the ServerHello is written: cookie valid
                 break
         buf.consume_outgoing(len(buf.peek_outgoing(1 << 16)))
-        if buf._handshake_state is not _HELLO_REQUEST:
-            # Forget this ClientHello: mbedtls_ssl_session_reset (no public wrapper).
-            cast(Any, buf)._reset()
+        if handshake_state(buf) is not _HELLO_REQUEST:
+            reset_session(buf)  # forget this ClientHello
         if verdict.accepted:
             self.accepted += 1
         elif verdict.reply:

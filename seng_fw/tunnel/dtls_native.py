@@ -31,7 +31,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mbedtls import tls
 from mbedtls import version as mbedtls_version
@@ -331,6 +331,19 @@ class NativeHandle:
     def has_pending(self) -> bool:
         """Whether mbed TLS still holds unread records of the current datagram."""
         return bool(bridge().check_pending(self.ssl_addr))
+
+
+def handshake_state(buffer: tls.TLSWrappedBuffer) -> tls.HandshakeStep:
+    """Where a buffer's handshake stands: python-mbedtls keeps it in a private
+    attribute, read here and nowhere else."""
+    state: tls.HandshakeStep = cast(Any, buffer)._handshake_state
+    return state
+
+
+def reset_session(buffer: tls.TLSWrappedBuffer) -> None:
+    """Forget the handshake under way on `buffer` (mbedtls_ssl_session_reset, which
+    python-mbedtls only exposes as a private method)."""
+    cast(Any, buffer)._reset()
 
 
 def set_curves(context: tls.ServerContext | tls.ClientContext, curves: Sequence[str]) -> object:

@@ -38,6 +38,7 @@ from seng_fw.compile.compiler import Options, compile_policy, label_table
 from seng_fw.compile.nft import Rule, Table, Verdict
 from seng_fw.lab import topology
 from seng_fw.lab.topology import Host, Route, Segment, Topology
+from seng_fw.policy.digest import policy_digest
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
 from seng_fw.system.netns import ip
@@ -510,20 +511,57 @@ def _cli(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
     return topo.run("gw", argv, check=False)
 
 
-def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) -> None:
-    # a stand-in gateway that records SIGHUP
-    marker = tmp_path / "reloaded"
-    code = (
-        "import signal, time, pathlib  # seng-fw gateway stand-in\n"
-        f"signal.signal(signal.SIGHUP, lambda *a: pathlib.Path({str(marker)!r}).touch())\n"
-        "print('ready', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    gateway = topo.popen("gw", [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert gateway.stdout is not None and gateway.stdout.readline() == "ready\n"
-    pid_file = tmp_path / "gateway.pid"
-    pid_file.write_text(f"{gateway.pid}\n")
+class StandInGateway:
+    """Answers `reload` requests on a control socket as a gateway would, and records
+    them (a Unix socket: reachable from every network namespace)."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.requests: list[dict[str, Any]] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn, conn.makefile("rwb") as stream:
+                request = json.loads(stream.readline())
+                self.requests.append(request)
+                result = {"policy": request["args"].get("policy"), "enclaves": 0, "closed": 0}
+                stream.write(json.dumps({"ok": True, "result": result}).encode() + b"\n")
+                stream.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.listener.close()
+
+
+def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) -> None:
+    gateway = StandInGateway(tmp_path / "control.sock")
+    control = ("--control-socket", str(gateway.path))
+    nowhere = ("--control-socket", str(tmp_path / "no-gateway.sock"))
+    try:
+        _apply_and_reload(topo, tmp_path, gateway, control, nowhere)
+    finally:
+        gateway.close()
+
+
+def _apply_and_reload(
+    topo: Topology,
+    tmp_path: Path,
+    gateway: StandInGateway,
+    control: tuple[str, str],
+    nowhere: tuple[str, str],
+) -> None:
     shown = _cli(topo, "diff", str(EXAMPLE), "--tun", "lan")
     assert shown.returncode == 1, shown.stderr  # like `git diff --exit-code`
     assert "\033[" not in shown.stdout  # no colour: not a terminal
@@ -531,21 +569,25 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
         shown.stdout
     )
     before = ruleset(topo)
-    dry = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--dry-run")
+    dry = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--dry-run", *control)
     assert dry.returncode == 0 and "nothing was changed" in dry.stdout
-    assert ruleset(topo) == before and not marker.exists()
+    assert ruleset(topo) == before and gateway.requests == []
 
-    done = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--gateway-pid-file", str(pid_file))
+    # apply hands the gateway the very policy it applied, with the digest it stamped
+    # on the ruleset.
+    done = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", *control)
     assert done.returncode == 0, done.stderr
-    assert "told to reload" in done.stdout
-    deadline = time.monotonic() + 5
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert marker.exists()
+    assert "gateway reloaded" in done.stdout
+    digest = policy_digest(load_policy(EXAMPLE))
+    assert gateway.requests == [
+        {"command": "reload", "args": {"policy": str(EXAMPLE), "digest": digest}}
+    ]
+    assert topo.call("gw", lambda: live.live_digest(live.Nft())) == digest
     same = _cli(topo, "diff", str(EXAMPLE), "--tun", "lan")
     assert same.returncode == 0 and same.stdout.strip() == "no changes"
 
-    # an apply that removes an app: its enclaves' new connections are refused
+    # an apply that removes an app: its enclaves' new connections are refused; with no
+    # gateway answering the ruleset is applied all the same, and apply says so (exit 3).
     assert tcp(topo, "enc1", DEMO, "ext", EXT, 443)
     smaller = without_demo(tmp_path)
     check = _cli(topo, "check", str(smaller))
@@ -557,31 +599,38 @@ def test_commands_diff_apply_and_gateway_reload(topo: Topology, tmp_path: Path) 
     demo = next(line for line in stat if line.split()[0] == "demo-enclave").split()
     assert demo[3] == "+0" and demo[4] != "-0"  # its rules go, none come
     assert re.fullmatch(r" \d+ app\(s\) changed; rules \+\d+ -[1-9]\d*, .*", stat[-1])
-    assert _cli(topo, "apply", str(smaller), "--tun", "lan").returncode == 0
+    alone = _cli(topo, "apply", str(smaller), "--tun", "lan", *nowhere)
+    assert alone.returncode == 3 and "no gateway answering" in alone.stderr
+    assert "applied table inet seng" in alone.stdout
     assert not tcp(topo, "enc1", DEMO, "ext", EXT, 443)
     assert tcp(topo, "ext", EXT, "enc2", NGINX, 443)
+    assert topo.call("gw", lambda: live.live_digest(live.Nft())) == policy_digest(
+        load_policy(smaller)
+    )
 
-    # an invalid policy: exit 1, the ruleset untouched
+    # an invalid policy: exit 1, the ruleset untouched, the gateway not asked
     before = ruleset(topo)
     bad = tmp_path / "bad.yaml"
     bad.write_text(EXAMPLE.read_text().replace("{app: sdk-nginx}", "{app: nobody}"))
-    failed = _cli(topo, "apply", str(bad), "--tun", "lan")
+    failed = _cli(topo, "apply", str(bad), "--tun", "lan", *control)
     assert failed.returncode == 1 and "unknown app 'nobody'" in failed.stderr
     assert ruleset(topo) == before
-    gateway.terminate()
-    gateway.wait()
+    assert len(gateway.requests) == 1
 
 
 def test_apply_of_an_unchanged_policy_does_nothing(topo: Topology, tmp_path: Path) -> None:
-    first = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan")
-    assert first.returncode == 0, first.stderr
+    first = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--control-socket",
+                 str(tmp_path / "no-gateway.sock"))  # fmt: skip
+    assert first.returncode == 3, first.stderr  # applied; no gateway to hand it to
     summary = first.stdout.splitlines()[0]
     assert re.fullmatch(
         r"applied: table inet seng created: 4 apps, \d+ sets and maps with \d+ elements, "
         r"\d+ chains with \d+ rules, 8 counters \(digest [0-9a-f]{12}\)",
         summary,
     ), summary
-    assert first.stderr == ""  # no progress output: not a terminal
+    # no progress output (not a terminal), only that no gateway answered
+    assert first.stderr.startswith("seng-fw apply: no gateway answering")
+    assert len(first.stderr.splitlines()) == 1
     handles = topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout
     again = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan")
     assert again.returncode == 0

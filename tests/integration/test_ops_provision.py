@@ -54,13 +54,21 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
     # The control socket of this test's gateway, not the machine's.
     config = etc / "gateway.yaml"
     control = tmp_path / "run" / "control.sock"
-    config.write_text(config.read_text().replace("/run/seng-fw/control.sock", str(control)))
+    revocations = tmp_path / "state" / "revocations.json"
+    config.write_text(
+        config.read_text()
+        .replace("/run/seng-fw/control.sock", str(control))
+        .replace("/var/lib/seng-fw/revocations.json", str(revocations))
+    )
 
     def seng_fw(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return lab.run(GATEWAY, [sys.executable, "-m", "seng_fw", *args], check=check)
 
-    # What seng-fw-policy.service and seng-fw.service run.
-    seng_fw("apply", str(etc / "policies"), "--tun", "tunFA")
+    # What seng-fw-policy.service and seng-fw.service run (no gateway yet: exit 3, which
+    # the policy unit counts as success).
+    first = seng_fw("apply", str(etc / "policies"), "--tun", "tunFA", "--control-socket",
+                    str(control), check=False)  # fmt: skip
+    assert first.returncode == 3 and "no gateway answering" in first.stderr, first.stderr
     gateway_log = tmp_path / "gateway.log"
     with gateway_log.open("wb") as log:  # the child keeps its own descriptor
         gateway = lab.popen(
@@ -93,13 +101,18 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
         text = policy_file.read_text()
         policy_file.write_text(re.sub(r"(  - name: webapp\n)", lambda m: m.group(1) + grant, text))
         assert seng_fw("check", str(etc / "policies")).returncode == 0
-        seng_fw("apply", str(etc / "policies"), "--tun", "tunFA")
+        applied = seng_fw("apply", str(etc / "policies"), "--tun", "tunFA",
+                          "--control-socket", str(control))  # fmt: skip
+        assert "gateway reloaded" in applied.stdout
         assert wait_until(flow, 10), "the flow still fails after apply"
 
         status = json.loads(seng_fw("status", "--socket", str(control), "--json").stdout)["result"]
         assert {a["name"]: a["enclaves"] for a in status["apps"]}["webapp"] == 1
         revoked = seng_fw("revoke", "--app", "webapp", "--socket", str(control))
         assert "1 enclaves disconnected" in revoked.stdout
+        # Saved where the configuration says, with who and when.
+        [saved] = json.loads(revocations.read_text())["revocations"]
+        assert (saved["kind"], saved["target"]) == ("app", "webapp") and "uid=0" in saved["by"]
         assert wait_until(lambda: '"down"' in _read(state_file) or '"refused"' in _read(state_file))
         enclaves = seng_fw("enclaves", "--socket", str(control), "--json").stdout
         assert json.loads(enclaves)["result"] == {"enclaves": []}

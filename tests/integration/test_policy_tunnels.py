@@ -8,10 +8,12 @@ disconnects its enclaves while the others keep working.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,7 +143,8 @@ def test_apply_removing_an_app_disconnects_its_enclaves(lab: Lab) -> None:
     db_address = db.address
     ruleset_before = lab.seng_fw(GATEWAY, "compile", str(lab.policy)).stdout
     lab.policy.write_text(POLICY[: POLICY.index("  - name: db")])
-    lab.apply_policy()
+    applied = lab.apply_policy()
+    assert "gateway reloaded" in applied.stdout, applied.stdout + applied.stderr
     # The gateway reloaded: db's tunnels are closed and its address released.
     assert db.process.wait(10) == 1
     assert db.read_state()["status"] == "down"
@@ -152,3 +155,28 @@ def test_apply_removing_an_app_disconnects_its_enclaves(lab: Lab) -> None:
     assert lab.seng_fw(GATEWAY, "compile", str(lab.policy)).stdout != ruleset_before
     again = lab.start_enclave(EnclaveSpec("db-again", CLIENT_B, DEMO_DB))
     assert again.wait_settled()["status"] == "refused"
+    # Ruleset and admission policy agree, and status says so.
+    status = _status(lab)
+    assert status["policy"]["ruleset_digest"] == status["policy"]["digest"]
+    assert status["warnings"] == []
+    # A ruleset applied without telling the gateway: status warns that they differ.
+    other = lab.state_dir / "other.yaml"
+    other.write_text(POLICY)
+    alone = lab.seng_fw(
+        GATEWAY, "apply", str(other), "--control-socket", str(lab.state_dir / "nobody.sock")
+    )
+    assert alone.returncode == 3, alone.stderr
+    status = _status(lab)
+    assert status["policy"]["ruleset_digest"] != status["policy"]["digest"]
+    assert "another policy" in status["warnings"][0]
+    shown = lab.seng_fw(GATEWAY, "status", "--socket", str(lab.state_dir / "control.sock"))
+    assert "warning: the live ruleset was compiled from another policy" in shown.stderr
+
+
+def _status(lab: Lab) -> dict[str, Any]:
+    shown = lab.seng_fw(
+        GATEWAY, "status", "--json", "--socket", str(lab.state_dir / "control.sock")
+    )
+    assert shown.returncode == 0, shown.stderr
+    result: dict[str, Any] = json.loads(shown.stdout)
+    return result

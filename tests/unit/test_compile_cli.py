@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -15,8 +12,9 @@ import pytest
 from seng_fw.cli import _COMMAND_MODULES
 from seng_fw.cli import main as seng_fw_main
 from seng_fw.compile import live
-from seng_fw.compile.cli import main
+from seng_fw.compile.cli import _hand_over, main
 from seng_fw.compile.compiler import compile_policy
+from seng_fw.policy.digest import policy_digest
 from seng_fw.policy.loader import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,41 +103,46 @@ def test_carry_over_keeps_counters_and_valid_exposures() -> None:
     assert table.set("expose_addr").elements == []
 
 
-def test_reload_gateway(tmp_path: Path) -> None:
-    pid_file = tmp_path / "gateway.pid"
-    assert "no gateway pid file" in live.reload_gateway(pid_file)
-    pid_file.write_text("garbage\n")
-    assert "does not hold a pid" in live.reload_gateway(pid_file)
-    # A stand-in gateway: says so in its command line and records SIGHUP.
-    marker = tmp_path / "hup"
-    code = (
-        "import signal, sys, time, pathlib  # seng-fw gateway stand-in\n"
-        f"signal.signal(signal.SIGHUP, lambda *a: pathlib.Path({str(marker)!r}).touch())\n"
-        "print('ready', flush=True)\n"
-        "time.sleep(30)\n"
-    )
-    gateway = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    other = subprocess.Popen(["sleep", "30"])
-    try:
-        assert gateway.stdout is not None and gateway.stdout.readline() == "ready\n"
-        pid_file.write_text(f"{gateway.pid}\n")
-        assert "told to reload" in live.reload_gateway(pid_file)
-        deadline = time.monotonic() + 5
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert marker.exists()
-        # a pid file naming some other process: never signalled (SIGHUP would kill it)
-        pid_file.write_text(f"{other.pid}\n")
-        assert "not a seng-fw gateway" in live.reload_gateway(pid_file)
-        assert other.poll() is None
-    finally:
-        for proc in (gateway, other):
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
-        assert gateway.stdout is not None
-        gateway.stdout.close()
-    pid_file.write_text(f"{gateway.pid}\n")
-    assert "is not running" in live.reload_gateway(pid_file)
+def test_apply_without_a_gateway_exits_3_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _hand_over(EXAMPLE, "ab" * 32, tmp_path / "none.sock") == 3
+    assert "no gateway answering" in capsys.readouterr().err
+
+
+POLICY_YAML = """\
+apps:
+  - name: webapp
+    mrenclave: [{webapp}]
+    hosts: [10.0.0.0/24]
+    subnet: {{subnet: 192.168.29.0/24}}
+"""
+
+
+def test_apply_hands_the_policy_and_its_digest_to_the_gateway(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The gateway loads the very file apply applied (not its configured one), checks
+    its digest, and admits by it; a digest that does not match is refused."""
+    from tests.support.gateway_service import NGINX, WEBAPP, RunningGateway
+
+    applied = tmp_path / "applied.yaml"
+    applied.write_text(POLICY_YAML.format(webapp=WEBAPP.hex()))
+    digest = policy_digest(load_policy(applied))
+    with RunningGateway(tmp_path) as running:
+        running.gateway.control.load_policy = load_policy  # the real loader
+        before = running.gateway.control.policy_digest()
+        # A digest of something else: refused, the running policy kept (fail closed).
+        assert _hand_over(applied, "cd" * 32, running.socket) == 1
+        assert "gateway refused the policy" in capsys.readouterr().err
+        assert running.gateway.control.policy_digest() == before
+        assert running.gateway.admit(NGINX) == "nginx"
+        assert _hand_over(applied, digest, running.socket) == 0
+        assert "gateway reloaded" in capsys.readouterr().out
+        service = running.gateway.control
+        assert service.policy_digest() == digest and service.policy_path == applied
+        assert running.gateway.admit(NGINX) == "unknown_mrenclave"
+        assert running.gateway.admit(WEBAPP) == "webapp"
 
 
 # --- apply: progress and summary ------------------------------------------------------
@@ -168,7 +171,9 @@ def test_apply_summary() -> None:
     from seng_fw.compile.cli import summary
 
     table = compile_policy(load_policy(EXAMPLE))
-    result = live.ApplyResult(changed=True, replaced=False, digest=live.ruleset_digest(table))
+    result = live.ApplyResult(
+        changed=True, replaced=False, digest=live.ruleset_digest(table), policy_digest="ab" * 32
+    )
     line = summary(table, result, 4)
     assert line.startswith("applied: table inet seng created: 4 apps, ")
     assert f"{len(table.chains)} chains with " in line and line.endswith(f"{result.digest[:12]})")

@@ -230,3 +230,17 @@ def test_gateway_peer_is_for_egress_only() -> None:
     ]
     with pytest.raises(ValueError, match=r"\{gateway: true\} alone"):
         _policy(POLICY.replace("{gateway: true}", "{gateway: true, app: own}"))
+
+
+def test_single_addresses_off_the_gateways_networks_stay_out_of_to_gateway() -> None:
+    """A single address can name the gateway only if it is on one of its networks (or
+    its address on an enclave subnet): the others do not fill the to_gateway sets."""
+    text = "gateway_networks: [10.77.2.0/24]\n" + POLICY.replace(
+        "      - {to: 10.77.2.0/24, protocol: tcp, ports: 22}",
+        "      - {to: [8.8.8.8, 192.168.28.1], protocol: tcp, ports: 22}",
+    )
+    table = compile_policy(_policy(text))
+    addresses = {box[3] for box in table.set("to_gateway_apps").elements}
+    assert (ip("8.8.8.8"),) * 2 not in addresses
+    assert (ip("192.168.28.1"),) * 2 in addresses and (ip(GW_EXT),) * 2 in addresses
+    assert hook(table, "input", NewPacket(DEMO, GW_TUN, "tcp", 22)) == "accept"

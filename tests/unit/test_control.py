@@ -1,4 +1,4 @@
-"""GatewayControl (status, enclaves, revoke, reload over a GatewayCore) and the
+"""GatewayService (status, enclaves, revoke, reload over a GatewayCore) and the
 control socket's server and client."""
 
 from __future__ import annotations
@@ -11,113 +11,29 @@ import os
 import socket
 import stat
 import time
-from datetime import UTC, datetime
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from seng_fw.attest.identity import EnclaveIdentity
-from seng_fw.gateway.config import ControlConfig, GatewayConfig
-from seng_fw.gateway.core import Enclave, GatewayCore
+from seng_fw.gateway.config import ControlConfig
 from seng_fw.gateway.counters import Drop, EndKind, Revoked, Traffic
-from seng_fw.gateway.service import REVOKED_CHECK, ControlError, GatewayControl, policy_digest
+from seng_fw.gateway.service import REVOKED_CHECK, ControlError, FirewallState
 from seng_fw.ops.control import (
     ControlClient,
     ControlRequestFailed,
     ControlServer,
     ControlUnavailable,
 )
-from seng_fw.policy.admission import Admission, AdmissionCheck, AdmissionRejected
+from seng_fw.policy.admission import AdmissionCheck
+from seng_fw.policy.digest import policy_digest
 from seng_fw.policy.models import Policy
-
-WEBAPP, NGINX, OTHER = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
-SIGNER = bytes([9]) * 32
-POLICY = {
-    "apps": [
-        {"name": "webapp", "mrenclave": WEBAPP.hex(), "hosts": ["10.0.0.0/24"],
-         "subnet": {"subnet": "192.168.29.0/24"}},
-        {"name": "nginx", "mrenclave": NGINX.hex(), "hosts": ["10.0.0.0/24"],
-         "subnet": {"subnet": "192.168.30.0/24"}},
-    ]
-}  # fmt: skip
-
-
-class FakeSession:
-    """What GatewayCore touches of a DTLS session when it ends an enclave."""
-
-    closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def datagrams_to_send(self) -> list[bytes]:
-        return []
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def identity(mrenclave: bytes, nonce: int = 0) -> EnclaveIdentity:
-    return EnclaveIdentity(
-        mrenclave=mrenclave, mrsigner=SIGNER, isv_prod_id=0, isv_svn=0, debug=False,
-        quote_status="OK", timestamp=datetime(2026, 1, 1, tzinfo=UTC),
-        report_data=nonce.to_bytes(64, "big"),
-    )  # fmt: skip
-
-
-def config(tmp_path: Path) -> GatewayConfig:
-    return GatewayConfig.model_validate(
-        {
-            "listen": {"address": "10.0.0.1", "port": 12345},
-            "tls": {"certificate": "s.pem", "key": "s.key"},
-            "attestation": {"roots": ["r.pem"]},
-            "policy": str(tmp_path / "policy.yaml"),
-            "control": {"socket": str(tmp_path / "ctl" / "control.sock")},
-        }
-    )
-
-
-class Gateway:
-    """A GatewayCore with enclaves put in place directly (no DTLS), and its control."""
-
-    def __init__(self, tmp_path: Path, policy: dict[str, Any] = POLICY) -> None:
-        self.policy = Policy.model_validate(policy)
-        self.clock = Clock()
-        self.core = GatewayCore(Admission(self.policy), None, {}, config(tmp_path).timeouts)  # type: ignore[arg-type]
-        self.changes = 0
-        self.control = GatewayControl(
-            self.core, config(tmp_path), load_policy=lambda: self.policy,
-            after_change=self.changed, clock=self.clock, wall_clock=lambda: 1_800_000_000.0,
-        )  # fmt: skip
-
-    def changed(self) -> None:
-        self.changes += 1
-
-    def add(self, app: str, mrenclave: bytes, host: str = "10.0.0.10", nonce: int = 0) -> Enclave:
-        policy_app = self.policy.app(app)
-        address = self.core.ipam.lease(self.policy.subnet_of(policy_app).subnet, app)
-        now = self.clock()
-        enclave = Enclave(
-            identity=identity(mrenclave, nonce), app=policy_app, host=IPv4Address(host),
-            address=address, uplink_peer=(host, 40000 + nonce), uplink=FakeSession(),  # type: ignore[arg-type]
-            setup=None, pairing_deadline=now + 30, admitted_at=now, last_activity=now,  # type: ignore[arg-type]
-            downlink_peer=(host, 50000 + nonce), downlink=FakeSession(),  # type: ignore[arg-type]
-        )  # fmt: skip
-        self.core._enclave_by_address[address.packed] = enclave
-        return enclave
-
-    def admit(self, mrenclave: bytes, host: str = "10.0.0.10", nonce: int = 0) -> str:
-        try:
-            return self.core.admission.admit(identity(mrenclave, nonce), IPv4Address(host)).name
-        except AdmissionRejected as refusal:
-            return refusal.check
+from tests.support.gateway_service import (
+    NGINX,
+    POLICY,
+    WEBAPP,
+    Gateway,
+)
 
 
 @pytest.fixture
@@ -140,7 +56,7 @@ def test_status_counts_enclaves_traffic_and_rejections(gateway: Gateway) -> None
     counters.ended[EndKind.IDLE_TIMEOUT] = 1
     counters.admitted = 3
     gateway.clock.now += 90
-    status = gateway.control.status()
+    status = asyncio.run(gateway.control.status())
     assert status["listen"] == ["10.0.0.1:12345", "10.0.0.1:12346"]
     assert status["mode"] == "per_app" and status["tun"] == {"name": "tunFA", "mtu": 1432}
     assert status["uptime_seconds"] == 90
@@ -160,16 +76,33 @@ def test_status_counts_enclaves_traffic_and_rejections(gateway: Gateway) -> None
 
 
 def test_status_shows_firewall_counters_and_survives_their_failure(gateway: Gateway) -> None:
-    gateway.control.firewall_counters = lambda: {"tx_webapp": (5, 500), "rx_webapp": (6, 600)}
-    apps = {a["name"]: a for a in gateway.control.status()["apps"]}
+    gateway.control.read_firewall = lambda: FirewallState(
+        {"tx_webapp": (5, 500), "rx_webapp": (6, 600)}, read=True
+    )
+    apps = {a["name"]: a for a in asyncio.run(gateway.control.status())["apps"]}
     assert apps["webapp"]["firewall_tx"] == {"packets": 5, "bytes": 500}
     assert apps["nginx"]["firewall_rx"] is None
 
-    def broken() -> dict[str, tuple[int, int]]:
+    def broken() -> FirewallState:
         raise OSError("no libnftables")
 
-    gateway.control.firewall_counters = broken
-    assert gateway.control.status()["apps"][0]["firewall_tx"] is None
+    gateway.control.read_firewall = broken
+    assert asyncio.run(gateway.control.status())["apps"][0]["firewall_tx"] is None
+
+
+def test_status_warns_when_ruleset_and_admission_policy_differ(gateway: Gateway) -> None:
+    digest = policy_digest(gateway.policy)
+    gateway.control.read_firewall = lambda: FirewallState(policy_digest=digest, read=True)
+    status = asyncio.run(gateway.control.status())
+    assert status["policy"]["ruleset_digest"] == status["policy"]["digest"] == digest
+    assert status["warnings"] == []
+    gateway.control.read_firewall = lambda: FirewallState(policy_digest="ee" * 32, read=True)
+    status = asyncio.run(gateway.control.status())
+    assert status["policy"]["ruleset_digest"] == "ee" * 32
+    [warning] = status["warnings"]
+    assert "another policy" in warning and "eeeeeeee" in warning
+    gateway.control.read_firewall = lambda: FirewallState(read=True)  # not stamped
+    assert "no policy digest" in asyncio.run(gateway.control.status())["warnings"][0]
 
 
 def test_enclaves_lists_every_tunnel(gateway: Gateway) -> None:
@@ -197,26 +130,31 @@ def test_revoke_app_closes_its_tunnels_and_refuses_it(gateway: Gateway) -> None:
     gateway.add("webapp", WEBAPP)
     gateway.add("webapp", WEBAPP, host="10.0.0.20", nonce=1)
     nginx = gateway.add("nginx", NGINX)
-    result = gateway.control.revoke(app="webapp")
-    assert result["revoked"] == {"kind": "app", "app": "webapp"}
+    result = asyncio.run(gateway.control.revoke(app="webapp"))
+    assert result["revoked"] == "app webapp"
     assert sorted(e["host"] for e in result["ended"]) == ["10.0.0.10", "10.0.0.20"]
     assert gateway.core.enclaves == [nginx]
     assert gateway.core.counters.ended[Revoked(REVOKED_CHECK)] == 2
     assert gateway.changes == 1  # the adapter sends close_notify and flushes conntrack
     assert gateway.admit(WEBAPP) == REVOKED_CHECK
     assert gateway.admit(NGINX) == "nginx"
-    assert gateway.control.status()["revocations"] == [{"kind": "app", "app": "webapp"}]
+    revocations = asyncio.run(gateway.control.status())["revocations"]
+    assert [(r["kind"], r["target"]) for r in revocations] == [("app", "webapp")]
     # A policy reload keeps the revocation; --clear lifts it.
     asyncio.run(gateway.control.reload())
     assert gateway.admit(WEBAPP) == REVOKED_CHECK
-    assert gateway.control.revoke(clear=True) == {"cleared": 1, "ended": []}
+    assert asyncio.run(gateway.control.revoke(clear=True)) == {
+        "cleared": 1,
+        "ended": [],
+        "saved": False,
+    }
     assert gateway.admit(WEBAPP) == "webapp"
 
 
 def test_revoke_one_enclave_by_address(gateway: Gateway) -> None:
     first = gateway.add("webapp", WEBAPP)
     second = gateway.add("webapp", WEBAPP, host="10.0.0.20", nonce=1)
-    result = gateway.control.revoke(address=str(first.address))
+    result = asyncio.run(gateway.control.revoke(address=str(first.address)))
     assert [e["address"] for e in result["ended"]] == [str(first.address)]
     assert gateway.core.enclaves == [second]
     # That enclave's evidence is refused; the same build elsewhere, or restarted, is not.
@@ -226,7 +164,7 @@ def test_revoke_one_enclave_by_address(gateway: Gateway) -> None:
 
 def test_revoke_mrenclave(gateway: Gateway) -> None:
     gateway.add("webapp", WEBAPP)
-    result = gateway.control.revoke(mrenclave="0x" + WEBAPP.hex().upper())
+    result = asyncio.run(gateway.control.revoke(mrenclave="0x" + WEBAPP.hex().upper()))
     assert len(result["ended"]) == 1
     assert gateway.admit(WEBAPP) == REVOKED_CHECK
 
@@ -246,7 +184,7 @@ def test_revoke_mrenclave(gateway: Gateway) -> None:
 def test_revoke_refuses_bad_requests(gateway: Gateway, args: dict[str, Any], words: str) -> None:
     gateway.add("webapp", WEBAPP)
     with pytest.raises(ControlError, match=words):
-        gateway.control.revoke(**args)
+        asyncio.run(gateway.control.revoke(**args))
     assert len(gateway.core.enclaves) == 1
 
 
@@ -269,7 +207,7 @@ def test_reload_applies_the_new_policy(gateway: Gateway) -> None:
 def test_a_failed_reload_keeps_the_running_policy(gateway: Gateway) -> None:
     gateway.add("webapp", WEBAPP)
 
-    def broken() -> Policy:
+    def broken(path: Path) -> Policy:
         raise ValueError("policy.yaml:3: apps[0].name: bad")
 
     gateway.control.load_policy = broken
@@ -281,7 +219,7 @@ def test_a_failed_reload_keeps_the_running_policy(gateway: Gateway) -> None:
 
 def test_revocations_survive_a_reload_by_sighup_path(gateway: Gateway) -> None:
     """The adapter's SIGHUP reload goes through load_and_apply_policy too."""
-    gateway.control.revoke(app="nginx")
+    asyncio.run(gateway.control.revoke(app="nginx"))
     asyncio.run(gateway.control.load_and_apply_policy())
     assert gateway.admit(NGINX) == REVOKED_CHECK
 
@@ -291,7 +229,7 @@ def test_a_reload_loads_the_policy_off_the_event_loop(gateway: Gateway) -> None:
     running meanwhile, and two reloads must not interleave."""
     loading: list[str] = []
 
-    def slow_load() -> Policy:
+    def slow_load(path: Path) -> Policy:
         loading.append("start")
         time.sleep(0.3)  # stands for parsing and checking 10,000 apps
         loading.append("end")
@@ -362,6 +300,24 @@ def test_client_and_server_talk_json_lines(gateway: Gateway, socket_dir: Path) -
     assert len(revoked["ended"]) == 1
     assert isinstance(bad, ControlRequestFailed) and "no app 'x'" in str(bad)
     assert not (socket_dir / "control.sock").exists()  # removed on close
+
+
+def test_reload_requests_are_checked(gateway: Gateway, socket_dir: Path) -> None:
+    server = ControlServer(gateway.control, socket_dir / "control.sock")
+    answers = serve(
+        gateway.control, server,
+        ("reload", {"policy": "relative.yaml", "digest": "ab" * 32}),
+        ("reload", {"policy": "/x.yaml", "digest": "short"}),
+        ("reload", {"policy": "/x.yaml", "extra": 1}),
+        ("reload", {"policy": 5}),
+        ("reload", {}),
+    )  # fmt: skip
+    relative, short, extra, number, plain = answers
+    assert "must be absolute" in str(relative)
+    assert "64 hex digits" in str(short)
+    assert "unknown arguments ['extra']" in str(extra)
+    assert "are strings" in str(number)
+    assert plain["digest"] == policy_digest(gateway.policy)
 
 
 def test_socket_gets_exactly_the_configured_mode_and_group(

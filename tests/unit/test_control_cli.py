@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,33 +18,10 @@ from seng_fw.cli import main
 from seng_fw.gateway.config import load_gateway_config
 from seng_fw.gateway.counters import Traffic
 from seng_fw.ops.cli import EXIT_UNREACHABLE, human_bytes, human_duration, render_config, table
-from seng_fw.ops.control import ControlServer
 from seng_fw.ops.servercert import fingerprint
-from tests.unit.test_control import NGINX, WEBAPP, Gateway
+from tests.support.gateway_service import NGINX, WEBAPP, RunningGateway
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class RunningGateway:
-    """A GatewayControl behind a real control socket, on an event loop in a thread."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.gateway = Gateway(tmp_path)
-        self.socket = tmp_path / "run" / "control.sock"
-        self.server = ControlServer(self.gateway.control, self.socket)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> RunningGateway:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 @pytest.fixture
@@ -92,8 +68,18 @@ def test_enclaves_and_revoke(running: RunningGateway, capsys: pytest.CaptureFixt
     ]  # fmt: skip
     assert out.splitlines()[1].split()[:4] == ["192.168.30.2", "nginx", NGINX.hex()[:16],
                                                "10.0.0.20"]  # fmt: skip
-    code, out, _ = run(capsys, "revoke", "--app", "webapp", "--socket", sock)
+    code, out, _ = run(capsys, "revoke", "--list", "--socket", sock)
+    assert code == 0 and out == "no revocations\n"
+    code, out, _ = run(
+        capsys, "revoke", "--app", "webapp", "--reason", "key leaked", "--socket", sock
+    )
     assert code == 0 and "revoked app webapp: 1 enclaves disconnected" in out
+    code, out, _ = run(capsys, "revoke", "--list", "--socket", sock)
+    header, row = out.splitlines()
+    assert header.split() == ["KIND", "WHAT", "WHO", "WHEN", "WHY"]
+    # who: the user on the other end of the socket (this test's process)
+    assert row.split()[:2] == ["app", "webapp"] and f"pid={os.getpid()})" in row
+    assert "2027-01-15T08:00:00Z" in row and row.endswith("key leaked")
     code, out, _ = run(capsys, "enclaves", "--socket", sock, "--json")
     assert [e["app"] for e in json.loads(out)["result"]["enclaves"]] == ["nginx"]
     code, _, err = run(capsys, "revoke", "--app", "ghost", "--socket", sock)
@@ -103,11 +89,14 @@ def test_enclaves_and_revoke(running: RunningGateway, capsys: pytest.CaptureFixt
     assert code == 1 and failure["ok"] is False and failure["result"] is None
     assert failure["error"]["code"] == "refused" and "ghost" in failure["error"]["message"]
     code, out, _ = run(capsys, "revoke", "--enclave", "192.168.30.2", "--socket", sock, "--json")
-    assert json.loads(out)["result"]["revoked"] == {
-        "kind": "enclave", "address": "192.168.30.2", "app": "nginx", "host": "10.0.0.20",
-    }  # fmt: skip
+    assert json.loads(out)["result"]["revoked"] == (
+        "enclave 192.168.30.2 (app nginx, host 10.0.0.20)"
+    )
     code, out, _ = run(capsys, "status", "--socket", sock, "--json")
-    assert {"kind": "app", "app": "webapp"} in json.loads(out)["result"]["revocations"]
+    revocations = json.loads(out)["result"]["revocations"]
+    assert [(r["kind"], r["target"]) for r in revocations] == [
+        ("app", "webapp"), ("enclave", "192.168.30.2"),
+    ]  # fmt: skip
     code, out, _ = run(capsys, "status", "--socket", sock)
     assert "revoked   app webapp; enclave 192.168.30.2 (app nginx, host 10.0.0.20)" in out
     code, out, _ = run(capsys, "revoke", "--clear", "--socket", sock)

@@ -3,6 +3,7 @@ short timeout until the client certificate arrives and rate limits on new ones."
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -12,12 +13,12 @@ from seng_fw.gateway.config import GatewayConfig
 from seng_fw.gateway.core import Port
 from seng_fw.gateway.handshakes import HalfOpenHandshakes, HandshakeLimits, TokenBucket
 from seng_fw.gateway.limits import LimitsConfig
-from seng_fw.gateway.service import GatewayControl
+from seng_fw.gateway.service import GatewayService
 from seng_fw.ops.cli import format_status
 from seng_fw.ops.metrics import GatewayMetrics
 from tests.support.gateway_memory import MemoryGateway
+from tests.support.gateway_service import config
 from tests.support.seng_client import udp_packet
-from tests.unit.test_control import config
 from tests.unit.test_gateway_core import WEBAPP, policy
 from tests.unit.test_gateway_packets import EXTERNAL, RECORD_ROUTE, with_options
 
@@ -143,8 +144,8 @@ def test_status_and_metrics_show_half_open_handshakes_and_limit_hits(tmp_path: P
     for port in range(6):
         gw.abandon(("10.0.0.66", 20000 + port))
     policy = gw.core.admission.policy
-    control = GatewayControl(gw.core, config(tmp_path), load_policy=lambda: policy)
-    status = control.status()
+    control = GatewayService(gw.core, config(tmp_path), load_policy=lambda path: policy)
+    status = asyncio.run(control.status())
     assert status["handshakes"] == {
         "half_open": 4, "half_open_sources": 1, "started": 6, "certificate_timeouts": 0,
     }  # fmt: skip

@@ -11,7 +11,7 @@ from seng_fw.gateway.counters import Traffic
 from seng_fw.gateway.service import AppTraffic, Snapshot
 from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
 from seng_fw.policy.admission import AdmissionCheck
-from tests.unit.test_control import NGINX, WEBAPP, Gateway
+from tests.support.gateway_service import NGINX, WEBAPP, Gateway
 
 
 def snapshot() -> Snapshot:
@@ -29,6 +29,7 @@ def snapshot() -> Snapshot:
         labeller={"labelled": 5, "unknown": 1},
         firewall={"tx_webapp": (8, 800), "rx_webapp": (9, 900)},
         policy_digest="ab" * 32,
+        ruleset_digest="ab" * 32,
         policy_applied_at=1_700_000_100.0,
         half_open=9,
         handshakes_started=40,
