@@ -1,9 +1,9 @@
 """Command-line entry point: `seng-fw SUBCOMMAND ...`.
 
 Each area of the product registers its own subcommands (one module per concern),
-so this file only wires them together. Exit codes shared by every command:
-0 success / trusted, 1 rejected / check failed, 2 usage error or unreadable input;
-`serve` exits 4 when it stopped on a fault a restart repairs (its TUN device deleted).
+so this file only wires them together. Exit codes shared by every command
+(seng_fw/system/cli_toolkit.py): 0 done, 1 refused or differences found, 2 usage error
+or unreadable input, 3 no gateway answering.
 """
 
 from __future__ import annotations
@@ -13,11 +13,36 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
-EXIT_OK = 0
-EXIT_REJECTED = 1
-EXIT_USAGE = 2
-EXIT_FAULT = 4  # serve: stopped on a fault; systemd's Restart=on-failure restarts it
+from seng_fw.policy.yamlfile import ConfigError
+from seng_fw.system.cli_toolkit import (
+    EXIT_CODES,
+    EXIT_FAULT,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    CliError,
+    UsageError,
+    command_name,
+    error_text,
+    json_document,
+    print_json,
+    wants_json,
+)
+
+EXIT_REJECTED = EXIT_REFUSED  # the older name
+__all__ = [
+    "EXIT_FAULT",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_REJECTED",
+    "EXIT_USAGE",
+    "UsageError",
+    "main",
+]
+
+log = logging.getLogger("seng_fw.cli")
 
 # Modules exposing `register(subparsers)`; each parser it adds sets `func(args) -> int`.
 _COMMAND_MODULES = (
@@ -25,43 +50,77 @@ _COMMAND_MODULES = (
     "seng_fw.lab.cli",
     "seng_fw.ops.serve",
     "seng_fw.compile.cli",
+    "seng_fw.ops.check",
     "seng_fw.ops.cli",
     "seng_fw.label.service",
 )
 
 
-class UsageError(Exception):
-    """Bad arguments or unreadable input: reported on stderr, exit status 2."""
+def version() -> str:
+    try:
+        return metadata.version("seng-fw")
+    except metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: Sequence[str] = _COMMAND_MODULES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="seng-fw", description="Per-application gateway for SGX enclaves (SENG)."
+        prog="seng-fw",
+        description="Per-application gateway for SGX enclaves (SENG).",
+        epilog="exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES),
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (repeatable)"
     )
+    parser.add_argument(
+        "--version", action="version", version=f"seng-fw {version()}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse and run one command, turning a user mistake into one line on stderr and its
+    exit code (never a traceback)."""
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    level = logging.WARNING - 10 * min(getattr(args, "verbose", 0), 2)
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         result: int = args.func(args)
-    except UsageError as exc:
-        print(f"seng-fw: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except CliError as exc:
+        return _report(args, exc)
+    except ConfigError as exc:  # a configuration file: every issue (then a summary)
+        issues = [str(issue) for issue in exc.issues]
+        if len(issues) == 1:
+            return _report(args, CliError(issues[0], EXIT_USAGE, "invalid_configuration"))
+        for issue in issues:
+            print(issue, file=sys.stderr)
+        error = CliError(f"{len(issues)} errors", EXIT_USAGE, "invalid_configuration", issues)
+        return _report(args, error)
+    except OSError as exc:
+        # A file the user named that a command opened without the toolkit: still a user
+        # mistake, not a crash. The traceback is there for -vv.
+        log.debug("unhandled OSError", exc_info=True)
+        return _report(args, UsageError(error_text(exc)))
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def _report(args: argparse.Namespace, error: CliError) -> int:
+    """One line on stderr; under --json also the failure document on stdout."""
+    print(f"seng-fw: {error.message}", file=sys.stderr)
+    if wants_json(args):
+        print_json(json_document(command_name(args), None, error), getattr(args, "pretty", False))
+    return error.code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import json
 import re
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,19 @@ from seng_fw.attest.policy import (
     load_root_certificates,
 )
 from seng_fw.attest.verifier import IasVerifier
-from seng_fw.cli import EXIT_OK, EXIT_REJECTED, UsageError
+from seng_fw.system.cli_toolkit import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    Refused,
+    UsageError,
+    add_json_arguments,
+    emit_json,
+    iso_time,
+    read_input,
+    write_output,
+)
+
+EXIT_REJECTED = EXIT_REFUSED
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 
@@ -184,13 +195,13 @@ def _add_policy_arguments(
 def _add_time_and_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--at",
-        type=_iso_time,
+        type=iso_time,
         default=None,
         metavar="ISO-8601-TIME",
         help="judge certificates, collateral and report age as of this time "
         "(UTC if no zone; default now)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_arguments(parser)
 
 
 def _add_collateral_argument(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -212,14 +223,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     try:
         identity = verifier.verify_certificate(cert_der, at)
     except AttestationRejected as exc:
-        return _rejected(exc, args.json)
-    _print_identity(identity, at, report_data_checked=True, as_json=args.json)
+        raise _rejected(exc) from None
+    _print_identity(args, identity, at, report_data_checked=True)
     return EXIT_OK
 
 
 def _cmd_verify_report(args: argparse.Namespace) -> int:
-    report = _read(args.report)
-    signature_text = _read(args.signature).strip()  # files usually end with a newline
+    report = read_input(args.report)
+    signature_text = read_input(args.signature).strip()  # files usually end with a newline
     signing_cert_der = _read_certificate_der(args.signing_cert)
     policy = _policy(args)
     at = resolve_time(args.at)
@@ -231,20 +242,20 @@ def _cmd_verify_report(args: argparse.Namespace) -> int:
             raise AttestationRejected(Check.MALFORMED_SIGNING_CERT, str(exc)) from None
         identity = verify_ias_report(report, signature, signing_cert, policy, at)
     except AttestationRejected as exc:
-        return _rejected(exc, args.json)
-    _print_identity(identity, at, report_data_checked=False, as_json=args.json)
+        raise _rejected(exc) from None
+    _print_identity(args, identity, at, report_data_checked=False)
     return EXIT_OK
 
 
 def _cmd_verify_quote(args: argparse.Namespace) -> int:
-    quote = _read(args.quote)
+    quote = read_input(args.quote)
     policy = _dcap_policy(args)
     at = resolve_time(args.at)
     try:
         identity = verify_dcap_quote(quote, policy, at).identity
     except AttestationRejected as exc:
-        return _rejected(exc, args.json)
-    _print_identity(identity, at, report_data_checked=False, as_json=args.json)
+        raise _rejected(exc) from None
+    _print_identity(args, identity, at, report_data_checked=False)
     return EXIT_OK
 
 
@@ -253,16 +264,13 @@ def _cmd_fetch_collateral(args: argparse.Namespace) -> int:
 
     try:
         if args.quote is not None:
-            text = pcs.fetch_for_quote(args.pccs, _read(args.quote))
+            text = pcs.fetch_for_quote(args.pccs, read_input(args.quote))
         else:
             text = pcs.fetch_for_fmspc(args.pccs, args.fmspc, args.ca)
         bundle = parse_bundle(text, args.pccs)
     except (pcs.FetchError, CollateralError) as exc:
         raise UsageError(f"cannot fetch collateral: {exc}") from None
-    try:
-        args.out.write_text(text)
-    except OSError as exc:
-        raise UsageError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    write_output(args.out, text)
     print(
         f"wrote {args.out}: FMSPC {bundle.fmspc}, valid until {bundle.expires.isoformat()}",
         file=sys.stderr,
@@ -272,7 +280,7 @@ def _cmd_fetch_collateral(args: argparse.Namespace) -> int:
 
 def _dcap_policy(args: argparse.Namespace) -> DcapPolicy:
     try:
-        roots = load_root_certificates(_read(path) for path in args.root)
+        roots = load_root_certificates(read_input(path) for path in args.root)
         store = CollateralStore.load(args.collateral or [])
         return DcapPolicy(
             roots=roots,
@@ -289,7 +297,7 @@ def _dcap_policy(args: argparse.Namespace) -> DcapPolicy:
 
 def _policy(args: argparse.Namespace) -> AttestationPolicy:
     try:
-        roots = load_root_certificates(_read(path) for path in args.root)
+        roots = load_root_certificates(read_input(path) for path in args.root)
         return AttestationPolicy(
             roots=roots,
             allowed_statuses=frozenset(
@@ -302,21 +310,19 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
         raise UsageError(f"bad trust anchor or policy: {exc}") from None
 
 
-def _rejected(exc: AttestationRejected, as_json: bool) -> int:
-    print(f"seng-fw: attestation rejected ({exc.check}): {exc.message}", file=sys.stderr)
-    if as_json:
-        print(json.dumps({"trusted": False, "check": str(exc.check), "message": exc.message}))
-    return EXIT_REJECTED
+def _rejected(exc: AttestationRejected) -> Refused:
+    """Exit 1 with the failed check; under --json its name is `error.code`."""
+    return Refused(f"attestation rejected ({exc.check}): {exc.message}", kind=str(exc.check))
 
 
 def _print_identity(
-    identity: EnclaveIdentity, at: datetime, *, report_data_checked: bool, as_json: bool
+    args: argparse.Namespace, identity: EnclaveIdentity, at: datetime, *, report_data_checked: bool
 ) -> None:
-    if as_json:
+    if args.json:
         document = {"trusted": True, **identity.to_json()}
         document["report_data_checked"] = report_data_checked
         document["checked_at"] = at.isoformat()
-        print(json.dumps(document, indent=2))
+        emit_json(args, document)
         return
     rows = [
         ("trusted", "yes"),
@@ -350,17 +356,10 @@ def _print_identity(
         print(f"{key + ':':<{width}} {value}")
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
 def _read_certificate_der(path: Path) -> bytes:
     """DER bytes of the one certificate in a PEM or DER file (content checks are the
     verifier's; only an unreadable file or broken PEM armour is a usage error)."""
-    data = _read(path)
+    data = read_input(path)
     if data.startswith(b"\x30"):  # a DER SEQUENCE (a DER RA-TLS cert may contain PEM text)
         return data
     blocks = _PEM_BLOCK.findall(data)
@@ -389,11 +388,3 @@ def _fmspc(text: str) -> str:
     if re.fullmatch(r"[0-9A-Fa-f]{12}", text) is None:
         raise argparse.ArgumentTypeError(f"an FMSPC is 12 hex digits, not {text!r}")
     return text.upper()
-
-
-def _iso_time(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -26,9 +26,40 @@ from seng_fw.attest.identity import AttestationRejected, Check, EnclaveIdentity
 from seng_fw.attest.policy import STATUS_OK, AttestationPolicy
 from seng_fw.attest.quote import QuoteBody, parse_quote_body
 
-# IAS API v3 (sgx-ra-tls 2018), v4 (2019 on) and v5 (2023) reports share these fields;
-# v5 only adds tcbEvaluationDataNumber. Earlier reports had no "version" field at all.
-SUPPORTED_REPORT_VERSIONS = frozenset({3, 4, 5})
+# IAS API v3, v4 (2019 on) and v5 (2023) reports share these fields; v5 only adds
+# tcbEvaluationDataNumber. Reports of API v2 (`/attestation/sgx/v2/report`, which the
+# sgx-ra-tls code of 2018 that SENG clients build on requests) have no "version" field.
+IAS_V2 = 2
+SUPPORTED_REPORT_VERSIONS = frozenset({IAS_V2, 3, 4, 5})
+# The body of an API v2 report (IAS API specification rev. 2, "Attestation Verification
+# Report"): no version, no advisories (advisoryURL/advisoryIDs came with later versions),
+# and the quote statuses of that version (SW_HARDENING_NEEDED came with v4).
+_V2_FIELDS = frozenset(
+    {
+        "id",
+        "timestamp",
+        "isvEnclaveQuoteStatus",
+        "isvEnclaveQuoteBody",
+        "revocationReason",
+        "pseManifestStatus",
+        "pseManifestHash",
+        "platformInfoBlob",
+        "nonce",
+        "epidPseudonym",
+    }
+)
+_V2_QUOTE_STATUSES = frozenset(
+    {
+        "OK",
+        "SIGNATURE_INVALID",
+        "GROUP_REVOKED",
+        "SIGNATURE_REVOKED",
+        "KEY_REVOKED",
+        "SIGRL_VERSION_MISMATCH",
+        "GROUP_OUT_OF_DATE",
+        "CONFIGURATION_NEEDED",
+    }
+)
 
 # A report stamped later than the verification time is not plausible; allow for clock skew
 # between IAS (or the lab CA) and this host.
@@ -48,11 +79,11 @@ _TIMESTAMP = re.compile(
 _REQUIRED_FIELDS: dict[str, type] = {
     "id": str,
     "timestamp": str,
-    "version": int,
     "isvEnclaveQuoteStatus": str,
     "isvEnclaveQuoteBody": str,
 }
 _OPTIONAL_FIELDS: dict[str, type] = {
+    "version": int,  # absent: API v2
     "revocationReason": int,
     "pseManifestStatus": str,
     "pseManifestHash": str,
@@ -139,8 +170,9 @@ def verify_signing_cert(
     if root is None:
         raise AttestationRejected(
             Check.UNTRUSTED_ROOT,
-            f"report-signing certificate ({signing_cert.issuer.rfc4514_string()}) is not "
-            "issued by a configured trust anchor",
+            f"report-signing certificate (subject {signing_cert.subject.rfc4514_string()}, "
+            f"issuer {signing_cert.issuer.rfc4514_string()}) is not issued by a configured "
+            "trust anchor",
         )
     if at < root.not_valid_before_utc:
         raise AttestationRejected(
@@ -200,6 +232,24 @@ def parse_report(report: bytes) -> IasReport:
             raise AttestationRejected(
                 Check.MALFORMED_REPORT, f"report field {name!r} is not of type {kind.__name__}"
             )
+    version = fields.get("version", IAS_V2)
+    if "version" in fields and version == IAS_V2:
+        raise AttestationRejected(
+            Check.REPORT_VERSION, "IAS API v2 reports have no 'version' field; this one has 2"
+        )
+    if "version" not in fields:
+        later = sorted(set(fields) & (set(_OPTIONAL_FIELDS) - _V2_FIELDS))
+        if later:
+            raise AttestationRejected(
+                Check.MALFORMED_REPORT,
+                f"report has no 'version' (IAS API v2) but has {later[0]!r} of a later version",
+            )
+        if fields["isvEnclaveQuoteStatus"] not in _V2_QUOTE_STATUSES:
+            raise AttestationRejected(
+                Check.MALFORMED_REPORT,
+                f"isvEnclaveQuoteStatus {fields['isvEnclaveQuoteStatus']!r} is not one of "
+                "IAS API v2 (the report has no 'version')",
+            )
     advisory_ids = fields.get("advisoryIDs", [])
     if not all(isinstance(item, str) for item in advisory_ids):
         raise AttestationRejected(Check.MALFORMED_REPORT, "advisoryIDs must be strings")
@@ -209,7 +259,7 @@ def parse_report(report: bytes) -> IasReport:
         raw=report,
         id=fields["id"],
         timestamp=parse_timestamp(fields["timestamp"]),
-        version=fields["version"],
+        version=version,
         quote_status=fields["isvEnclaveQuoteStatus"],
         quote=parse_quote_body(quote_bytes),
         advisory_ids=tuple(advisory_ids),

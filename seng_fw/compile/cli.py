@@ -1,4 +1,5 @@
-"""`seng-fw check | compile | diff | apply | import-db`: the policy and its ruleset.
+"""`seng-fw compile | diff | apply | import-db`: the policy and its ruleset (`check`:
+seng_fw/ops/check.py).
 
 Exit status: 0 success; 1 the policy is invalid, or the kernel refused the ruleset;
 2 usage error or unreadable input. `diff` exits like `git diff --exit-code`: 0 no
@@ -30,7 +31,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from seng_fw.cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, UsageError
 from seng_fw.compile import live
 from seng_fw.compile.compiler import DEFAULT_TUN, TABLE, Options, compile_policy
 from seng_fw.compile.diff import SHARED, RulesetDiff
@@ -40,7 +40,19 @@ from seng_fw.policy.loader import load_policy, policy_files
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError
 from seng_fw.system import ipc
+from seng_fw.system.cli_toolkit import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    Refused,
+    UsageError,
+    check_readable,
+    error_text,
+    write_output,
+)
 from seng_fw.system.ipc import DEFAULT_CONTROL_SOCKET
+
+EXIT_REJECTED = EXIT_REFUSED
 
 EXIT_NO_GATEWAY = 3  # the README's table: no gateway answering
 # A 10,000-app policy takes the gateway seconds to load and check.
@@ -48,14 +60,6 @@ RELOAD_TIMEOUT = 300.0
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    check = sub.add_parser(
-        "check",
-        help="validate a policy (file or directory)",
-        description="Validate a policy and report every error with file, line and field.",
-    )
-    _policy_argument(check)
-    check.set_defaults(func=_cmd_check)
-
     compile_ = sub.add_parser(
         "compile",
         help="print the nftables ruleset of a policy",
@@ -64,7 +68,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     _policy_argument(compile_)
     _ruleset_arguments(compile_)
-    compile_.add_argument("--format", choices=("nft", "json"), default="nft")
+    compile_.add_argument(
+        "--format",
+        choices=("nft", "json"),
+        default="nft",
+        help="nft: nft -f syntax (default); json: the libnftables JSON transaction",
+    )
     compile_.add_argument(
         "-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout"
     )
@@ -122,7 +131,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="convert an original SENG server database to a YAML policy",
         description="Convert a SENG database (plain or netfilter-extension schema).",
     )
-    importer.add_argument("database", type=Path, metavar="SENG.db")
+    importer.add_argument(
+        "database", type=Path, metavar="SENG.db", help="the SQLite database of a SENG server"
+    )
     importer.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
     importer.add_argument(
         "--allow-debug", action="store_true", help="admit DEBUG enclaves, as the original did"
@@ -160,8 +171,7 @@ def _ruleset_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(path: Path) -> Policy | None:
     """The policy, or None after printing its errors."""
-    if not path.exists():
-        raise UsageError(f"{path}: no such file or directory")
+    check_readable(path, directory_ok=True)
     try:
         return load_policy(path)
     except ConfigError as exc:
@@ -178,14 +188,6 @@ def _compiled(args: argparse.Namespace) -> tuple[Policy, Table] | None:
     return policy, compile_policy(policy, Options(tun=args.tun, table=TABLE))
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    policy = _load(args.policy)
-    if policy is None:
-        return EXIT_REJECTED
-    print(f"{args.policy}: ok ({len(policy.apps)} apps, {len(policy.categories)} categories)")
-    return EXIT_OK
-
-
 def _cmd_compile(args: argparse.Namespace) -> int:
     compiled = _compiled(args)
     if compiled is None:
@@ -195,10 +197,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         text = json.dumps(table.transaction(), indent=1) + "\n"
     else:
         text = table.text(header=(f"seng-fw ruleset for {args.policy} (seng-fw compile)",))
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.write_text(text)
+    write_output(args.output, text)
     return EXIT_OK
 
 
@@ -211,8 +210,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     try:
         changes = live.diff(table, policy, source=_source_digest(args.policy))
     except (live.NftError, OSError) as exc:
-        print(f"seng-fw diff: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"seng-fw: diff: {error_text(exc)}", file=sys.stderr)
+        return EXIT_USAGE  # (returned, not raised: the diff tests call _cmd_diff)
     _show_diff(changes, stat=args.stat, colour=_colour_wanted(args.color))
     return EXIT_DIFFERENCES if changes.changed else EXIT_OK
 
@@ -350,8 +349,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             print("dry run: the kernel accepts the ruleset; nothing was changed")
             return EXIT_OK
     except (live.NftError, OSError) as exc:
-        print(f"seng-fw apply: the ruleset was not changed: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
+        raise Refused(f"apply: the ruleset was not changed: {error_text(exc)}") from None
     print(summary(table, result, len(policy.apps)))
     return _hand_over(args.policy.resolve(), result.policy_digest, args.control_socket)
 
@@ -388,26 +386,17 @@ def _cmd_import_db(args: argparse.Namespace) -> int:
     except DbUnreadable as exc:
         raise UsageError(str(exc)) from None
     except DbImportError as exc:
-        print(f"seng-fw import-db: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.write_text(text)
+        raise Refused(f"import-db: {exc}") from None
+    write_output(args.output, text)
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Only these commands (`python -m seng_fw.compile.cli`), for tests and scripts."""
-    parser = argparse.ArgumentParser(prog="seng-fw")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        result: int = args.func(args)
-    except UsageError as exc:
-        print(f"seng-fw: {exc}", file=sys.stderr)
-        return 2
-    return result
+    """Only these commands (`python -m seng_fw.compile.cli`), for tests and scripts; the
+    same error handling as `seng-fw`."""
+    from seng_fw import cli
+
+    return cli.run(cli.build_parser((__name__,)), argv)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from pydantic import Field, field_validator, model_validator
 
 from seng_fw.gateway.limits import LimitsConfig
 from seng_fw.label.config import LabelConfig
-from seng_fw.policy.models import StrictModel
-from seng_fw.policy.yamlfile import load_model
+from seng_fw.policy.models import Policy, StrictModel
+from seng_fw.policy.yamlfile import PATTERN_WORDS, ConfigError, ConfigIssue, load_model
 
 # Defined with the IPC, below the layers that need it (`seng-fw apply` talks to it too).
 from seng_fw.system.ipc import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
@@ -96,6 +96,10 @@ class TimeoutConfig(StrictModel):
     assignment_attempts: int = Field(default=8, ge=1)
 
 
+GROUP_PATTERN = r"^[a-z_][a-z0-9_-]*\$?$"
+PATTERN_WORDS[GROUP_PATTERN] = "a group name is lower-case letters, digits, '_' and '-'"
+
+
 class ControlConfig(StrictModel):
     """The local control socket of `seng-fw status | enclaves | revoke | reload`."""
 
@@ -104,7 +108,7 @@ class ControlConfig(StrictModel):
     # permission, so the owner (the gateway's user) and `group` may talk to it, and root.
     mode: int = 0o660
     # Group that may use the socket; null: the gateway's own group.
-    group: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]*\$?$")
+    group: str | None = Field(default=None, pattern=GROUP_PATTERN)
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -149,11 +153,12 @@ class MetricsConfig(StrictModel):
         return None if self.listen is None else parse_host_port(self.listen)
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """ "127.0.0.1:9108" -> ("127.0.0.1", 9108); IPv4 only, like the rest of the gateway."""
+def parse_host_port(text: str, example: str = "127.0.0.1:9108") -> tuple[str, int]:
+    """ "127.0.0.1:9108" -> ("127.0.0.1", 9108); IPv4 only, like the rest of the gateway.
+    `example` is what the error shows (the metrics port unless the caller says)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"expected ADDRESS:PORT, e.g. 127.0.0.1:9108, got {text!r}")
+        raise ValueError(f"expected ADDRESS:PORT, e.g. {example}, got {text!r}")
     try:
         IPv4Address(host)
     except ValueError:
@@ -220,3 +225,33 @@ class GatewayConfig(StrictModel):
 def load_gateway_config(path: Path) -> GatewayConfig:
     """Raises seng_fw.policy.yamlfile.ConfigError naming file, line and field."""
     return load_model(path, GatewayConfig).resolved(path.parent)
+
+
+def shared_subnet_apps(policy: Policy) -> list[str]:
+    """Apps without a subnet of their own: their enclaves share `shared_subnet`."""
+    return [app.name for app in policy.apps if app.subnet is None]
+
+
+def mode_problem(mode: str, policy: Policy) -> str | None:
+    """Why the gateway cannot run `policy` in `mode`, if it cannot. Under per_app, no
+    labeller marks the shared subnet's connections and the ruleset drops them all: such
+    enclaves would be admitted, leased an address and then silently cut off."""
+    shared = shared_subnet_apps(policy)
+    if mode == "shared" or not shared:
+        return None
+    many = len(shared) > 1
+    return (
+        f"mode per_app, but app{'s' if many else ''} {', '.join(shared)} "
+        f"{'have' if many else 'has'} no subnet of {'their' if many else 'its'} own: "
+        f"{'their' if many else 'its'} enclaves would lease addresses of the shared subnet "
+        f"{policy.shared_subnet.subnet} and have all their traffic dropped (only the "
+        "labeller of mode shared passes it); set `mode: shared` in the gateway "
+        f"configuration or give {'each of them' if many else 'it'} a `subnet:`"
+    )
+
+
+def check_mode(mode: str, policy: Policy, config_file: str = "gateway configuration") -> None:
+    """Raise ConfigError (at the configuration's `mode`) if `mode_problem` finds one."""
+    problem = mode_problem(mode, policy)
+    if problem is not None:
+        raise ConfigError([ConfigIssue(config_file, 1, "mode", problem)])

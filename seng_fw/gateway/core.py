@@ -91,6 +91,17 @@ class Enclave:
             f"mrenclave={self.identity.mrenclave.hex()[:16]}"
         )
 
+    def log_fields(self, event: str, **more: object) -> dict[str, object]:
+        """`extra=` of a log line about this enclave: fields of the JSON logs."""
+        return {
+            "event": event,
+            "app": self.app.name,
+            "enclave": self.identity.mrenclave.hex(),
+            "address": str(self.address),
+            "host": str(self.host),
+            **more,
+        }
+
 
 @dataclass(eq=False)
 class Peer:
@@ -300,14 +311,18 @@ class GatewayCore:
                 deadlines.append(resend)
         return min(deadlines, default=None)
 
-    def reload(self, admission: Admission, now: float) -> None:
-        """A new policy: enclaves it no longer admits (or whose subnet moved) are closed."""
+    def reload(self, admission: Admission, now: float, cause: str = "policy reload") -> None:
+        """A new policy: enclaves it no longer admits (or whose subnet moved) are closed.
+        `cause` names why in the log: a policy reload, or an operator's revocation."""
         self.admission = admission
         for enclave in list(self._enclave_by_address.values()):
             try:
                 app = admission.admit(enclave.identity, enclave.host)
             except AdmissionRejected as refusal:
-                log.info("policy reload: closing %s: %s", enclave.describe(), refusal)
+                log.info(
+                    "%s: closing %s: %s", cause, enclave.describe(), refusal,
+                    extra=enclave.log_fields(cause.replace(" ", "_"), check=str(refusal.check)),
+                )  # fmt: skip
                 self._end_enclave(enclave, Revoked(refusal.check), now)
                 continue
             new_subnet = admission.policy.subnet_of(app)
@@ -415,7 +430,10 @@ class GatewayCore:
 
     def _refuse(self, peer: Peer, check: RejectReason, reason: str, host: IPv4Address) -> None:
         self.counters.rejected[check] += 1
-        log.warning("rejected host=%s port=%d: %s", host, peer.address[1], reason)
+        log.warning(
+            "rejected host=%s port=%d: %s", host, peer.address[1], reason,
+            extra={"event": "rejected", "host": str(host), "check": str(check)},
+        )  # fmt: skip
         peer.session.close()
 
     def _handshake_complete(self, peer: Peer, cert_der: bytes, now: float) -> None:
@@ -469,8 +487,14 @@ class GatewayCore:
         self.counters.admitted += 1
         self.tunnel_counts.admitted(host)
         self._events.append(EnclaveAdmitted(enclave))
-        log.info("admitted %s quote_status=%s", enclave.describe(), identity.quote_status)
-        log.info("leased %s to app=%s host=%s", address, app.name, host)
+        log.info(
+            "admitted %s quote_status=%s", enclave.describe(), identity.quote_status,
+            extra=enclave.log_fields("admitted", quote_status=identity.quote_status),
+        )  # fmt: skip
+        log.info(
+            "leased %s to app=%s host=%s", address, app.name, host,
+            extra=enclave.log_fields("leased"),
+        )  # fmt: skip
         self._send_setup(enclave, now)
 
     def _pair_downlink(
@@ -485,7 +509,7 @@ class GatewayCore:
         enclave.setup.acknowledge_implicitly()
         enclave.last_activity = now
         peer.enclave = enclave
-        log.info("tunnels paired %s", enclave.describe())
+        log.info("tunnels paired %s", enclave.describe(), extra=enclave.log_fields("paired"))
 
     def _send_setup(self, enclave: Enclave, now: float) -> None:
         try:
@@ -564,8 +588,12 @@ class GatewayCore:
             enclave.traffic.bytes_in,
             enclave.traffic.packets_out,
             enclave.traffic.bytes_out,
+            extra=enclave.log_fields("tunnel_end", reason=str(reason)),
         )
-        log.info("released %s (conntrack flush pending)", enclave.address)
+        log.info(
+            "released %s (conntrack flush pending)", enclave.address,
+            extra=enclave.log_fields("released"),
+        )  # fmt: skip
 
 
 def _ipam_subnets(admission: Admission) -> list[EnclaveSubnet]:

@@ -347,7 +347,11 @@ class GatewayServer:
         self.tun.close()
         for sock in self.sockets.values():
             sock.close()
-        log.info("gateway stopped: %s", self.core.counters.flat())
+        counters = self.core.counters.flat()
+        log.info(
+            "gateway stopped: %s", " ".join(f"{k}={v}" for k, v in sorted(counters.items())),
+            extra={"event": "stopped", "counters": counters},
+        )  # fmt: skip
 
 
 class Service(Protocol):

@@ -291,13 +291,14 @@ class GatewayService:
         what = revocation.describe()
         before = self.core.enclaves
         # The core closes the tunnels of every enclave that its admission now refuses.
-        self.core.reload(self._admission(), self._clock())
+        self.core.reload(self._admission(), self._clock(), cause="revocation")
         remaining = set(self.core.enclaves)
         ended = [enclave for enclave in before if enclave not in remaining]
         self.after_change()
         log.warning(
-            "revoked %s by %s%s: %d enclaves closed",
+            "revocation: revoked %s by %s%s: %d enclaves closed",
             what, by, f" ({reason})" if reason else "", len(ended),
+            extra={"event": "revocation", "revoked": what, "by": by, "closed": len(ended)},
         )  # fmt: skip
         now, wall = self._clock(), self._wall()
         ended_records = [self._record(e, now, wall) for e in ended]
@@ -460,7 +461,7 @@ class GatewayService:
             },
             # How often each limit (gateway.yaml `limits:`) refused or evicted something.
             "limits": snap.limits,
-            "revocations": self.revocations.describe(),
+            "revocations": self.revocations.to_json(),
         }
 
 

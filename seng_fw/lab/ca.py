@@ -248,7 +248,9 @@ class LabCA:
         key_type: KeyType = "ecdsa",
         key_size: int | None = None,
         private_key: ClientPrivateKey | None = None,
-        encoding: EvidenceEncoding | str = EvidenceEncoding.V2019,
+        # What SENG clients send (the 2018 sgx-ra-tls the SENG Runtime and SDK build on);
+        # the original Go server refuses the 2019 raw/PEM form.
+        encoding: EvidenceEncoding | str = EvidenceEncoding.V2018,
         timestamp: datetime | None = None,
         report_version: int | None = None,
         report_data_override: bytes | None = None,
@@ -346,20 +348,23 @@ def make_report(
     *,
     status: str = "OK",
     timestamp: datetime | None = None,
-    version: int = 4,
+    version: int | None = 4,
     advisory_ids: tuple[str, ...] | None = None,
 ) -> bytes:
-    """A report body laid out like IAS's (compact JSON, IAS's key order)."""
+    """A report body laid out like IAS's (compact JSON, IAS's key order); version None
+    is IAS API v2, whose reports have no version field."""
     timestamp = (timestamp or datetime.now(UTC)).astimezone(UTC)
     fields: dict[str, object] = {
         "id": str(secrets.randbits(128)),
         "timestamp": timestamp.strftime(_TIMESTAMP_FORMAT),
-        "version": version,
     }
+    if version is not None:
+        fields["version"] = version
     if quote.sign_type == SIGN_TYPE_LINKABLE:
         fields["epidPseudonym"] = base64.b64encode(secrets.token_bytes(128)).decode()
     advisories = _DEFAULT_ADVISORIES.get(status, ()) if advisory_ids is None else advisory_ids
-    if version >= 4 and advisories:  # v3 sent advisories in HTTP headers, v4 in the body
+    # v2 had no advisories, v3 sent them in HTTP headers, v4 on in the body.
+    if version is not None and version >= 4 and advisories:
         fields["advisoryURL"] = _ADVISORY_URL
         fields["advisoryIDs"] = list(advisories)
     fields["isvEnclaveQuoteStatus"] = status

@@ -11,12 +11,14 @@ from typing import Any
 from cryptography import x509
 
 from seng_fw.attest.ratls import EvidenceEncoding, report_data_for_key
-from seng_fw.cli import EXIT_OK, UsageError
 from seng_fw.lab import dcap
 from seng_fw.lab.ca import QUOTE_STATUSES, ROOT_CERT_FILE, LabCA, generate_client_key, write_file
+from seng_fw.system.cli_toolkit import EXIT_OK, UsageError, error_text, iso_time, read_input
 
 _DEFAULT_STATUS = "OK"
-_DEFAULT_ENCODING = EvidenceEncoding.V2019.value
+# What real SENG clients send: the 2018 base64 encoding of sgx-ra-tls (the original Go
+# server refuses the 2019 raw/PEM one).
+_DEFAULT_ENCODING = EvidenceEncoding.V2018.value
 
 
 def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
@@ -53,7 +55,9 @@ def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
     collateral.add_argument(
         "--ca", type=Path, required=True, metavar="DIR", help="lab CA directory"
     )
-    collateral.add_argument("--out", type=Path, required=True, metavar="FILE")
+    collateral.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="the collateral bundle to write"
+    )
     collateral.add_argument(
         "--valid-days",
         type=_positive_float,
@@ -64,7 +68,7 @@ def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
     )
     collateral.add_argument(
         "--at",
-        type=_iso_time,
+        type=iso_time,
         default=None,
         metavar="ISO-8601-TIME",
         help="issue time (UTC if no zone; default now), e.g. to make expired collateral",
@@ -147,11 +151,12 @@ def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
         "--encoding",
         choices=[e.value for e in EvidenceEncoding],
         default=None,
-        help="epid: sgx-ra-tls extension encoding (default 2019)",
+        help="epid: sgx-ra-tls extension encoding: 2018 (base64, what SENG clients send; "
+        "the default) or 2019 (raw report, PEM certificates)",
     )
     cert.add_argument(
         "--timestamp",
-        type=_iso_time,
+        type=iso_time,
         default=None,
         metavar="ISO-8601-TIME",
         help="epid: report timestamp (UTC if no zone; default now)",
@@ -175,7 +180,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         if not args.epid:
             dcap.LabDcapCA.create(directory)
     except OSError as exc:
-        raise UsageError(f"cannot create lab CA: {exc}") from None
+        raise UsageError(f"cannot create lab CA: {error_text(exc)}") from None
     print(f"lab CA created in {directory}")
     if not args.dcap:
         print(f"EPID trust anchor (lab only): {directory / ROOT_CERT_FILE}")
@@ -190,7 +195,7 @@ def _load_dcap(directory: Path) -> dcap.LabDcapCA:
         return dcap.LabDcapCA.load(directory)
     except (OSError, ValueError) as exc:
         raise UsageError(
-            f"cannot load lab DCAP CA from {directory}: {exc} "
+            f"cannot load lab DCAP CA from {directory}: {error_text(exc)} "
             "(`seng-fw lab ca init --dcap DIR` adds one)"
         ) from None
 
@@ -202,7 +207,7 @@ def _cmd_collateral(args: argparse.Namespace) -> int:
     try:
         write_file(args.out, ca.collateral_json(now, validity).encode(), 0o644)
     except OSError as exc:
-        raise UsageError(f"cannot write {args.out}: {exc}") from None
+        raise UsageError(f"cannot write {args.out}: {error_text(exc)}") from None
     expires = (now + validity).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     print(f"DCAP collateral (lab FMSPC {dcap.LAB_FMSPC.hex().upper()}) in {args.out}")
     print(f"valid until {expires}; {len(ca.revoked_serials)} revoked PCK certificate(s)")
@@ -212,15 +217,17 @@ def _cmd_collateral(args: argparse.Namespace) -> int:
 def _cmd_revoke_pck(args: argparse.Namespace) -> int:
     ca = _load_dcap(args.ca)
     try:
-        pck = x509.load_pem_x509_certificates(args.pck.read_bytes())[0]
+        pck = x509.load_pem_x509_certificates(read_input(args.pck))[0]
     except (OSError, ValueError, IndexError) as exc:
-        raise UsageError(f"cannot read a PEM certificate from {args.pck}: {exc}") from None
+        raise UsageError(
+            f"cannot read a PEM certificate from {args.pck}: {error_text(exc)}"
+        ) from None
     if pck.issuer != ca.pck_ca_cert.subject:
         raise UsageError(f"{args.pck} was not issued by this lab's PCK Platform CA")
     try:
         ca.revoke(pck.serial_number)
     except OSError as exc:
-        raise UsageError(f"cannot record the revocation in {args.ca}: {exc}") from None
+        raise UsageError(f"cannot record the revocation in {args.ca}: {error_text(exc)}") from None
     print(f"PCK certificate {pck.serial_number:x} revoked; rewrite the collateral")
     return EXIT_OK
 
@@ -243,7 +250,7 @@ def _cmd_enclave_cert(args: argparse.Namespace) -> int:
     try:
         ca = LabCA.load(args.ca)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load lab CA from {args.ca}: {exc}") from None
+        raise UsageError(f"cannot load lab CA from {args.ca}: {error_text(exc)}") from None
     encoding = args.encoding or _DEFAULT_ENCODING
     try:
         key = generate_client_key(args.key, args.key_size)
@@ -319,7 +326,7 @@ def _dcap_enclave_cert(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:  # the revocation could not be recorded in the CA directory
-        raise UsageError(f"cannot record the revocation in {args.ca}: {exc}") from None
+        raise UsageError(f"cannot record the revocation in {args.ca}: {error_text(exc)}") from None
     out: Path = args.out
     _write_outputs(
         out,
@@ -351,7 +358,7 @@ def _write_outputs(out: Path, files: dict[str, tuple[bytes, int]]) -> None:
         for name, (data, mode) in files.items():
             write_file(out / name, data, mode)
     except OSError as exc:
-        raise UsageError(f"cannot write to {out}: {exc}") from None
+        raise UsageError(f"cannot write to {out}: {error_text(exc)}") from None
 
 
 def _hex32(text: str) -> bytes:
@@ -372,14 +379,6 @@ def _u16(text: str) -> int:
     if not 0 <= value <= 0xFFFF:
         raise argparse.ArgumentTypeError("must be 0..65535")
     return value
-
-
-def _iso_time(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _positive_float(text: str) -> float:

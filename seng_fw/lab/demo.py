@@ -11,7 +11,6 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TextIO
 
-from seng_fw.cli import EXIT_OK, EXIT_REJECTED
 from seng_fw.lab.lab import (
     DEFAULT_PREFIX,
     DEMO_ENCLAVES,
@@ -26,6 +25,7 @@ from seng_fw.lab.lab import (
 )
 from seng_fw.lab.services import probe_icmp, probe_tcp, probe_udp
 from seng_fw.lab.topology import EXTERNAL
+from seng_fw.system.cli_toolkit import EXIT_OK, EXIT_REFUSED
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def _up(args: argparse.Namespace) -> int:
         enclaves = start_demo_enclaves(lab, plan)
     except LabError as exc:
         print(f"seng-fw lab up: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
+        return EXIT_REFUSED
     for enclave in enclaves:
         state = enclave.state
         detail = state.get("address") or refusal(lab, enclave)
@@ -274,7 +274,7 @@ def _demo(args: argparse.Namespace) -> int:
         print_table(outcomes)
     except LabError as exc:
         print(f"seng-fw lab demo: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
+        return EXIT_REFUSED
     finally:
         if not args.keep:
             lab.down()
@@ -284,7 +284,7 @@ def _demo(args: argparse.Namespace) -> int:
     if unexpected:
         print(f"seng-fw lab demo: {len(unexpected)} flows did not go as the policy says",
               file=sys.stderr)  # fmt: skip
-        return EXIT_REJECTED
+        return EXIT_REFUSED
     return EXIT_OK
 
 

@@ -239,12 +239,12 @@ class Lab:
         """Start the gateway and wait until it listens (a restart too: only what this
         start logs counts)."""
         start = self.gateway_log.stat().st_size if self.gateway_log.exists() else 0
-        log = self.gateway_log.open("ab")
-        self.gateway = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(GATEWAY), sys.executable, "-m", "seng_fw",
-             "serve", "--config", str(self.state_dir / "gateway.yaml")],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with self.gateway_log.open("ab") as log:  # the child keeps its own descriptor
+            self.gateway = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(GATEWAY), sys.executable, "-m", "seng_fw",
+                 "serve", "--config", str(self.state_dir / "gateway.yaml")],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
         while b"listening on" not in self.gateway_log.read_bytes()[start:]:  # ready
             if self.gateway.poll() is not None or time.monotonic() > deadline:
@@ -331,14 +331,15 @@ class Lab:
         state_file, log_file = directory / "state.json", directory / "enclave.log"
         state_file.unlink(missing_ok=True)
         tun_name = tun or f"se{len(self.enclaves)}"
-        process = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(spec.host), sys.executable, "-m", "seng_fw",
-             "lab", "enclave", "--server", f"{self.gateway_lan}:{GATEWAY_PORT}",
-             "--server-cert", str(self.state_dir / "server.pem"),
-             "--cert", str(cert), "--key", str(key), "--tun", tun_name,
-             "--state-file", str(state_file), *extra_args],
-            stdout=log_file.open("ab"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with log_file.open("ab") as log:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(spec.host), sys.executable, "-m", "seng_fw",
+                 "lab", "enclave", "--server", f"{self.gateway_lan}:{GATEWAY_PORT}",
+                 "--server-cert", str(self.state_dir / "server.pem"),
+                 "--cert", str(cert), "--key", str(key), "--tun", tun_name,
+                 "--state-file", str(state_file), *extra_args],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         enclave = RunningEnclave(spec, process, state_file, log_file)
         self.enclaves.append(enclave)
         return enclave

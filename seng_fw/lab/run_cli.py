@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from seng_fw.cli import EXIT_OK, EXIT_REJECTED, UsageError
+from seng_fw.system.cli_toolkit import EXIT_OK, Refused, UsageError, read_input
 
 log = logging.getLogger("seng_fw.lab")
 
@@ -101,13 +100,6 @@ def register(lab_sub: argparse._SubParsersAction[Any]) -> None:
     demo.register(lab_sub)
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from exc
-
-
 def _client_credentials(args: argparse.Namespace) -> tuple[bytes, bytes]:
     """The certificate and key the emulator presents, per --quote-source."""
     from cryptography.hazmat.primitives import serialization
@@ -120,11 +112,11 @@ def _client_credentials(args: argparse.Namespace) -> tuple[bytes, bytes]:
             raise UsageError("--cert and --key are required with --quote-source file")
         if args.attestation_dir is not None or args.dice:
             raise UsageError("--attestation-dir and --dice: only with --quote-source gramine")
-        return _read(args.cert), _read(args.key)
+        return read_input(args.cert), read_input(args.key)
     if args.cert is not None:
         raise UsageError("--cert: the certificate is built from the quote (--quote-source gramine)")
     if args.key is not None:
-        key_pem = _read(args.key)
+        key_pem = read_input(args.key)
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except ValueError as exc:
@@ -161,7 +153,7 @@ def _enclave(args: argparse.Namespace) -> int:
     cert, key = _client_credentials(args)
     try:
         server = parse_server(args.server)
-        config = make_client_config(cert, key, _read(args.server_cert))
+        config = make_client_config(cert, key, read_input(args.server_cert))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     keepalive = args.keepalive if args.keepalive is not None else (10.0 if args.reconnect else 0)
@@ -183,6 +175,5 @@ def _enclave(args: argparse.Namespace) -> int:
     except EnclaveError as exc:
         # "down": the tunnel was up and the gateway ended it; "refused": it never came up.
         client.write_state(status="down" if client.assignment else "refused", reason=str(exc))
-        print(f"seng-fw lab enclave: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
+        raise Refused(f"lab enclave: {exc}") from None
     return EXIT_OK

@@ -26,6 +26,7 @@ from typing import Any
 from seng_fw.label.hook import DEFAULT_BATCH, DEFAULT_MAX_LEN, LabelHook, LabelHookError
 from seng_fw.label.registry import DEFAULT_SOCKET, LabelRegistryClient, Registry
 from seng_fw.system import sdnotify
+from seng_fw.system.cli_toolkit import Refused
 
 log = logging.getLogger("seng_fw.label")
 
@@ -90,9 +91,25 @@ async def serve(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="registry socket")
     parser.add_argument("--queues", type=parse_queues, default=[0], help="N or FIRST-LAST")
-    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
-    parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
-    parser.add_argument("--stats-interval", type=float, default=5.0)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"verdicts sent per batch (default {DEFAULT_BATCH})",
+    )
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=DEFAULT_MAX_LEN,
+        help=f"kernel queue length per NFQUEUE (default {DEFAULT_MAX_LEN})",
+    )
+    parser.add_argument(
+        "--stats-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the queue statistics are read and published (default 5)",
+    )
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -120,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except LabelHookError as exc:
         log.error("%s", exc)
-        return 1
+        raise Refused(f"label-hook: {exc}") from None
     log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in counters.items()))
     return 0
 
@@ -130,10 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m seng_fw.label", description="seng-fw NFQUEUE labeller service"
     )
     add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    return run(args)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.set_defaults(func=run)
+    from seng_fw import cli  # the one error handling of every command
+
+    return cli.run(parser, argv)

@@ -8,8 +8,8 @@ only. They print aligned tables, or JSON with `--json`. Exit status:
   0  done
   1  the gateway refused the request (reload: invalid policy, the running one is kept;
      revoke: no such app or enclave)
-  2  usage error or unreadable configuration
-  3  no gateway answers on the socket (not running, or no permission to connect)
+  2  usage error, unreadable configuration, or no permission to connect to the socket
+  3  no gateway answers on the socket
 
 `init` writes a commented /etc/seng-fw/gateway.yaml, the gateway's DTLS key and
 certificate (ECDSA P-384; `--key-type rsa-3072` as the original SENG server) and
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import grp
-import json
 import os
 import pwd
 import shutil
@@ -31,13 +30,33 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from seng_fw.cli import EXIT_OK, EXIT_REJECTED, UsageError
-from seng_fw.gateway.config import DEFAULT_CONTROL_SOCKET, load_gateway_config, parse_host_port
-from seng_fw.ops.control import ControlClient, ControlRequestFailed, ControlUnavailable
+from seng_fw.gateway.config import (
+    DEFAULT_CONTROL_SOCKET,
+    load_gateway_config,
+    mode_problem,
+    parse_host_port,
+    shared_subnet_apps,
+)
+from seng_fw.ops.control import (
+    ControlClient,
+    ControlPermissionDenied,
+    ControlRequestFailed,
+    ControlUnavailable,
+)
 from seng_fw.ops.servercert import fingerprint, generate_server_certificate
-from seng_fw.policy.yamlfile import ConfigError
+from seng_fw.policy.loader import load_policy
+from seng_fw.system.cli_toolkit import (
+    EXIT_NO_GATEWAY,
+    EXIT_OK,
+    NoGateway,
+    Refused,
+    UsageError,
+    add_json_arguments,
+    emit_json,
+    error_text,
+)
 
-EXIT_UNREACHABLE = 3
+EXIT_UNREACHABLE = EXIT_NO_GATEWAY
 
 ETC = Path("/etc/seng-fw")
 DEFAULT_CONFIG = ETC / "gateway.yaml"
@@ -117,8 +136,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     init.add_argument(
         "--mode",
         choices=("per_app", "shared"),
-        default="per_app",
-        help="per_app: a subnet per app (default); shared: one subnet, connections labelled",
+        default=None,
+        help="per_app: a subnet per app; shared: one subnet, connections labelled "
+        "(default: what --policy needs, shared if an app has no subnet of its own)",
     )
     init.add_argument(
         "--label-hook",
@@ -142,10 +162,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help=f"the seng-fw program the units run (default {DEFAULT_BIN})",
     )
     units.add_argument(
-        "--root",
+        "--prefix",
         type=Path,
         default=Path("/"),
+        metavar="DIR",
         help="install below this directory (packaging, tests); only / creates the user",
+    )
+    # The old name, which read like `init --root` (a trust anchor): hidden, still accepted.
+    units.add_argument(
+        "--root", dest="prefix", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     units.set_defaults(func=_cmd_install_units)
 
@@ -158,7 +183,7 @@ def _client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help=f"take the socket from FILE ({DEFAULT_CONFIG})"
     )
-    parser.add_argument("--json", action="store_true", help="JSON for scripts")
+    add_json_arguments(parser)
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -169,31 +194,35 @@ def socket_path(args: argparse.Namespace) -> Path:
         if not os.access(DEFAULT_CONFIG, os.R_OK):
             return DEFAULT_CONTROL_SOCKET
         config = DEFAULT_CONFIG
-    try:
-        return load_gateway_config(config).control.socket
-    except ConfigError as exc:
-        raise UsageError(f"invalid configuration:\n{exc}") from None
+    return load_gateway_config(config).control.socket  # ConfigError: exit 2 (cli.run)
 
 
 def _request(args: argparse.Namespace, command: str, **request: Any) -> tuple[int, Any]:
     try:
         return EXIT_OK, ControlClient(socket_path(args)).request(command, **request)
+    except ControlPermissionDenied as exc:  # a gateway may be running: not exit 3
+        raise UsageError(f"{command}: {exc}") from None
     except ControlUnavailable as exc:
-        print(f"seng-fw {command}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE, None
+        raise NoGateway(f"{command}: {exc}") from None
     except ControlRequestFailed as exc:
-        print(f"seng-fw {command}: {exc}", file=sys.stderr)
-        return EXIT_REJECTED, None
+        raise Refused(f"{command}: {exc}") from None
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=False))
+def revocation_text(revocation: str | dict[str, str]) -> str:
+    """`app webapp`, `mrenclave ab..`, `enclave 192.168.29.2 (app webapp, host 10.0.0.10)`
+    from a revocation object of `status --json` (or its text, as `revoke` answers)."""
+    if isinstance(revocation, str):
+        return revocation
+    kind, target = revocation["kind"], revocation.get("target", "?")
+    if kind == "enclave":
+        return f"enclave {target} (app {revocation.get('app')}, host {revocation.get('host')})"
+    return f"{kind} {target}"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     code, status = _request(args, "status")
     if code == EXIT_OK:
-        _print_json(status) if args.json else print(format_status(status), end="")
+        emit_json(args, status) if args.json else print(format_status(status), end="")
         if not args.json:
             for warning in status.get("warnings", []):
                 print(f"warning: {warning}", file=sys.stderr)
@@ -203,7 +232,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_enclaves(args: argparse.Namespace) -> int:
     code, enclaves = _request(args, "enclaves")
     if code == EXIT_OK:
-        _print_json(enclaves) if args.json else print(format_enclaves(enclaves), end="")
+        if args.json:
+            emit_json(args, {"enclaves": enclaves})
+        else:
+            print(format_enclaves(enclaves), end="")
     return code
 
 
@@ -224,12 +256,12 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     if result.get("warning"):
         print(f"seng-fw revoke: warning: {result['warning']}", file=sys.stderr)
     if args.json:
-        _print_json(result)
+        emit_json(args, result)
     elif args.clear:
         print(f"{result['cleared']} revocations lifted; those enclaves may connect again")
     else:
         ended = result["ended"]
-        print(f"revoked {result['revoked']}: {len(ended)} enclaves disconnected")
+        print(f"revoked {revocation_text(result['revoked'])}: {len(ended)} enclaves disconnected")
         if ended:
             print(format_enclaves(ended), end="")
         print(
@@ -244,7 +276,7 @@ def _list_revocations(args: argparse.Namespace) -> int:
     if code != EXIT_OK:
         return code
     if args.json:
-        _print_json(revocations)
+        emit_json(args, {"revocations": revocations})
     elif not revocations:
         print("no revocations")
     else:
@@ -261,7 +293,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     code, result = _request(args, "reload")
     if code == EXIT_OK:
         if args.json:
-            _print_json(result)
+            emit_json(args, result)
         else:
             print(
                 f"policy {result['policy']} reloaded ({result['apps']} apps, digest "
@@ -345,7 +377,7 @@ def format_status(status: dict[str, Any]) -> str:
         labeller = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in status["labeller"].items())
         fields.append(("labeller", labeller))
     if status["revocations"]:
-        fields.append(("revoked", "; ".join(status["revocations"])))
+        fields.append(("revoked", "; ".join(map(revocation_text, status["revocations"]))))
     width = max(len(name) for name, _ in fields)
     out = "".join(f"{name.ljust(width)}  {value}\n" for name, value in fields)
     rows = []
@@ -484,7 +516,7 @@ def render_config(
     mode: str = "per_app",
     hook: str = "in_process",
 ) -> str:
-    address, port = parse_host_port(listen)
+    address, port = parse_host_port(listen, example="10.0.0.1:12345")
     return CONFIG_TEMPLATE.format(
         address=address,
         port=port,
@@ -526,24 +558,43 @@ def secure_key(key: Path) -> None:
 def _cmd_init(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     try:
-        parse_host_port(args.listen)
+        parse_host_port(args.listen, example="10.0.0.1:12345")
+    except ValueError as exc:
+        raise UsageError(f"--listen (the tunnel address): {exc}") from None
+    try:
         if args.metrics:
             parse_host_port(args.metrics)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"--metrics: {exc}") from None
     for root in args.root:
         if not root.is_file():
             raise UsageError(f"{root}: no such file")
     if args.policy is not None and not args.policy.is_file():
         raise UsageError(f"{args.policy}: no such file")
+    args.mode, why = _init_mode(args.mode, args.policy)
     try:
         for sub in ("", "policies", "roots"):
             (directory / sub).mkdir(mode=0o755, parents=True, exist_ok=True)
         report = _init_files(args, directory)
     except OSError as exc:
-        raise UsageError(f"cannot write to {directory}: {exc}") from None
-    print("\n".join(report))
+        raise UsageError(f"cannot write {error_text(exc)}") from None
+    print("\n".join([*report, *why]))
     return EXIT_OK
+
+
+def _init_mode(requested: str | None, policy_file: Path | None) -> tuple[str, list[str]]:
+    """The mode the policy needs (shared if an app has no subnet of its own), and why;
+    refuses per_app for such a policy (its enclaves would be cut off)."""
+    if policy_file is None:
+        return requested or "per_app", []
+    policy = load_policy(policy_file)  # a ConfigError: every issue, exit 2 (cli.run)
+    problem = mode_problem(requested or "per_app", policy)
+    if problem is None:
+        return requested or "per_app", []
+    if requested == "per_app":
+        raise UsageError(f"{policy_file}: {problem}")
+    shared = ", ".join(shared_subnet_apps(policy))
+    return "shared", [f"mode shared: {shared} share {policy.shared_subnet.subnet} (labeller)"]
 
 
 def _init_files(args: argparse.Namespace, directory: Path) -> list[str]:
@@ -605,7 +656,7 @@ SYSCTL_TEXT = "# seng-fw: the gateway routes between enclave tunnels and the net
 
 def _cmd_install_units(args: argparse.Namespace) -> int:
     source: Path = args.source
-    root: Path = args.root
+    root: Path = args.prefix
     live = root == Path("/")
     missing = [name for name in (*UNITS, "seng-fw.sysusers") if not (source / name).is_file()]
     if missing:
@@ -613,7 +664,7 @@ def _cmd_install_units(args: argparse.Namespace) -> int:
     try:
         done = install_units(source, root, args.bin)
     except OSError as exc:
-        raise UsageError(f"cannot install: {exc}") from None
+        raise UsageError(f"cannot install: {error_text(exc)}") from None
     print("\n".join(done))
     if live:
         for warning in _check_program(args.bin):

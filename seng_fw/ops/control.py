@@ -42,6 +42,11 @@ class ControlUnavailable(Exception):
     """Client side: no gateway answers on the socket (not running, or no permission)."""
 
 
+class ControlPermissionDenied(ControlUnavailable):
+    """Client side: the socket (or its directory) does not let this user connect; a
+    gateway may well be running."""
+
+
 class ControlRequestFailed(Exception):
     """Client side: the gateway answered with an error (its text is the message)."""
 
@@ -213,8 +218,8 @@ def request(path: Path, command: str, *, timeout: float = 30.0, **args: Any) -> 
     message = {"command": command, "args": {k: v for k, v in args.items() if v is not None}}
     try:
         answer = ipc.request(path, message, timeout)
-    except ipc.IpcPermissionDenied as exc:
-        raise ControlUnavailable(str(exc)) from None
+    except ipc.IpcPermissionDenied as exc:  # its own kind: a gateway may be running
+        raise ControlPermissionDenied(str(exc)) from None
     except ipc.IpcUnavailable as exc:
         if str(exc).startswith("nothing is listening"):
             raise ControlUnavailable(

@@ -16,10 +16,9 @@ from seng_fw.attest.dcap import AnyEvidenceVerifier, DcapPolicy, DcapVerifier
 from seng_fw.attest.identity import EvidenceVerifier
 from seng_fw.attest.policy import AttestationPolicy, load_root_certificates
 from seng_fw.attest.verifier import IasVerifier
-from seng_fw.cli import EXIT_FAULT, EXIT_OK, EXIT_USAGE, UsageError
 from seng_fw.compile.compiler import TABLE
 from seng_fw.compile.live import Nft, counters, live_digest, set_exposure_target
-from seng_fw.gateway.config import GatewayConfig, load_gateway_config
+from seng_fw.gateway.config import GatewayConfig, load_gateway_config, mode_problem
 from seng_fw.gateway.conntrack import flush_address
 from seng_fw.gateway.core import (
     EnclaveAdmitted,
@@ -37,7 +36,16 @@ from seng_fw.ops.control import ControlServer
 from seng_fw.ops.metrics import GatewayMetrics, MetricsServer
 from seng_fw.policy.admission import Admission
 from seng_fw.policy.loader import load_policy
-from seng_fw.policy.yamlfile import ConfigError
+from seng_fw.policy.models import Policy
+from seng_fw.policy.yamlfile import ConfigError, ConfigIssue
+from seng_fw.system.cli_toolkit import (
+    EXIT_FAULT,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    error_text,
+    read_input,
+)
 from seng_fw.system.ipc import IpcError
 from seng_fw.system.logs import flush_repeats, setup_logging
 from seng_fw.tunnel.dtls import make_server_config
@@ -53,17 +61,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     serve.set_defaults(func=_serve)
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from exc
-
-
 def build_verifier(config: GatewayConfig) -> EvidenceVerifier:
     attestation = config.attestation
     try:
-        roots = load_root_certificates(_read(path) for path in attestation.roots)
+        roots = load_root_certificates(read_input(path) for path in attestation.roots)
         policy = AttestationPolicy(
             roots=roots,
             allowed_statuses=frozenset(attestation.allow_status),
@@ -74,13 +75,13 @@ def build_verifier(config: GatewayConfig) -> EvidenceVerifier:
             else timedelta(seconds=attestation.max_report_age),
         )
     except ValueError as exc:
-        raise UsageError(f"attestation roots: {exc}") from exc
+        raise UsageError(f"attestation roots: {error_text(exc)}") from None
     if attestation.dcap is None:
         return IasVerifier(policy)
     dcap = attestation.dcap
     try:
         dcap_policy = DcapPolicy(
-            roots=load_root_certificates(_read(path) for path in dcap.roots),
+            roots=load_root_certificates(read_input(path) for path in dcap.roots),
             collateral=CollateralStore.load(dcap.collateral),
             allowed_statuses=frozenset(dcap.allow_status),
             refuse_advisories=frozenset(attestation.refuse_advisories),
@@ -88,17 +89,31 @@ def build_verifier(config: GatewayConfig) -> EvidenceVerifier:
             allow_debug=True,
         )
     except ValueError as exc:  # CollateralError is a ValueError
-        raise UsageError(f"attestation.dcap: {exc}") from exc
+        raise UsageError(f"attestation.dcap: {error_text(exc)}") from None
     return AnyEvidenceVerifier(IasVerifier(policy), DcapVerifier(dcap_policy))
+
+
+def checked_policy(config: GatewayConfig, path: Path | None = None) -> Policy:
+    """The policy (`path`, default the configured one), read for a reload, refused
+    (ConfigError) if it cannot run in the configured mode."""
+    path = config.policy if path is None else path
+    policy = load_policy(path)
+    problem = mode_problem(config.mode, policy)
+    if problem is not None:
+        raise ConfigError([ConfigIssue(str(path), 1, "", problem)])
+    return policy
 
 
 def build_server(config: GatewayConfig) -> GatewayServer:
     """Everything the gateway runs, set up but not started (sockets bound, TUN up)."""
     policy = load_policy(config.policy)
+    problem = mode_problem(config.mode, policy)
+    if problem is not None:  # before any socket or TUN device
+        raise UsageError(f"{config.policy}: {problem}")
     try:
-        dtls = make_server_config(_read(config.tls.certificate), _read(config.tls.key))
+        dtls = make_server_config(read_input(config.tls.certificate), read_input(config.tls.key))
     except ValueError as exc:
-        raise UsageError(f"server certificate/key: {exc}") from exc
+        raise UsageError(f"server certificate/key: {error_text(exc)}") from None
     core = GatewayCore(
         Admission(policy),
         build_verifier(config),
@@ -122,7 +137,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
     service = GatewayService(
         core,
         config,
-        load_policy=load_policy,
+        load_policy=lambda path: checked_policy(config, path),
         before_reload=server.prepare_subnets,
         after_change=server.after_change,
         queue_mode=lambda: _queue_mode(labelling),
@@ -145,7 +160,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
 
 def _queue_mode(labelling: Labelling | None) -> str:
     if labelling is None:
-        return "none (per-app subnets)"
+        return "none"  # per-app subnets: nothing to label
     return str(labelling.status().get("queue_mode", "starting"))
 
 
@@ -194,11 +209,7 @@ def _handshake_metrics(metrics: GatewayMetrics) -> Callable[[GatewayEvent], None
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        config = load_gateway_config(args.config)
-    except ConfigError as exc:
-        print(f"seng-fw serve: invalid configuration:\n{exc}", file=sys.stderr)
-        return EXIT_USAGE
+    config = load_gateway_config(args.config)  # a ConfigError: every issue, exit 2 (cli.run)
     level = logging.DEBUG if args.verbose else logging.INFO
     setup_logging(args.log_format or config.log_format, level)
     try:

@@ -95,7 +95,7 @@ def _blob_hex(value: object, what: str, app: str) -> bytes:
 def import_db(path: Path, *, allow_debug: bool = False) -> str:
     """The YAML policy equivalent to the SENG database at `path`."""
     if not path.is_file():
-        raise DbUnreadable(f"{path}: no such file")
+        raise DbUnreadable(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}")
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         with db:

@@ -83,7 +83,15 @@ def load_policy(path: Path) -> Policy:
 
 
 def _load_policy(path: Path) -> Policy:
-    docs = [load_yaml(file) for file in policy_files(path)]
+    return _validate([load_yaml(file) for file in policy_files(path)], path)
+
+
+def load_policy_text(text: str, name: str = "<stdin>") -> Policy:
+    """A policy given as text (`seng-fw check -`); errors name `name`."""
+    return _validate([load_yaml(Path(name), text)], Path(name))
+
+
+def _validate(docs: list[YamlDocument], path: Path) -> Policy:
     issues: list[ConfigIssue] = []
     parts: list[tuple[YamlDocument, Policy]] = []
     for doc in docs:
@@ -92,7 +100,7 @@ def _load_policy(path: Path) -> Policy:
             parts.append((doc, Policy.model_validate(data)))
         except pydantic.ValidationError as exc:
             _point_at_keys(doc)
-            issues += validation_issues(doc, exc)
+            issues += validation_issues(doc, exc, model=Policy)
     issues += _missing_apps(docs, path)
     if issues:
         raise ConfigError(issues)
@@ -130,8 +138,9 @@ def _point_at_keys(doc: YamlDocument) -> None:
     block list or mapping is the next line. Only done when there are errors to report:
     it parses the file a second time."""
     try:
-        root = yaml.compose(Path(doc.file).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, yaml.YAMLError):
+        text = doc.text if doc.text is not None else Path(doc.file).read_text(encoding="utf-8")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return
     stack: list[tuple[yaml.Node, Path_]] = [(root, ())] if root is not None else []
     while stack:

@@ -21,16 +21,20 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     model_validator,
 )
 
 from seng_fw.policy import ipam
 from seng_fw.policy.labels import MAX_ID, LabelTable
-from seng_fw.policy.yamlfile import Path_, format_path
+from seng_fw.policy.yamlfile import PATTERN_WORDS, Path_, did_you_mean, format_path
 
 _HEX32 = re.compile(r"^[0-9a-f]{64}$")
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,30}$"
+PATTERN_WORDS[NAME_PATTERN] = (
+    "a name is a lower-case letter, then up to 30 lower-case letters, digits, '-' or '_'"
+)
 # Label ids (at least one per app) go into 16 bits of the conntrack mark; 0 and 0xFFFF
 # are reserved ("not an enclave", "unknown address"): seng_fw.policy.labels.
 MAX_APPS = MAX_ID
@@ -177,7 +181,21 @@ def _selector(value: dict[object, object]) -> Ref | GatewayRef:
     return Ref(kind, name, host)
 
 
-PeerSpec = Annotated[Peer, PlainValidator(_peer)]
+def _peer_as_written(peer: Peer) -> str | dict[str, str | bool]:
+    """A peer as the policy writes it (`10.0.0.0/8`, `{app: NAME, host: PREFIX}`): a plain
+    validator leaves pydantic no schema to serialize the union by, and without this
+    `model_dump` warned (PydanticSerializationUnexpectedValue) at every digest."""
+    if isinstance(peer, IPv4Network):
+        return str(peer)
+    if isinstance(peer, GatewayRef):
+        return {"gateway": True}
+    written: dict[str, str | bool] = {peer.kind: peer.name} if peer.kind else {}
+    if peer.host is not None:
+        written["host"] = str(peer.host)
+    return written
+
+
+PeerSpec = Annotated[Peer, PlainValidator(_peer), PlainSerializer(_peer_as_written)]
 Peers = Annotated[list[PeerSpec], BeforeValidator(_one_or_many), Field(min_length=1)]
 
 
@@ -361,7 +379,7 @@ def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> 
     subnets.add(policy.shared_subnet.subnet, "shared_subnet")
     for name in policy.categories:
         if not re.match(NAME_PATTERN, name):
-            problems.append((("categories", name), f"category name must match {NAME_PATTERN}"))
+            problems.append((("categories", name), f"{name!r}: {PATTERN_WORDS[NAME_PATTERN]}"))
     if len(policy.apps) > MAX_APPS:
         problems.append((("apps",), f"{len(policy.apps)} apps: at most {MAX_APPS} are supported"))
     for g_index, network in enumerate(policy.gateway_networks):
@@ -393,7 +411,10 @@ def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> 
         for c_index, category in enumerate(app.categories):
             if category not in policy.categories:
                 problems.append(
-                    (("apps", index, "categories", c_index), f"unknown category {category!r}")
+                    (
+                        ("apps", index, "categories", c_index),
+                        f"unknown category {category!r}{did_you_mean(category, policy.categories)}",
+                    )
                 )
         if app.subnet is not None:
             if (overlap := subnets.overlapping(app.subnet.subnet)) is not None:
@@ -430,7 +451,8 @@ def _check_peers(policy: Policy) -> list[Problem]:
             continue
         known = app_names if peer.kind == "app" else policy.categories
         if peer.name not in known:
-            problems.append((path, f"unknown {peer.kind} {peer.name!r}"))
+            hint = did_you_mean(peer.name, known)
+            problems.append((path, f"unknown {peer.kind} {peer.name!r}{hint}"))
             continue
         if peer.host is None or peer.kind != "app":
             continue

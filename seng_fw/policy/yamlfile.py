@@ -7,6 +7,9 @@ duplicate mapping keys, which `safe_load` silently overwrites, are reported.
 
 from __future__ import annotations
 
+import difflib
+import re
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,8 @@ from typing import Any, TypeVar
 
 import pydantic
 import yaml
+
+from seng_fw.system.cli_toolkit import os_error_text
 
 Path_ = tuple[str | int, ...]
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
@@ -49,6 +54,7 @@ class YamlDocument:
     file: str
     data: Any
     lines: dict[Path_, int]
+    text: str | None = None  # kept for a document read from standard input
 
     def line_of(self, path: Path_) -> int:
         """Line of the deepest node on `path` that exists (1-based)."""
@@ -112,20 +118,26 @@ def _convert(
     return value
 
 
-def load_yaml(path: Path) -> YamlDocument:
-    """Parse one YAML file, remembering the line of every value. Raises ConfigError."""
+def load_yaml(path: Path, text: str | None = None) -> YamlDocument:
+    """Parse one YAML file (or `text`, named `path`), remembering the line of every value.
+    Raises ConfigError."""
     name = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([ConfigIssue(name, 1, "", f"cannot read: {exc}")]) from exc
+    keep = text
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            reason = os_error_text(name, exc).removeprefix(f"{name}: ")
+            raise ConfigError([ConfigIssue(name, 1, "", f"cannot read: {reason}")]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([ConfigIssue(name, 1, "", "cannot read: not UTF-8 text")]) from None
     try:
         node = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         raise ConfigError([ConfigIssue(name, line, "", f"invalid YAML: {exc}")]) from exc
-    doc = YamlDocument(name, {}, {(): 1})
+    doc = YamlDocument(name, {}, {(): 1}, keep)
     if node is None:
         return doc
     issues: list[ConfigIssue] = []
@@ -140,16 +152,126 @@ def load_yaml(path: Path) -> YamlDocument:
     return doc
 
 
+# Patterns of constrained strings, in words (models register theirs: NAME_PATTERN, ...).
+PATTERN_WORDS: dict[str, str] = {}
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean 'sdk-nginx'?)`, or nothing when no choice is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _show(value: object) -> str:
+    """The offending value, short enough for one line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _model_of(annotation: object) -> type[pydantic.BaseModel] | None:
+    """The first pydantic model inside an annotation (list[App], App | None, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_at(model: type[pydantic.BaseModel] | None, loc: Path_) -> list[str]:
+    """The keys the model allows at `loc` (field names, or their aliases)."""
+    current = model
+    for part in loc:
+        if current is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = next(
+            (f for name, f in current.model_fields.items() if (f.alias or name) == part), None
+        )
+        current = None if field is None else _model_of(field.annotation)
+    if current is None:
+        return []
+    return [field.alias or name for name, field in current.model_fields.items()]
+
+
+def _words(item: Any, model: type[pydantic.BaseModel] | None, loc: Path_) -> str:
+    """One pydantic error in an administrator's words, with the offending value."""
+    kind: str = item["type"]
+    value = item.get("input")
+    ctx = item.get("ctx") or {}
+    message: str = item["msg"]
+    if kind == "missing":
+        return "missing: this key is required"
+    if kind == "extra_forbidden":
+        key = str(loc[-1]) if loc else "?"
+        known = _keys_at(model, loc[:-1])
+        hint = did_you_mean(key, known)
+        if not hint and known:
+            hint = f" (known keys: {', '.join(known)})"
+        return f"unknown key {key!r}{hint}"
+    if kind == "value_error":
+        return message.removeprefix("Value error, ")
+    if kind == "assertion_error":
+        return message.removeprefix("Assertion failed, ")
+    if kind in ("dict_type", "model_type", "model_attributes_type", "dataclass_type"):
+        return f"must be a mapping (key: value), got {_show(value)}"
+    if kind in ("list_type", "tuple_type", "set_type"):
+        return f"must be a list, got {_show(value)}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"must be a whole number, got {_show(value)}"
+    if kind in ("float_type", "float_parsing"):
+        return f"must be a number, got {_show(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"must be true or false, got {_show(value)}"
+    if kind in ("string_type", "str_type"):
+        return f"must be text, got {_show(value)}"
+    bounds = {
+        "greater_than_equal": ("at least", "ge"),
+        "greater_than": ("more than", "gt"),
+        "less_than_equal": ("at most", "le"),
+        "less_than": ("less than", "lt"),
+    }
+    if kind in bounds:
+        words, key = bounds[kind]
+        return f"must be {words} {ctx.get(key)}, got {_show(value)}"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        hint = did_you_mean(str(value), choices) if isinstance(value, str) else ""
+        return f"must be one of {', '.join(choices)}; got {_show(value)}{hint}"
+    if kind == "string_pattern_mismatch":
+        pattern = str(ctx.get("pattern", ""))
+        return f"{_show(value)} is not valid: {PATTERN_WORDS.get(pattern, 'unexpected format')}"
+    if kind == "too_short":
+        if ctx.get("min_length") == 1:
+            return "must not be empty"
+        return f"needs at least {ctx.get('min_length')} items, has {ctx.get('actual_length')}"
+    if kind == "too_long":
+        return f"has {ctx.get('actual_length')} items, at most {ctx.get('max_length')} allowed"
+    if kind == "ip_v4_network":
+        return f"{_show(value)} is not an IPv4 address or prefix (e.g. 10.0.0.0/24)"
+    if kind == "ip_v4_address":
+        return f"{_show(value)} is not an IPv4 address (e.g. 10.0.0.1)"
+    if kind == "ip_v4_interface":
+        return f"{_show(value)} is not an IPv4 address with prefix (e.g. 10.0.0.1/24)"
+    return f"{message}, got {_show(value)}" if value is not None else message
+
+
 def validation_issues(
-    doc: YamlDocument, error: pydantic.ValidationError, prefix: Path_ = ()
+    doc: YamlDocument,
+    error: pydantic.ValidationError,
+    prefix: Path_ = (),
+    model: type[pydantic.BaseModel] | None = None,
 ) -> list[ConfigIssue]:
-    """Map pydantic's errors back to the file and line of the offending field."""
+    """Map pydantic's errors back to the file and line of the offending field, in an
+    administrator's words (`_words`); `model` (the document's) for did-you-mean keys."""
     issues = []
     for item in error.errors(include_url=False):
         # pydantic adds the union member or validator name to `loc` for some errors;
         # keep only the parts that exist in the document for line lookup and display.
         loc = (*prefix, *(part for part in item["loc"] if isinstance(part, str | int)))
-        issues.append(doc.issue(loc, item["msg"]))
+        issues.append(doc.issue(loc, _words(item, model, loc[len(prefix) :])))
     return issues
 
 
@@ -159,4 +281,4 @@ def load_model(path: Path, model: type[ModelT]) -> ModelT:
     try:
         return model.model_validate(doc.data)
     except pydantic.ValidationError as exc:
-        raise ConfigError(validation_issues(doc, exc)) from exc
+        raise ConfigError(validation_issues(doc, exc, model=model)) from exc

@@ -121,14 +121,15 @@ def test_emulator_takes_its_quote_from_gramine_attestation(lab: Lab) -> None:
     (attestation / "user_report_data").write_bytes(bytes(64))
     (attestation / "quote").write_bytes(quote)
     state_file, log_file = directory / "state.json", directory / "enclave.log"
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns(CLIENT_A), sys.executable, "-m", "seng_fw",
-         "lab", "enclave", "--server", f"{lab.gateway_lan}:{GATEWAY_PORT}",
-         "--server-cert", str(lab.state_dir / "server.pem"), "--key", str(key_path),
-         "--quote-source", "gramine", "--attestation-dir", str(attestation),
-         "--tun", "segr0", "--state-file", str(state_file)],
-        stdout=log_file.open("ab"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with log_file.open("ab") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", lab.ns(CLIENT_A), sys.executable, "-m", "seng_fw",
+             "lab", "enclave", "--server", f"{lab.gateway_lan}:{GATEWAY_PORT}",
+             "--server-cert", str(lab.state_dir / "server.pem"), "--key", str(key_path),
+             "--quote-source", "gramine", "--attestation-dir", str(attestation),
+             "--tun", "segr0", "--state-file", str(state_file)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     enclave = RunningEnclave(
         EnclaveSpec("gramine", CLIENT_A, DEMO_WEBAPP), process, state_file, log_file
     )

@@ -298,12 +298,12 @@ def test_hook_service_stopped_and_restarted(bed: Bed, tmp_path: Path) -> None:
     path = tmp_path / "label.sock"
     server = LabelRegistryServer(bed.registry, path)
     bed.loop.run(server.start())
-    log = (tmp_path / "service.log").open("w")
 
     def start_service() -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "seng_fw.label", "--socket", str(path),
                 "--queues", f"{QUEUES.first}-{QUEUES.last}", "--stats-interval", "0.2"]  # fmt: skip
-        proc = bed.topo.popen(GATEWAY, argv, stdout=log, stderr=log)
+        with (tmp_path / "service.log").open("a") as log:  # the child keeps its own
+            proc = bed.topo.popen(GATEWAY, argv, stdout=log, stderr=log)
         wait_for(lambda: set(read_queue_stats(bed.gw)) >= set(QUEUES.queues))
         return proc
 
@@ -346,7 +346,6 @@ def test_hook_service_stopped_and_restarted(bed: Bed, tmp_path: Path) -> None:
         service.kill()
         service.wait()
         bed.loop.run(server.close())
-        log.close()
 
 
 def test_released_address_loses_its_label_and_connections(bed: Bed) -> None:

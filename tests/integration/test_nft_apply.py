@@ -507,7 +507,7 @@ def test_established_connections_survive_apply(topo: Topology) -> None:
 
 
 def _cli(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "seng_fw.compile.cli", *args]
+    argv = [sys.executable, "-m", "seng_fw", *args]
     return topo.run("gw", argv, check=False)
 
 

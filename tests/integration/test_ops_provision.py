@@ -70,10 +70,11 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
                     str(control), check=False)  # fmt: skip
     assert first.returncode == 3 and "no gateway answering" in first.stderr, first.stderr
     gateway_log = tmp_path / "gateway.log"
-    gateway = lab.popen(
-        GATEWAY, [sys.executable, "-m", "seng_fw", "serve", "--config", str(config)],
-        stdout=gateway_log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with gateway_log.open("wb") as log:  # the child keeps its own descriptor
+        gateway = lab.popen(
+            GATEWAY, [sys.executable, "-m", "seng_fw", "serve", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         assert wait_until(lambda: control.exists()), gateway_log.read_text()
         provision(lab, EXTERNAL, "external.sh", SENG_FW_PYTHON=sys.executable,
@@ -105,7 +106,7 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
         assert "gateway reloaded" in applied.stdout
         assert wait_until(flow, 10), "the flow still fails after apply"
 
-        status = json.loads(seng_fw("status", "--socket", str(control), "--json").stdout)
+        status = json.loads(seng_fw("status", "--socket", str(control), "--json").stdout)["result"]
         assert {a["name"]: a["enclaves"] for a in status["apps"]}["webapp"] == 1
         revoked = seng_fw("revoke", "--app", "webapp", "--socket", str(control))
         assert "1 enclaves disconnected" in revoked.stdout
@@ -114,7 +115,7 @@ def test_provisioning_scripts_build_a_working_lab(lab: Topology, tmp_path: Path)
         assert (saved["kind"], saved["target"]) == ("app", "webapp") and "uid=0" in saved["by"]
         assert wait_until(lambda: '"down"' in _read(state_file) or '"refused"' in _read(state_file))
         enclaves = seng_fw("enclaves", "--socket", str(control), "--json").stdout
-        assert json.loads(enclaves) == []
+        assert json.loads(enclaves)["result"] == {"enclaves": []}
     finally:
         gateway.terminate()
         gateway.wait(10)

@@ -156,11 +156,12 @@ class PrivateSystemd:
         )
         (self.workdir / "launcher").write_text(_launcher())
         env = {**os.environ, "PYTHON_BASE": sys.base_prefix, "REPO": str(REPO)}
-        self.process = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--cgroup", "--uts", "--net",
-             "bash", str(script), str(self.workdir)],
-            env=env, stdout=(self.workdir / "systemd.log").open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with (self.workdir / "systemd.log").open("wb") as log:  # the child keeps its own
+            self.process = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--cgroup", "--uts",
+                 "--net", "bash", str(script), str(self.workdir)],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
@@ -321,7 +322,7 @@ def test_gateway_runs_under_its_unit(
 
     # The control socket answers root, with the gateway's configuration.
     answer = system.run([str(PROGRAM), "status", "--json"])
-    gateway = json.loads(answer.stdout)
+    gateway = json.loads(answer.stdout)["result"]
     assert gateway["listen"] == [f"{lan}:12345", f"{lan}:12346"]
     assert gateway["tun"]["name"] == "tunFA"
     assert "tunFA" in lab.run(GATEWAY, ["ip", "-o", "link"]).stdout
@@ -330,13 +331,16 @@ def test_gateway_runs_under_its_unit(
     emulator, state = _start_emulator(lab, ca, tmp_path, DEMO_WEBAPP)
     try:
         assert wait_until(lambda: '"up"' in _read(state)), _read(state) + system.journal("seng-fw")
-        listed = json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout)
+        listed = json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout)["result"][
+            "enclaves"
+        ]
         assert [(e["app"], e["host"]) for e in listed] == [
             ("webapp", str(lab.address(CLIENT_A, "lan")))
         ]
         revoked = system.run([str(PROGRAM), "revoke", "--app", "webapp"])
         assert "1 enclaves disconnected" in revoked.stdout
-        assert json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout) == []
+        listed = json.loads(system.run([str(PROGRAM), "enclaves", "--json"]).stdout)["result"]
+        assert listed == {"enclaves": []}
     finally:
         emulator.terminate()
         emulator.wait(10)
@@ -390,7 +394,7 @@ def test_labeller_runs_under_its_unit(
             return probe_tcp(lab.ns(CLIENT_A), address, external, ECHO_PORT, timeout=1.0)
 
         assert wait_until(flow, 10), system.journal("seng-fw*")
-        gateway = json.loads(system.run([str(PROGRAM), "status", "--json"]).stdout)
+        gateway = json.loads(system.run([str(PROGRAM), "status", "--json"]).stdout)["result"]
         assert gateway["mode"] == "shared" and gateway["queue_mode"] in ("nft", "xtables")
 
         system.run(["systemctl", "stop", "seng-fw-label.service"])

@@ -178,5 +178,5 @@ def _status(lab: Lab) -> dict[str, Any]:
         GATEWAY, "status", "--json", "--socket", str(lab.state_dir / "control.sock")
     )
     assert shown.returncode == 0, shown.stderr
-    result: dict[str, Any] = json.loads(shown.stdout)
+    result: dict[str, Any] = json.loads(shown.stdout)["result"]  # the JSON document
     return result

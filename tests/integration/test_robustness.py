@@ -40,7 +40,7 @@ def gateway_status(lab: Lab) -> dict[str, Any]:
         GATEWAY, "status", "--json", "--socket", str(lab.state_dir / "control.sock")
     )
     assert result.returncode == 0, result.stderr
-    status: dict[str, Any] = json.loads(result.stdout)
+    status: dict[str, Any] = json.loads(result.stdout)["result"]  # the JSON document
     return status
 
 

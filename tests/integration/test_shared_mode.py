@@ -69,7 +69,7 @@ def _status(lab: Lab) -> dict[str, Any]:
     """`seng-fw status --json` of the lab's gateway."""
     out = lab.seng_fw(GATEWAY, "status", "--json", "--socket", str(lab.state_dir / "control.sock"))
     assert out.returncode == 0, out.stderr
-    result: dict[str, Any] = json.loads(out.stdout)
+    result: dict[str, Any] = json.loads(out.stdout)["result"]
     return result
 
 
@@ -144,12 +144,12 @@ def service_lab(ns_prefix: str, tmp_path: Path) -> Iterator[Lab]:
 
 
 def _start_labeller(lab: Lab) -> subprocess.Popen[bytes]:
-    log = (lab.state_dir / "labeller.log").open("ab")
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns(GATEWAY), sys.executable, "-m", "seng_fw.label",
-         "--socket", str(lab.state_dir / "label.sock"), "--queues", "0"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with (lab.state_dir / "labeller.log").open("ab") as log:  # the child keeps its own
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", lab.ns(GATEWAY), sys.executable, "-m", "seng_fw.label",
+             "--socket", str(lab.state_dir / "label.sock"), "--queues", "0"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     return process
 
 

@@ -95,7 +95,13 @@ def test_verify_json_output(
     paths = files(debug=True, isv_prod_id=4)
     argv = ["attest", "verify", str(paths["der"]), "--root", str(paths["root"])]
     assert main([*argv, "--allow-debug", "--json"]) == 0
-    document = json.loads(capsys.readouterr().out)
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1  # one compact line per document
+    outer = json.loads(line)
+    assert outer.keys() == {"schema", "command", "ok", "error", "result"}
+    assert outer["schema"] == 1 and outer["command"] == "attest verify"
+    assert outer["ok"] is True and outer["error"] is None
+    document = outer["result"]
     assert document.keys() >= REQUIRED_JSON_KEYS
     assert document["trusted"] is True
     assert document["debug"] is True
@@ -114,13 +120,22 @@ def test_verify_rejected(
     assert "quote_status" in captured.err
     assert captured.out == ""
     assert main([*argv, "--json"]) == 1
+    message = (
+        "attestation rejected (quote_status): "
+        "isvEnclaveQuoteStatus is GROUP_OUT_OF_DATE (not allowed by policy)"
+    )
+    # The same keys as on success; the failure on stdout too, the check as error.code.
     assert json.loads(capsys.readouterr().out) == {
-        "trusted": False,
-        "check": "quote_status",
-        "message": "isvEnclaveQuoteStatus is GROUP_OUT_OF_DATE (not allowed by policy)",
+        "schema": 1,
+        "command": "attest verify",
+        "ok": False,
+        "error": {"code": "quote_status", "message": message, "details": []},
+        "result": None,
     }
-    assert main([*argv, "--allow-status", "GROUP_OUT_OF_DATE", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["quote_status"] == "GROUP_OUT_OF_DATE"
+    assert main([*argv, "--allow-status", "GROUP_OUT_OF_DATE", "--json", "--pretty"]) == 0
+    pretty = capsys.readouterr().out
+    assert pretty.count("\n") > 10
+    assert json.loads(pretty)["result"]["quote_status"] == "GROUP_OUT_OF_DATE"
 
 
 def test_verify_debug_needs_allow_debug(main: Main, files: Callable[..., dict[str, Path]]) -> None:
@@ -221,7 +236,7 @@ def test_verify_report_genuine_intel_vector(
 ) -> None:
     argv = _genuine_argv(tmp_path)
     assert main([*argv, "--at", "2020-05-11T10:00:00", "--json"]) == 0
-    document = json.loads(capsys.readouterr().out)
+    document = json.loads(capsys.readouterr().out)["result"]
     assert document.keys() >= REQUIRED_JSON_KEYS
     assert document["quote_status"] == "SW_HARDENING_NEEDED"
     assert document["report_data_checked"] is False

@@ -45,7 +45,7 @@ def test_verify_quote_genuine_inside_validity(
     main: Main, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(quote_argv(QUOTE, "--allow-status", STATUS, "--at", INSIDE, "--json")) == 0
-    document = json.loads(capsys.readouterr().out)
+    document = json.loads(capsys.readouterr().out)["result"]
     assert document.keys() >= DCAP_JSON_KEYS
     assert document["trusted"] is True and document["evidence"] == "dcap"
     assert document["tcb_status"] == STATUS
@@ -91,7 +91,7 @@ def test_verify_quote_tampered_byte(
     tampered.write_bytes(bytes(data))
     assert main(quote_argv(tampered, "--allow-status", STATUS, "--at", INSIDE, "--json")) == 1
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["check"] == "quote_signature"
+    assert json.loads(captured.out)["error"]["code"] == "quote_signature"
     assert "(quote_signature)" in captured.err
 
 
@@ -152,7 +152,7 @@ def test_verify_dcap_certificate(
     # --allow-status before the positional must not eat it.
     argv = ["attest", "verify", "--allow-status", "OutOfDate", *argv[2:]]
     assert main([*argv, "--collateral", str(directory / "collateral.json")]) == 0
-    document = json.loads(capsys.readouterr().out)
+    document = json.loads(capsys.readouterr().out)["result"]
     assert document["evidence"] == "dcap" and document["tcb_status"] == "OutOfDate"
     assert document["report_data_checked"] is True
     # Without collateral the platform is unknown: rejected, not an error.

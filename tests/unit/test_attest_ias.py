@@ -22,10 +22,13 @@ V4_REPORT = FIXTURES / "ias-report-v4-sw-hardening-needed.json"
 V4_SIG = FIXTURES / "ias-report-v4-sw-hardening-needed.sig"
 V5_REPORT = FIXTURES / "ias-report-v5-sw-hardening-needed.json"
 V5_SIG = FIXTURES / "ias-report-v5-sw-hardening-needed.sig"
+V2_REPORT = FIXTURES / "ias-report-v2-group-out-of-date.json"
+V2_SIG = FIXTURES / "ias-report-v2-group-out-of-date.sig"
 
 # Inside the genuine signing certificate's validity (it expired 2026-11-20).
 AS_OF_V4 = datetime(2020, 5, 11, 10, 0, tzinfo=UTC)
 AS_OF_V5 = datetime(2023, 9, 28, tzinfo=UTC)
+AS_OF_V2 = datetime(2018, 4, 1, tzinfo=UTC)
 
 
 def _intel_policy(**overrides: object) -> AttestationPolicy:
@@ -73,6 +76,52 @@ def test_genuine_v5_report_verifies_as_of_2023() -> None:
     identity = verify_ias_report(*_genuine(V5_REPORT, V5_SIG), _intel_policy(), AS_OF_V5)
     assert identity.advisory_ids == ("INTEL-SA-00334", "INTEL-SA-00615")
     assert identity.quote_status == "SW_HARDENING_NEEDED"
+
+
+def test_genuine_v2_report_without_a_version_verifies_as_of_2018() -> None:
+    """IAS API v2 (what the 2018 sgx-ra-tls of SENG clients requested): no "version"
+    field, no advisories. Refused as malformed before ("report has no 'version'")."""
+    assert b'"version"' not in V2_REPORT.read_bytes()
+    policy = _intel_policy(allowed_statuses=frozenset({"OK", "GROUP_OUT_OF_DATE"}))
+    identity = verify_ias_report(*_genuine(V2_REPORT, V2_SIG), policy, AS_OF_V2)
+    assert identity.mrenclave.hex() == (
+        "83d1607d933a8f1970fa30ac94cdb6921fd8ffb8414650af06fe63c008a4a9af"
+    )
+    assert identity.mrsigner.hex() == (
+        "83d719e77deaca1470f6baf62a4d774303c899db69020f9c70ee1dfc08c7ce9e"
+    )
+    assert identity.quote_status == "GROUP_OUT_OF_DATE" and identity.advisory_ids == ()
+    assert identity.timestamp == datetime(2018, 3, 30, 22, 2, 25, 579777, tzinfo=UTC)
+    assert parse_report(V2_REPORT.read_bytes()).version == 2
+    # The signature covers the body as sent: the same report with a version is not Intel's.
+    tampered = V2_REPORT.read_bytes().replace(b'{"id"', b'{"version":3,"id"')
+    _rejected("bad_signature", tampered, *_genuine(V2_REPORT, V2_SIG)[1:], policy, AS_OF_V2)
+
+
+def test_v2_report_carries_only_v2_fields_and_statuses(lab: LabCA) -> None:
+    for status, advisories in (("OK", ("INTEL-SA-00334",)), ("SW_HARDENING_NEEDED", ())):
+        fields = json.loads(_lab_report(version=4, status=status, advisory_ids=advisories))
+        del fields["version"]
+        with pytest.raises(AttestationRejected) as exc:
+            parse_report(json.dumps(fields).encode())
+        assert exc.value.check == "malformed_report"
+        assert "IAS API v2" in exc.value.message
+    report = _lab_report(version=None, status="GROUP_OUT_OF_DATE")
+    identity = verify_ias_report(
+        report,
+        lab.sign_report(report),
+        lab.signing_cert,
+        _lab_policy(lab, allowed_statuses=frozenset({"OK", "GROUP_OUT_OF_DATE"})),
+    )
+    assert identity.quote_status == "GROUP_OUT_OF_DATE"
+
+
+def test_untrusted_signing_cert_message_names_subject_and_issuer(lab: LabCA) -> None:
+    with pytest.raises(AttestationRejected) as exc:
+        verify_ias_report(*_genuine(), _lab_policy(lab), AS_OF_V4)
+    assert exc.value.check == "untrusted_root"
+    assert "subject CN=Intel SGX Attestation Report Signing," in exc.value.message
+    assert "issuer CN=Intel SGX Attestation Report Signing CA," in exc.value.message
 
 
 def test_genuine_report_rejected_today_because_intel_signing_cert_expired() -> None:
@@ -233,7 +282,7 @@ def test_report_field_of_the_wrong_type(field: str, value: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "field", ["id", "timestamp", "version", "isvEnclaveQuoteStatus", "isvEnclaveQuoteBody"]
+    "field", ["id", "timestamp", "isvEnclaveQuoteStatus", "isvEnclaveQuoteBody"]
 )
 def test_report_without_a_required_field(field: str) -> None:
     fields = _valid_fields()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from seng_fw.cli import _COMMAND_MODULES
+from seng_fw.cli import main as seng_fw_main
 from seng_fw.compile import live
 from seng_fw.compile.cli import _hand_over, main
 from seng_fw.compile.compiler import compile_policy
@@ -25,7 +26,7 @@ def test_registered_in_the_main_cli() -> None:
 
 
 def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", str(EXAMPLE)]) == 0
+    assert seng_fw_main(["check", str(EXAMPLE)]) == 0
     assert "ok (4 apps, 2 categories)" in capsys.readouterr().out
 
 
@@ -34,21 +35,22 @@ def test_check_reports_every_error(tmp_path: Path, capsys: pytest.CaptureFixture
     bad = bad.replace("categories: [dns]\n    ingress", "categories: [dnss]\n    ingress")
     path = tmp_path / "bad.yaml"
     path.write_text(bad)
-    assert main(["check", str(path)]) == 1
+    assert seng_fw_main(["check", str(path)]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[-1] == f"{path}: 2 error(s)"
+    assert err[-1] == f"seng-fw: 2 error(s) in {path}"
     assert any(line.startswith(f"{path}:") and "unknown app 'nginx'" in line for line in err)
-    assert any("apps[1].categories[0]: unknown category 'dnss'" in line for line in err)
+    assert any("apps[1].categories[0]: unknown category 'dnss' (did you mean 'dns'?)" in line
+               for line in err)  # fmt: skip
 
 
 def test_unreadable_policy_is_a_usage_error(tmp_path: Path) -> None:
-    assert main(["check", str(tmp_path / "missing.yaml")]) == 2
+    assert seng_fw_main(["check", str(tmp_path / "missing.yaml")]) == 2
     assert main(["compile", str(tmp_path / "missing.yaml")]) == 2
 
 
 def test_invalid_yaml_fails_the_check(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("apps: [\n")
-    assert main(["check", str(tmp_path / "p.yaml")]) == 1
+    assert seng_fw_main(["check", str(tmp_path / "p.yaml")]) == 1
 
 
 def test_compile_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

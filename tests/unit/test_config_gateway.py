@@ -68,13 +68,23 @@ def test_mode_in_octal(tmp_path: Path, text: str) -> None:
         ("control:\n  mode: 0666\n", 5, "control.mode", "every local user"),
         ("control:\n  mode: '0o6x0'\n", 5, "control.mode", "not an octal mode"),
         ("control:\n  mode: 0600\n  group: adm\n", 5, "control", "no write access"),
-        ("control:\n  group: 'Bad Group'\n", 5, "control.group", "pattern"),
+        (
+            "control:\n  group: 'Bad Group'\n",
+            5,
+            "control.group",
+            "'Bad Group' is not valid: a group name",
+        ),
         ("metrics:\n  listen: 'localhost:9108'\n", 5, "metrics.listen", "not an IPv4"),
         ("metrics:\n  listen: '127.0.0.1'\n", 5, "metrics.listen", "ADDRESS:PORT"),
         ("metrics:\n  listen: '127.0.0.1:70000'\n", 5, "metrics.listen", "ADDRESS:PORT"),
         ("mode: bridged\n", 4, "mode", "per_app"),
         ("log_format: xml\n", 4, "log_format", "json"),
-        ("control:\n  sockett: /x\n", 5, "control.sockett", "Extra inputs"),
+        (
+            "control:\n  sockett: /x\n",
+            5,
+            "control.sockett",
+            "unknown key 'sockett' (did you mean 'socket'?)",
+        ),
     ],
 )
 def test_errors_name_file_line_and_field(

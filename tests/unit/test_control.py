@@ -138,7 +138,8 @@ def test_revoke_app_closes_its_tunnels_and_refuses_it(gateway: Gateway) -> None:
     assert gateway.changes == 1  # the adapter sends close_notify and flushes conntrack
     assert gateway.admit(WEBAPP) == REVOKED_CHECK
     assert gateway.admit(NGINX) == "nginx"
-    assert asyncio.run(gateway.control.status())["revocations"] == ["app webapp"]
+    revocations = asyncio.run(gateway.control.status())["revocations"]
+    assert [(r["kind"], r["target"]) for r in revocations] == [("app", "webapp")]
     # A policy reload keeps the revocation; --clear lifts it.
     asyncio.run(gateway.control.reload())
     assert gateway.admit(WEBAPP) == REVOKED_CHECK

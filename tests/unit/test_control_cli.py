@@ -51,7 +51,11 @@ def test_status_table_and_json(running: RunningGateway, capsys: pytest.CaptureFi
     assert webapp.index("192.168.29.0/24") == header.index("SUBNET")
     assert "2.0 KiB" in webapp
     code, out, _ = run(capsys, "status", "--socket", str(running.socket), "--json")
-    assert code == 0 and json.loads(out)["enclaves"] == 2
+    assert code == 0 and out.count("\n") == 1
+    document = json.loads(out)
+    assert document["schema"] == 1 and document["ok"] is True and document["error"] is None
+    assert document["result"]["enclaves"] == 2
+    assert document["result"]["queue_mode"] == "none"
 
 
 def test_enclaves_and_revoke(running: RunningGateway, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,11 +81,26 @@ def test_enclaves_and_revoke(running: RunningGateway, capsys: pytest.CaptureFixt
     assert row.split()[:2] == ["app", "webapp"] and f"pid={os.getpid()})" in row
     assert "2027-01-15T08:00:00Z" in row and row.endswith("key leaked")
     code, out, _ = run(capsys, "enclaves", "--socket", sock, "--json")
-    assert [e["app"] for e in json.loads(out)] == ["nginx"]
+    assert [e["app"] for e in json.loads(out)["result"]["enclaves"]] == ["nginx"]
     code, _, err = run(capsys, "revoke", "--app", "ghost", "--socket", sock)
     assert code == 1 and "no app 'ghost'" in err
+    code, out, err = run(capsys, "revoke", "--app", "ghost", "--socket", sock, "--json")
+    failure = json.loads(out)
+    assert code == 1 and failure["ok"] is False and failure["result"] is None
+    assert failure["error"]["code"] == "refused" and "ghost" in failure["error"]["message"]
+    code, out, _ = run(capsys, "revoke", "--enclave", "192.168.30.2", "--socket", sock, "--json")
+    assert json.loads(out)["result"]["revoked"] == (
+        "enclave 192.168.30.2 (app nginx, host 10.0.0.20)"
+    )
+    code, out, _ = run(capsys, "status", "--socket", sock, "--json")
+    revocations = json.loads(out)["result"]["revocations"]
+    assert [(r["kind"], r["target"]) for r in revocations] == [
+        ("app", "webapp"), ("enclave", "192.168.30.2"),
+    ]  # fmt: skip
+    code, out, _ = run(capsys, "status", "--socket", sock)
+    assert "revoked   app webapp; enclave 192.168.30.2 (app nginx, host 10.0.0.20)" in out
     code, out, _ = run(capsys, "revoke", "--clear", "--socket", sock)
-    assert code == 0 and "1 revocations lifted" in out
+    assert code == 0 and "2 revocations lifted" in out
 
 
 def test_reload(running: RunningGateway, capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,7 +199,7 @@ def test_install_units_into_a_root(tmp_path: Path, capsys: pytest.CaptureFixture
     program.parent.mkdir(parents=True)
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
-    code, _, _ = run(capsys, "install-units", "--root", str(tmp_path), "--bin", str(program))
+    code, _, _ = run(capsys, "install-units", "--prefix", str(tmp_path), "--bin", str(program))
     assert code == 0
     units = tmp_path / "etc" / "systemd" / "system"
     service = (units / "seng-fw.service").read_text()

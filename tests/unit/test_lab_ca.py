@@ -157,7 +157,7 @@ def test_quote_body(ca: LabCA) -> None:
 
 def test_report_like_ias_v4(ca: LabCA) -> None:
     stamp = datetime(2026, 11, 1, 12, 30, 5, 123456, tzinfo=UTC)
-    ok = _issue(ca, timestamp=stamp)
+    ok = _issue(ca, timestamp=stamp, encoding=EvidenceEncoding.V2019)
     assert ok.report.startswith(b'{"id":"')
     fields = json.loads(ok.report)
     assert list(fields) == ["id", "timestamp", "version", "isvEnclaveQuoteStatus",
@@ -166,7 +166,7 @@ def test_report_like_ias_v4(ca: LabCA) -> None:
     assert fields["version"] == 4
     assert fields["id"].isdigit()
 
-    outdated = json.loads(_issue(ca, status="GROUP_OUT_OF_DATE").report)
+    outdated = json.loads(_issue(ca, status="GROUP_OUT_OF_DATE", report_version=4).report)
     assert list(outdated) == ["id", "timestamp", "version", "advisoryURL", "advisoryIDs",
                               "isvEnclaveQuoteStatus", "platformInfoBlob",
                               "isvEnclaveQuoteBody"]
@@ -174,7 +174,7 @@ def test_report_like_ias_v4(ca: LabCA) -> None:
     blob = bytes.fromhex(outdated["platformInfoBlob"])
     assert blob[:4] == bytes.fromhex("15020065") and len(blob) == 4 + 0x65
 
-    hardening = json.loads(_issue(ca, status="SW_HARDENING_NEEDED").report)
+    hardening = json.loads(_issue(ca, status="SW_HARDENING_NEEDED", report_version=4).report)
     assert hardening["advisoryIDs"] == ["INTEL-SA-00334"]
     assert "platformInfoBlob" not in hardening  # as in genuine IAS reports
 
@@ -284,3 +284,21 @@ def test_cli_enclave_cert_usage_errors(main: Main, tmp_path: Path) -> None:
     LabCA.create(tmp_path / "ca")
     ca = ["--ca", str(tmp_path / "ca")]
     assert main([*base, *ca, "--key", "ecdsa", "--key-size", "2048", *out]) == 2
+
+
+@pytest.mark.parametrize(("argv", "expected"), [([], "2018"), (["--encoding", "2019"], "2019")])
+def test_enclave_cert_defaults_to_the_2018_encoding_seng_clients_send(
+    main: Main, tmp_path: Path, argv: list[str], expected: str
+) -> None:
+    """Issue 13 defect 7: real SENG clients send the 2018 base64 encoding (the original Go
+    server refuses the 2019 one); the lab CA, the lab and the emulator default to it."""
+    from seng_fw.attest.ratls import parse_ratls_certificate
+
+    ca_dir, out = tmp_path / "ca", tmp_path / "enclave"
+    assert main(["lab", "ca", "init", "--epid", str(ca_dir)]) == 0
+    base = ["lab", "enclave-cert", "--ca", str(ca_dir), "--mrenclave", "ab" * 32]
+    assert main([*base, "--mrsigner", "cd" * 32, *argv, "--out", str(out)]) == 0
+    evidence = parse_ratls_certificate((out / "cert.der").read_bytes())
+    assert evidence.encoding == expected
+    default = LabCA.load(ca_dir).issue_enclave_cert(mrenclave=bytes(32), mrsigner=bytes(32))
+    assert parse_ratls_certificate(default.cert_der).encoding == "2018"

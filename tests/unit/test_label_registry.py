@@ -260,10 +260,12 @@ def test_client_refuses_a_server_that_does_not_start_with_a_snapshot(tmp_path: P
     path = tmp_path / "label.sock"
 
     async def main() -> None:
+        writers: list[asyncio.StreamWriter] = []
+
         async def rogue(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
             writer.write(encode_change(Added(rec("192.168.28.7", label=5))))
             await writer.drain()
-            await asyncio.sleep(5)
 
         server = await asyncio.start_unix_server(rogue, path=str(path))
         copy = Registry(SCOPE)
@@ -272,6 +274,9 @@ def test_client_refuses_a_server_that_does_not_start_with_a_snapshot(tmp_path: P
         await until(lambda: client.connections >= 2)
         assert not client.synced.is_set() and len(copy) == 0
         task.cancel()
+        for writer in writers:  # the server's ends (server.close() leaves them open)
+            writer.close()
         server.close()
+        await server.wait_closed()
 
     run(main)

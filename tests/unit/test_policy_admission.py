@@ -66,7 +66,12 @@ def test_valid_policy_loads_with_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "line", "field", "message"),
     [
-        (POLICY.replace("min_isv_svn", "min_isvsvn"), 5, "apps[0].min_isvsvn", "Extra inputs"),
+        (
+            POLICY.replace("min_isv_svn", "min_isvsvn"),
+            5,
+            "apps[0].min_isvsvn",
+            "unknown key 'min_isvsvn' (did you mean 'min_isv_svn'?)",
+        ),
         (
             POLICY.replace(f"mrenclave: {MR_A}", "mrenclave: abc"),
             3,
@@ -86,7 +91,7 @@ def test_valid_policy_loads_with_defaults(tmp_path: Path) -> None:
             POLICY.replace("allow_debug: true", "allow_debug: maybe"),
             10,
             "apps[1].allow_debug",
-            "boolean",
+            "must be true or false, got 'maybe'",
         ),
         (POLICY + "apps: []\n", 13, "apps", "duplicate key"),
     ],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from seng_fw.compile.cli import main
+from seng_fw.cli import main
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.yamlfile import ConfigError
 

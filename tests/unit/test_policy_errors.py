@@ -80,7 +80,7 @@ CASES = [
         "    egres:\n      - to: [{app",
         "egres:",
         "apps[0].egres",
-        "Extra inputs",
+        "unknown key 'egres' (did you mean 'egress'?)",
     ),
     (
         "unknown key in a rule",
@@ -88,7 +88,7 @@ CASES = [
         "        ports: 8080\n        port: 1",
         "port: 1",
         "apps[1].ingress[0].port",
-        "Extra inputs",
+        "unknown key 'port' (did you mean 'ports'?)",
     ),
     (
         "duplicate app name",
@@ -240,7 +240,7 @@ CASES = [
         "        protocol: sctp\n        ports: [80, 443]",
         "sctp",
         "categories.web.egress[0].protocol",
-        "'tcp', 'udp', 'icmp' or 'any'",
+        "must be one of tcp, udp, icmp, any; got 'sctp'",
     ),
     (
         "subnet that leaves no address for enclaves",
@@ -288,7 +288,7 @@ CASES = [
         "categories:\n  Web Mail:",
         "Web Mail:",
         "categories.Web Mail",
-        "category name must match",
+        "'Web Mail': a name is a lower-case letter",
     ),
     (
         "duplicate key",

@@ -213,3 +213,24 @@ def test_too_many_label_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert cross_check(policy) == [(("apps",), "more than 3 label ids (apps x host classes): "
                                     "name fewer client-host prefixes in rules")]  # fmt: skip
+
+
+def test_model_dump_of_app_and_category_peers_warns_nothing() -> None:
+    """Issue 13 defect 8: `policy_digest` (model_dump) warned
+    PydanticSerializationUnexpectedValue for every `{app:}` peer, into the journal at every
+    start. pytest runs with filterwarnings = error; this says so explicitly too."""
+    import warnings
+
+    from seng_fw.gateway.service import policy_digest
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("policies/example.yaml", "policies/lab/demo-shared.yaml"):
+        policy = load_policy(root / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            digest = policy_digest(policy)
+            dumped = policy.model_dump(mode="python")
+        assert len(digest) == 64
+        peers = [peer for app in dumped["apps"] for rule in app["egress"] for peer in rule["to"]]
+        assert any(isinstance(peer, dict) and set(peer) & {"app", "category"} for peer in peers)
+        assert all(isinstance(peer, str | dict) for peer in peers)
