@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_man_page_renders_without_warnings(
 ) -> None:
     page = tmp_path / "seng-fw.8"
     page.write_text(_output(capsys, "man"))
-    env = {**os.environ, "LC_ALL": "C.UTF-8", "MANWIDTH": "80", "MAN_KEEP_FORMATTING": ""}
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "MANWIDTH": "80"}
     groff = subprocess.run(
         ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True
     )
@@ -106,3 +107,31 @@ def test_man_page_renders_without_warnings(
     assert (man.returncode, man.stderr) == (0, "")
     assert "seng-fw lab enclave-cert" in man.stdout.replace("\u2010", "-").replace("\u2212", "-")
     assert "\nCOMMANDS\n" in man.stdout and "EXIT STATUS" in man.stdout
+
+
+def test_make_install_docs_installs_the_page_and_the_completions(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    checkout = Path(__file__).resolve().parents[2]
+    seng_fw = Path(sys.executable).with_name("seng-fw")
+    dirs = {
+        "MANDIR": tmp_path / "man",
+        "BASHCOMPDIR": tmp_path / "bash",
+        "ZSHCOMPDIR": tmp_path / "zsh",
+    }
+    assignments = [f"{key}={value}" for key, value in dirs.items()]
+    subprocess.run(
+        ["make", "-s", "-C", str(checkout), "install-docs", f"SENG_FW={seng_fw}", *assignments],
+        check=True,
+    )
+    assert (dirs["BASHCOMPDIR"] / "seng-fw").read_text() == _output(capsys, "completion", "bash")
+    assert (dirs["ZSHCOMPDIR"] / "_seng-fw").read_text() == _output(capsys, "completion", "zsh")
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "MANWIDTH": "80"}
+    man = subprocess.run(
+        ["man", "--warnings", "-M", str(dirs["MANDIR"]), "8", "seng-fw"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert (man.returncode, man.stderr) == (0, "")
+    assert "SENG-FW(8)" in man.stdout
