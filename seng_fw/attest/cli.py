@@ -39,7 +39,6 @@ from seng_fw.attest.policy import (
 from seng_fw.attest.verifier import IasVerifier
 from seng_fw.system.cli_toolkit import (
     EXIT_OK,
-    EXIT_REFUSED,
     Refused,
     UsageError,
     add_json_arguments,
@@ -48,8 +47,6 @@ from seng_fw.system.cli_toolkit import (
     read_input,
     write_output,
 )
-
-EXIT_REJECTED = EXIT_REFUSED
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 

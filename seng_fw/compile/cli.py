@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -36,11 +35,12 @@ from seng_fw.compile.compiler import DEFAULT_TUN, TABLE, Options, compile_policy
 from seng_fw.compile.diff import SHARED, RulesetDiff
 from seng_fw.compile.nft import Table
 from seng_fw.policy.importdb import DbImportError, DbUnreadable, import_db
-from seng_fw.policy.loader import load_policy, policy_files
+from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError
 from seng_fw.system import ipc
 from seng_fw.system.cli_toolkit import (
+    EXIT_NO_GATEWAY,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -52,9 +52,6 @@ from seng_fw.system.cli_toolkit import (
 )
 from seng_fw.system.ipc import DEFAULT_CONTROL_SOCKET
 
-EXIT_REJECTED = EXIT_REFUSED
-
-EXIT_NO_GATEWAY = 3  # the README's table: no gateway answering
 # A 10,000-app policy takes the gateway seconds to load and check.
 RELOAD_TIMEOUT = 300.0
 
@@ -191,7 +188,7 @@ def _compiled(args: argparse.Namespace) -> tuple[Policy, Table] | None:
 def _cmd_compile(args: argparse.Namespace) -> int:
     compiled = _compiled(args)
     if compiled is None:
-        return EXIT_REJECTED
+        return EXIT_REFUSED
     _, table = compiled
     if args.format == "json":
         text = json.dumps(table.transaction(), indent=1) + "\n"
@@ -208,7 +205,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     policy, table = compiled
     try:
-        changes = live.diff(table, policy, source=_source_digest(args.policy))
+        changes = live.diff(table, policy)
     except (live.NftError, OSError) as exc:
         print(f"seng-fw: diff: {error_text(exc)}", file=sys.stderr)
         return EXIT_USAGE  # (returned, not raised: the diff tests call _cmd_diff)
@@ -266,15 +263,6 @@ def stat_lines(changes: RulesetDiff) -> list[str]:
     return out
 
 
-def _source_digest(path: Path) -> str:
-    """sha256 of the policy's files (names and contents): with the compiled ruleset it
-    makes the digest that tells apply whether anything changed, admission included."""
-    digest = hashlib.sha256()
-    for file in policy_files(path):
-        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
 class _Progress:
     """Phases of a long apply on a terminal: a phase is shown once it has taken more than
     a second, with its time when it ends (stderr, so that stdout stays the result)."""
@@ -324,27 +312,24 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     with progress.step("load the policy"):
         policy = _load(args.policy)
     if policy is None:
-        return EXIT_REJECTED
+        return EXIT_REFUSED
     with progress.step("compile"):
         table = compile_policy(policy, Options(tun=args.tun, table=TABLE))
     try:
         nft = live.Nft()
-        source = _source_digest(args.policy)
         result = live.apply(
-            table,
-            policy,
-            nft,
-            dry_run=args.dry_run,
-            force=args.force,
-            step=progress.step,
-            source=source,
+            table, policy, nft, dry_run=args.dry_run, force=args.force, step=progress.step
         )
         if not result.changed:
             print(f"no changes: the live table holds this ruleset (digest {result.digest[:12]})")
-            return EXIT_OK
+            if args.dry_run:
+                return EXIT_OK
+            # The gateway may still admit by another policy (an earlier apply found no
+            # gateway, or it refused the policy): hand it over all the same.
+            return _hand_over(args.policy.resolve(), result.policy_digest, args.control_socket)
         if args.dry_run:
             with progress.step("diff"):
-                changes = live.diff(table, policy, nft, source)
+                changes = live.diff(table, policy, nft)
             _show_diff(changes, stat=args.stat, colour=_colour_wanted(args.color))
             print("dry run: the kernel accepts the ruleset; nothing was changed")
             return EXIT_OK
@@ -359,6 +344,13 @@ def _hand_over(path: Path, digest: str, control_socket: Path) -> int:
     message = {"command": "reload", "args": {"policy": str(path), "digest": digest}}
     try:
         answer = ipc.request(control_socket, message, timeout=RELOAD_TIMEOUT)
+    except ipc.IpcPermissionDenied as exc:  # a gateway may be running: not "no gateway"
+        raise UsageError(f"apply: the ruleset is applied, but {exc}") from None
+    except ipc.IpcNoAnswer as exc:  # a gateway was reached and failed: not a success
+        raise Refused(
+            f"apply: the ruleset is applied, but the gateway did not confirm the reload: "
+            f"{exc} (seng-fw status shows both digests)"
+        ) from None
     except ipc.IpcUnavailable as exc:
         print(f"seng-fw apply: no gateway answering ({exc}): the ruleset is applied, "
               "no gateway was reloaded", file=sys.stderr)  # fmt: skip
@@ -371,7 +363,7 @@ def _hand_over(path: Path, digest: str, control_socket: Path) -> int:
             "shows both digests)",
             file=sys.stderr,
         )
-        return EXIT_REJECTED
+        return EXIT_REFUSED
     result = answer.get("result") or {}
     print(
         f"gateway reloaded {result.get('policy')}: {result.get('enclaves')} enclaves remain, "

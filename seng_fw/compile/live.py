@@ -209,17 +209,16 @@ def apply(
     dry_run: bool = False,
     force: bool = False,
     step: Step = _quiet,
-    source: str = "",
 ) -> ApplyResult:
     """Replace seng-fw's table with `table` in one transaction (raises NftError and
     changes nothing if the kernel refuses any part of it). When the live table already
     holds this very ruleset (same digest) nothing is done, unless `force`. `step(name)`
-    wraps each phase (for progress output); `source` goes into the digest (see
-    `ruleset_digest`)."""
+    wraps each phase (for progress output). The digest covers the policy's own digest
+    too (see `ruleset_digest`), computed from the very policy that was compiled."""
     nft = nft or Nft()
     with step("render"):
-        digest = ruleset_digest(table, source)
         admission = policy_digest(policy)
+        digest = ruleset_digest(table, admission)
     with step("read the live table"):
         state = read_state(nft, table.name)
     if state.digest == digest and not force:
@@ -262,15 +261,16 @@ def in_scratch_namespace(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def diff(table: Table, policy: Policy, nft: Nft | None = None, source: str = "") -> RulesetDiff:
+def diff(table: Table, policy: Policy, nft: Nft | None = None) -> RulesetDiff:
     """What `apply` would change in seng-fw's table, object by object (both listings
     normalised by the kernel: the new table is loaded into a scratch namespace)."""
     nft = nft or Nft()
-    digest = ruleset_digest(table, source)
+    admission = policy_digest(policy)
+    digest = ruleset_digest(table, admission)
     state = read_state(nft, table.name)
     carry_over(table, policy, state)
     old = nft.list_text(f"table inet {table.name}") if state.exists else ""
-    transaction = _with_digest(table, digest, policy_digest(policy)).transaction()
+    transaction = _with_digest(table, digest, admission).transaction()
 
     def load_and_list() -> str:
         scratch = Nft()

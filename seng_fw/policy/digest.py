@@ -17,9 +17,6 @@ def policy_digest(policy: Policy) -> str:
     def plain(value: object) -> str:
         return value.hex() if isinstance(value, bytes) else str(value)
 
-    # warnings=False: pydantic warns that `{app: NAME}` peers do not serialise as the
-    # union member it expects; the dump holds them as plain dicts all the same, and a
-    # digest needs only a deterministic text of every field.
-    dump = policy.model_dump(mode="python", warnings=False)
+    dump = policy.model_dump(mode="python")
     text = json.dumps(dump, sort_keys=True, default=plain)
     return hashlib.sha256(text.encode()).hexdigest()

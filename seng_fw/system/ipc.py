@@ -46,6 +46,11 @@ class IpcUnavailable(Exception):
     """Client side: nobody answers on the socket."""
 
 
+class IpcNoAnswer(IpcUnavailable):
+    """Client side: a server was reached but gave no (valid) answer: it timed out, closed
+    the connection or sent something that is not JSON."""
+
+
 class IpcPermissionDenied(IpcUnavailable):
     """Client side: this user may not connect to the socket (a server may be running)."""
 
@@ -211,7 +216,8 @@ def encode(message: Any) -> bytes:
 
 def request(path: Path, message: Any, timeout: float = 30.0) -> Any:
     """Send `message`, return the decoded answer line (blocking; one connection).
-    Raises IpcUnavailable (IpcPermissionDenied) with a sentence for the user."""
+    Raises IpcUnavailable (nobody listening), IpcPermissionDenied or IpcNoAnswer (a
+    server was reached but did not answer properly), each with a sentence for the user."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -226,12 +232,12 @@ def request(path: Path, message: Any, timeout: float = 30.0) -> Any:
             f"permission denied on {path}: run as root or as a member of its group"
         ) from None
     except TimeoutError:
-        raise IpcUnavailable(f"no answer on {path} within {timeout:g}s") from None
+        raise IpcNoAnswer(f"no answer on {path} within {timeout:g}s") from None
     except OSError as exc:
         raise IpcUnavailable(f"{path}: {exc}") from None
     if not line:
-        raise IpcUnavailable(f"{path} was closed without an answer")
+        raise IpcNoAnswer(f"{path} was closed without an answer")
     try:
         return json.loads(line)
     except ValueError:
-        raise IpcUnavailable(f"{path}: the answer is not JSON") from None
+        raise IpcNoAnswer(f"{path}: the answer is not JSON") from None

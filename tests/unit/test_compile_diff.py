@@ -149,14 +149,14 @@ def test_diff_exit_status(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     """0 without changes, 1 with, 2 when it cannot compare."""
     example = Path(__file__).resolve().parents[2] / "policies/example.yaml"
     results = iter([compare(OLD, OLD), compare(OLD, OLD.replace("10.0.0.3", "10.0.0.4"))])
-    monkeypatch.setattr(cli.live, "diff", lambda table, policy, source: next(results))
+    monkeypatch.setattr(cli.live, "diff", lambda table, policy: next(results))
     args = argparse.Namespace(
         policy=example, tun="tunFA", stat=False, color="never", func=cli._cmd_diff
     )
     assert cli._cmd_diff(args) == 0
     assert cli._cmd_diff(args) == 1
 
-    def failing(table: object, policy: object, source: str) -> diff.RulesetDiff:
+    def failing(table: object, policy: object) -> diff.RulesetDiff:
         raise cli.live.NftError("Operation not permitted")
 
     monkeypatch.setattr(cli.live, "diff", failing)
