@@ -14,6 +14,7 @@ DEBIAN_PACKAGES=(
     iperf3 netcat-openbsd curl iputils-ping        # lab traffic and benchmarks
     openvpn linux-perf                             # bench_datapath.py's contender; profiles
     systemd vagrant                                # unit tests (systemd-analyze), vagrant validate
+    groff-base man-db                              # unit tests: the manual page renders cleanly
 )
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then

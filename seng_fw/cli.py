@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
+from seng_fw.ops import manual
 from seng_fw.policy.yamlfile import ConfigError
 from seng_fw.system.cli_toolkit import (
     EXIT_CODES,
@@ -78,6 +79,7 @@ def build_parser(modules: Sequence[str] = _COMMAND_MODULES) -> argparse.Argument
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in modules:
         importlib.import_module(name).register(sub)
+    manual.register(sub, parser, version())  # needs the whole tree: registered last
     return parser
 
 
