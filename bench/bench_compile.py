@@ -287,8 +287,8 @@ def commands(count: int, trees: dict[str, Path]) -> None:
         changed.write_text(yaml.dump(data, Dumper=dumper, sort_keys=False))
         argvs = {
             "check": ["check", str(policy)],
-            "apply": ["apply", str(policy), "--gateway-pid-file", "/nonexistent"],
-            "apply again": ["apply", str(policy), "--gateway-pid-file", "/nonexistent"],
+            "apply": ["apply", str(policy), "--control-socket", "/nonexistent"],
+            "apply again": ["apply", str(policy), "--control-socket", "/nonexistent"],
             "apply --dry-run": ["apply", str(changed), "--dry-run"],
             "diff": ["diff", str(changed)],
         }
