@@ -344,7 +344,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.dry_run:
             with progress.step("diff"):
-                changes = live.diff(table, policy, nft, source)
+                changes = live.diff(table, policy, nft, source, applied=result)
             _show_diff(changes, stat=args.stat, colour=_colour_wanted(args.color))
             print("dry run: the kernel accepts the ruleset; nothing was changed")
             return EXIT_OK
