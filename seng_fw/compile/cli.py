@@ -34,7 +34,7 @@ from typing import Any
 from seng_fw.compile import live
 from seng_fw.compile.compiler import DEFAULT_TUN, TABLE, Options, compile_policy
 from seng_fw.compile.diff import SHARED, RulesetDiff
-from seng_fw.compile.nft import Table
+from seng_fw.compile.nft import Table, gc_paused
 from seng_fw.policy.importdb import DbImportError, DbUnreadable, import_db
 from seng_fw.policy.loader import load_policy, policy_files
 from seng_fw.policy.models import Policy
@@ -188,6 +188,10 @@ def _compiled(args: argparse.Namespace) -> tuple[Policy, Table] | None:
     return policy, compile_policy(policy, Options(tun=args.tun, table=TABLE))
 
 
+# The commands hold the policy and its table (millions of objects, no cycles) to the
+# end: without the cyclic collector, which would scan them again and again (1 to 2 s
+# of `diff` and `apply --dry-run` for 2,000 apps).
+@gc_paused()
 def _cmd_compile(args: argparse.Namespace) -> int:
     compiled = _compiled(args)
     if compiled is None:
@@ -201,6 +205,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@gc_paused()
 def _cmd_diff(args: argparse.Namespace) -> int:
     """Like `git diff --exit-code`: 0 no changes, 1 changes; 2 when it cannot compare."""
     compiled = _compiled(args)
@@ -319,6 +324,7 @@ def summary(table: Table, result: live.ApplyResult, apps: int) -> str:
     )
 
 
+@gc_paused()
 def _cmd_apply(args: argparse.Namespace) -> int:
     progress = _Progress(sys.stderr.isatty())
     with progress.step("load the policy"):
