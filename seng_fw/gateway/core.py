@@ -37,7 +37,7 @@ from seng_fw.gateway.counters import (
 from seng_fw.gateway.handshakes import HalfOpenHandshakes
 from seng_fw.gateway.limits import LimitsConfig, TunnelCounts
 from seng_fw.policy.admission import Admission, AdmissionRejected
-from seng_fw.policy.ipam import EnclaveSubnet, Ipam, PoolExhausted
+from seng_fw.policy.ipam import EnclaveSubnet, Ipam, LeaseStore, PoolExhausted
 from seng_fw.policy.models import App
 from seng_fw.tunnel import packets
 from seng_fw.tunnel.dtls import (
@@ -163,6 +163,7 @@ class GatewayCore:
         dtls: dict[Port, DtlsServerConfig],
         timeouts: TimeoutConfig,
         limits: LimitsConfig | None = None,
+        leases: LeaseStore[str] | None = None,
     ) -> None:
         self.admission = admission
         self.verifier = verifier
@@ -170,7 +171,9 @@ class GatewayCore:
         self._dtls = dtls
         # Lease owners are app names (for status); the data path looks enclaves up by
         # packed address in `_enclave_by_address`, one dict probe per packet.
-        self.ipam: Ipam[str] = Ipam(_ipam_subnets(admission))
+        self.ipam: LeaseStore[str] = (
+            leases if leases is not None else Ipam(_ipam_subnets(admission))
+        )
         self.counters = GatewayCounters()
         self._peers: dict[tuple[Port, Address], Peer] = {}
         self._enclave_by_address: dict[bytes, Enclave] = {}

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 OwnerT = TypeVar("OwnerT", bound=Hashable)
 T = TypeVar("T")
@@ -317,3 +317,21 @@ class Ipam(Generic[OwnerT]):
     def subnet_of(self, address: IPv4Address) -> EnclaveSubnet | None:
         pool = self.pool_of(address)
         return None if pool is None else pool.subnet
+
+
+class LeaseStore(Protocol[OwnerT]):
+    """What the gateway core needs of its address leases. `Ipam` keeps them in this
+    process; a store shared by two gateways (failover) implements the same calls, so the
+    core does not change when leases move out of the process."""
+
+    def pools(self) -> Iterator[AddressPool[OwnerT]]: ...
+
+    def add_subnet(self, subnet: EnclaveSubnet) -> AddressPool[OwnerT]: ...
+
+    def remove_subnet(self, network: IPv4Network | str) -> None: ...
+
+    def lease(self, network: IPv4Network | str, owner: OwnerT) -> IPv4Address: ...
+
+    def release(self, address: IPv4Address) -> IPv4Address: ...
+
+    def confirm_flushed(self, address: IPv4Address) -> None: ...

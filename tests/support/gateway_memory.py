@@ -30,6 +30,7 @@ from seng_fw.gateway.core import AddressReleased, GatewayCore, GatewayEvent, Por
 from seng_fw.gateway.limits import LimitsConfig
 from seng_fw.lab.ca import EnclaveCert, LabCA
 from seng_fw.policy.admission import Admission
+from seng_fw.policy.ipam import LeaseStore
 from seng_fw.policy.models import Policy
 from seng_fw.tunnel.dtls import (
     ConnectionClosed,
@@ -189,6 +190,7 @@ class MemoryGateway:
         timeouts: TimeoutConfig | None = None,
         ca: LabCA | None = None,
         limits: LimitsConfig | None = None,
+        leases: LeaseStore[str] | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             policy = Policy.model_validate(policy)
@@ -199,6 +201,7 @@ class MemoryGateway:
             {Port.SETUP: server_config(), Port.DOWNLINK: server_config()},
             timeouts or TimeoutConfig(),
             limits,
+            leases,
         )
         self.events: list[GatewayEvent] = []
         self.to_tun: list[bytes] = []

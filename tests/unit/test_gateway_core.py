@@ -20,6 +20,7 @@ from seng_fw.gateway.core import (
 )
 from seng_fw.gateway.counters import Drop, EndKind, Refusal, RejectReason, Revoked, Traffic
 from seng_fw.policy.admission import Admission, AdmissionCheck
+from seng_fw.policy.ipam import EnclaveSubnet, Ipam
 from seng_fw.policy.models import Policy
 from tests.support.gateway_memory import MemoryGateway, ipv4_packet, other_ca
 
@@ -302,3 +303,33 @@ def test_reload_that_moves_a_subnet_closes_its_enclaves(gateway: MemoryGateway) 
     assert ended_reasons(gateway) == ["revoked.subnet_changed"]
     enclave = gateway.enclave(gateway.cert(WEBAPP), host="10.0.0.20").connect()
     assert enclave.address in IPv4Network("192.168.40.0/24")
+
+
+class RecordingLeases(Ipam[str]):
+    """A lease store that records what the core asks of it (as a shared store would
+    see it)."""
+
+    def __init__(self, subnets: list[EnclaveSubnet]) -> None:
+        super().__init__(subnets)
+        self.calls: list[tuple[str, str]] = []
+
+    def lease(self, network: IPv4Network | str, owner: str) -> IPv4Address:
+        address = super().lease(network, owner)
+        self.calls.append(("lease", str(address)))
+        return address
+
+    def release(self, address: IPv4Address) -> IPv4Address:
+        self.calls.append(("release", str(address)))
+        return super().release(address)
+
+
+def test_leases_come_from_the_store_the_core_is_given() -> None:
+    store = RecordingLeases([EnclaveSubnet.parse("192.168.29.0/24")])
+    gateway = MemoryGateway(policy(), leases=store)
+    enclave = gateway.enclave(gateway.cert(WEBAPP)).connect()
+    assert store.calls == [("lease", str(enclave.address))]
+    assert store.owner_of(enclave.address) == "webapp"
+    gateway.core.revoke(lambda e: True, EndKind.SHUTDOWN, gateway.now)
+    gateway.pump()
+    assert store.calls[-1] == ("release", str(enclave.address))
+    assert store.owner_of(enclave.address) is None
