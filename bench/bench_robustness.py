@@ -74,7 +74,8 @@ def status(lab: Lab) -> dict[str, Any]:
     result = lab.seng_fw(
         GATEWAY, "status", "--json", "--socket", str(lab.state_dir / "control.sock")
     )
-    found: dict[str, Any] = json.loads(result.stdout)
+    document = json.loads(result.stdout)  # {schema, command, ok, error, result}
+    found: dict[str, Any] = document["result"] if document.get("ok") else {}
     return found
 
 
