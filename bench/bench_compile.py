@@ -265,7 +265,8 @@ def _timed_command(netns: str, tree: Path, argv: list[str]) -> tuple[float, floa
     """(seconds, peak RSS in MB, exit status) of `seng-fw ARGV` run from `tree`'s code."""
     timing = Path(tempfile.mktemp(prefix="sfwbench-time-"))
     command = ["ip", "netns", "exec", netns, "/usr/bin/time", "-o", str(timing), "-f", "%e %M"]
-    command += [sys.executable, "-m", "seng_fw.compile.cli", *argv]
+    # `seng-fw` itself (every command's module imported): `check` is not a compile command
+    command += [sys.executable, "-m", "seng_fw", *argv]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     seconds, kbytes = timing.read_text().split()[-2:]
@@ -286,8 +287,8 @@ def commands(count: int, trees: dict[str, Path]) -> None:
         changed.write_text(yaml.dump(data, Dumper=dumper, sort_keys=False))
         argvs = {
             "check": ["check", str(policy)],
-            "apply": ["apply", str(policy), "--gateway-pid-file", "/nonexistent"],
-            "apply again": ["apply", str(policy), "--gateway-pid-file", "/nonexistent"],
+            "apply": ["apply", str(policy), "--control-socket", "/nonexistent"],
+            "apply again": ["apply", str(policy), "--control-socket", "/nonexistent"],
             "apply --dry-run": ["apply", str(changed), "--dry-run"],
             "diff": ["diff", str(changed)],
         }

@@ -33,7 +33,7 @@ from typing import Any
 from seng_fw.compile import live
 from seng_fw.compile.compiler import DEFAULT_TUN, TABLE, Options, compile_policy
 from seng_fw.compile.diff import SHARED, RulesetDiff
-from seng_fw.compile.nft import Table
+from seng_fw.compile.nft import Table, gc_paused
 from seng_fw.policy.importdb import DbImportError, DbUnreadable, import_db
 from seng_fw.policy.loader import load_policy
 from seng_fw.policy.models import Policy
@@ -185,6 +185,10 @@ def _compiled(args: argparse.Namespace) -> tuple[Policy, Table] | None:
     return policy, compile_policy(policy, Options(tun=args.tun, table=TABLE))
 
 
+# The commands hold the policy and its table (millions of objects, no cycles) to the
+# end: without the cyclic collector, which would scan them again and again (1 to 2 s
+# of `diff` and `apply --dry-run` for 2,000 apps).
+@gc_paused()
 def _cmd_compile(args: argparse.Namespace) -> int:
     compiled = _compiled(args)
     if compiled is None:
@@ -198,6 +202,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@gc_paused()
 def _cmd_diff(args: argparse.Namespace) -> int:
     """Like `git diff --exit-code`: 0 no changes, 1 changes; 2 when it cannot compare."""
     compiled = _compiled(args)
@@ -307,6 +312,7 @@ def summary(table: Table, result: live.ApplyResult, apps: int) -> str:
     )
 
 
+@gc_paused()
 def _cmd_apply(args: argparse.Namespace) -> int:
     progress = _Progress(sys.stderr.isatty())
     with progress.step("load the policy"):
@@ -329,7 +335,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             return _hand_over(args.policy.resolve(), result.policy_digest, args.control_socket)
         if args.dry_run:
             with progress.step("diff"):
-                changes = live.diff(table, policy, nft)
+                changes = live.diff(table, policy, nft, applied=result)
             _show_diff(changes, stat=args.stat, colour=_colour_wanted(args.color))
             print("dry run: the kernel accepts the ruleset; nothing was changed")
             return EXIT_OK

@@ -261,12 +261,22 @@ def in_scratch_namespace(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def diff(table: Table, policy: Policy, nft: Nft | None = None) -> RulesetDiff:
+def diff(
+    table: Table,
+    policy: Policy,
+    nft: Nft | None = None,
+    applied: ApplyResult | None = None,
+) -> RulesetDiff:
     """What `apply` would change in seng-fw's table, object by object (both listings
-    normalised by the kernel: the new table is loaded into a scratch namespace)."""
+    normalised by the kernel: the new table is loaded into a scratch namespace).
+    `applied`: the dry run's result, whose digests are those `apply` stamps (each costs
+    a second for 10,000 apps, and `table` has the live counters by now)."""
     nft = nft or Nft()
-    admission = policy_digest(policy)
-    digest = ruleset_digest(table, admission)
+    if applied is not None:
+        digest, admission = applied.digest, applied.policy_digest
+    else:
+        admission = policy_digest(policy)
+        digest = ruleset_digest(table, admission)
     state = read_state(nft, table.name)
     carry_over(table, policy, state)
     old = nft.list_text(f"table inet {table.name}") if state.exists else ""

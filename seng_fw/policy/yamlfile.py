@@ -49,18 +49,45 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(issue) for issue in self.issues))
 
 
-@dataclass
 class YamlDocument:
-    file: str
-    data: Any
-    lines: dict[Path_, int]
-    text: str | None = None  # kept for a document read from standard input
+    """A parsed file. The line of every value is worked out only when asked for (an error
+    to report): keeping a mark for each node of a large policy cost more than the rest of
+    loading it."""
+
+    def __init__(
+        self,
+        file: str,
+        data: Any,
+        lines: dict[Path_, int] | None,
+        text: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        self.file = file
+        self.data = data
+        self.text = text  # kept for a document read from standard input
+        self._lines = lines
+        self._source = source  # the text parsed, to find lines in later
+
+    @property
+    def lines(self) -> dict[Path_, int]:
+        if self._lines is None:
+            self._lines = {(): 1}
+            if self._source is not None:
+                try:
+                    node = yaml.compose(self._source, Loader=_LOADER)
+                    if node is not None:
+                        constructor = yaml.constructor.SafeConstructor()
+                        _convert(node, (), self, [], constructor)
+                except (yaml.YAMLError, RecursionError):
+                    pass  # (it parsed once: cannot happen)
+        return self._lines
 
     def line_of(self, path: Path_) -> int:
         """Line of the deepest node on `path` that exists (1-based)."""
+        lines = self.lines
         for end in range(len(path), -1, -1):
-            if path[:end] in self.lines:
-                return self.lines[path[:end]]
+            if path[:end] in lines:
+                return lines[path[:end]]
         return 1
 
     def issue(self, path: Path_, message: str) -> ConfigIssue:
@@ -118,6 +145,99 @@ def _convert(
     return value
 
 
+_SLOW = object()  # _fast_load's answer for a document it leaves to the careful path
+_NO_KEY = object()
+_STR = "tag:yaml.org,2002:str"
+_MAX_DEPTH = 100  # deeper documents take the careful path, which says whether it is too deep
+
+
+def _fast_load(text: str) -> Any:
+    """The document's data as `_convert` makes it, built straight from libyaml's events:
+    no node tree (790 MB for 10,000 apps) and no lines. `_SLOW` for anything that would
+    be reported (a syntax error, a duplicate key, a bad scalar, more than one document)
+    or that it does not handle (anchors, aliases, explicit tags): the careful path does."""
+    loader = _LOADER(text)
+    try:
+        return _build(loader)
+    except Exception:  # (the careful path says what, or fails the same way)
+        return _SLOW
+    finally:
+        loader.dispose()
+
+
+def _build(loader: Any) -> Any:
+    get = loader.get_event
+    resolver = yaml.resolver.Resolver()
+    constructor = yaml.constructor.SafeConstructor()
+    plain: dict[str, Any] = {}  # plain scalar -> its value (each resolved once)
+    events = yaml.events
+    scalar_event, mapping_start = events.ScalarEvent, events.MappingStartEvent
+    sequence_start, mapping_end = events.SequenceStartEvent, events.MappingEndEvent
+    sequence_end = events.SequenceEndEvent
+    if not isinstance(get(), events.StreamStartEvent):
+        return _SLOW
+    first = get()
+    if isinstance(first, events.StreamEndEvent):
+        return {}  # (an empty file, as `_convert`'s caller makes it)
+    if not isinstance(first, events.DocumentStartEvent):
+        return _SLOW
+    # The container being filled, whether it is a mapping, and its pending key; and the
+    # same for the enclosing ones.
+    current: Any = None
+    is_map = False
+    key: Any = _NO_KEY
+    outer: list[tuple[Any, bool, Any]] = []
+    while True:
+        event = get()
+        kind = type(event)
+        if kind is scalar_event:
+            if event.anchor is not None or event.tag is not None:
+                return _SLOW
+            value: Any = event.value
+            if event.implicit[0]:  # plain: PyYAML's resolver says what it is
+                text = value
+                if text in plain:
+                    value = plain[text]
+                else:
+                    tag = resolver.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
+                    if tag != _STR:
+                        node = yaml.ScalarNode(tag, text)
+                        value = constructor.construct_object(node, deep=True)
+                        is_int = isinstance(value, int) and not isinstance(value, bool)
+                        if is_int and len(text) > 20:
+                            value = text  # as `_convert` does
+                    plain[text] = value
+        elif kind is mapping_start or kind is sequence_start:
+            if event.anchor is not None or event.tag is not None or len(outer) > _MAX_DEPTH:
+                return _SLOW
+            outer.append((current, is_map, key))
+            is_map = kind is mapping_start
+            current, key = ({} if is_map else []), _NO_KEY
+            continue
+        elif kind is mapping_end or kind is sequence_end:
+            value = current
+            current, is_map, key = outer.pop()
+            if not outer:  # the document's root
+                if not isinstance(get(), events.DocumentEndEvent):
+                    return _SLOW
+                return value if isinstance(get(), events.StreamEndEvent) else _SLOW
+        else:
+            return _SLOW  # an alias (or something unexpected)
+        if current is None:  # a scalar document
+            if not isinstance(get(), events.DocumentEndEvent):
+                return _SLOW
+            return value if isinstance(get(), events.StreamEndEvent) else _SLOW
+        if not is_map:
+            current.append(value)
+        elif key is _NO_KEY:
+            if not isinstance(value, str | int) or value in current:
+                return _SLOW
+            key = value
+        else:
+            current[key] = value
+            key = _NO_KEY
+
+
 def load_yaml(path: Path, text: str | None = None) -> YamlDocument:
     """Parse one YAML file (or `text`, named `path`), remembering the line of every value.
     Raises ConfigError."""
@@ -131,15 +251,19 @@ def load_yaml(path: Path, text: str | None = None) -> YamlDocument:
             raise ConfigError([ConfigIssue(name, 1, "", f"cannot read: {reason}")]) from None
         except UnicodeDecodeError:
             raise ConfigError([ConfigIssue(name, 1, "", "cannot read: not UTF-8 text")]) from None
+    data = _fast_load(text)
+    if data is not _SLOW:
+        return YamlDocument(name, data, None, keep, source=text)
+    # Something to report (or unusual): again, with every node's line.
     try:
         node = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         raise ConfigError([ConfigIssue(name, line, "", f"invalid YAML: {exc}")]) from exc
-    doc = YamlDocument(name, {}, {(): 1}, keep)
     if node is None:
-        return doc
+        return YamlDocument(name, {}, {(): 1}, keep)
+    doc = YamlDocument(name, {}, {(): 1}, keep)
     issues: list[ConfigIssue] = []
     # A constructor per file: it keeps every node it constructed (a module-wide one kept
     # every policy's whole node tree, 400 MB for 10,000 apps, and more on each reload).
