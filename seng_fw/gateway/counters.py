@@ -97,6 +97,7 @@ class Fault(enum.StrEnum):
     PEER_SOCKET_ERROR = "peer_socket_error"  # no receive queue of its own (peersockets)
     TUN_READ_ERROR = "tun_read_error"  # a read of the TUN device failed (not fatal)
     TUN_LOST = "tun_lost"  # the TUN device is gone: the gateway stops (exit 4)
+    INTERNAL_ERROR_TIMERS = "internal_error.timers"  # an exception in one timer pass
 
 
 @dataclass(slots=True)

@@ -197,9 +197,15 @@ class GatewayServer:
             delay = TIMER_TICK if deadline is None else min(TIMER_TICK, max(0.0, deadline - now))
             await asyncio.sleep(delay)
             now = time.monotonic()
-            self.core.handle_timers(now)
-            self._flush()
-            self.trimmer.maybe_trim(self.core.sessions_released, now)
+            # One failing pass must not end the task: without it no idle, pairing or
+            # handshake timeout would ever fire again while the watchdog still says "up".
+            try:
+                self.core.handle_timers(now)
+                self._flush()
+                self.trimmer.maybe_trim(self.core.sessions_released, now)
+            except Exception:
+                self.core.counters.faults[Fault.INTERNAL_ERROR_TIMERS] += 1
+                log.exception("internal error in a timer pass (counted; the gateway goes on)")
 
     # ----- lifecycle -----------------------------------------------------------------
 

@@ -153,6 +153,7 @@ class GatewayService:
         self.labeller_counters = labeller_counters
         self._clock = clock
         self._wall = wall_clock
+        self._save_lock = asyncio.Lock()
         # Raises RevocationStoreError if the stored ones cannot be read: the gateway
         # must not start and let revoked enclaves back in.
         self.store = store
@@ -249,11 +250,17 @@ class GatewayService:
         try:
             closed = await self.load_and_apply_policy(path, digest)
         except ControlError as exc:
-            log.error("policy reload refused, keeping the running policy: %s", exc)
+            log.error(
+                "policy reload refused, keeping the running policy: %s", exc,
+                extra={"event": "reload_refused"},
+            )  # fmt: skip
             raise ControlError(f"policy not reloaded, the running one is kept: {exc}") from exc
         except Exception as exc:
             detail = str(exc).replace("\n", "; ")
-            log.error("policy reload failed, keeping the running policy: %s", detail)
+            log.error(
+                "policy reload failed, keeping the running policy: %s", detail,
+                extra={"event": "reload_refused"},
+            )  # fmt: skip
             raise ControlError(f"policy not reloaded, the running one is kept:\n{exc}") from exc
         self.after_change()
         after = len(self.core.enclaves)
@@ -284,7 +291,10 @@ class GatewayService:
             raise ControlError("revoke: give exactly one of app, address, mrenclave or clear")
         if clear:
             count = self.revocations.clear()
-            log.warning("revocations cleared (%d) by %s", count, by)
+            log.warning(
+                "revocations cleared (%d) by %s", count, by,
+                extra={"event": "revocations_cleared", "by": by},
+            )  # fmt: skip
             return {"cleared": count, "ended": [], **await self._save()}
         revocation = self._revocation(app, address, mrenclave, reason, by)
         self.revocations.add(revocation)
@@ -311,8 +321,11 @@ class GatewayService:
     async def _save(self) -> dict[str, Any]:
         if self.store is None:
             return {"saved": False}
+        # One save at a time, each taking its snapshot inside the lock: two revokes at
+        # once could otherwise land the older list last and lose a revocation on restart.
         try:
-            await asyncio.to_thread(self.store.save, list(self.revocations.items))
+            async with self._save_lock:
+                await asyncio.to_thread(self.store.save, list(self.revocations.items))
         except RevocationStoreError as exc:
             log.error("revocations not saved (in force until the gateway stops): %s", exc)
             return {"saved": False, "warning": f"not saved, in force until a restart: {exc}"}

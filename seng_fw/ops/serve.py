@@ -225,6 +225,11 @@ def _serve(args: argparse.Namespace) -> int:
     except (ControlError, IpcError) as exc:
         print(f"seng-fw serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:
+        # A fault at run time (a bind that fails at boot, an error while stopping) is not
+        # a usage error: exit 4, which the unit restarts (it does not restart on 2).
+        log.exception("the gateway stopped on an internal error")
+        return EXIT_FAULT
     finally:
         flush_repeats()
     if server.failure is not None:

@@ -110,6 +110,10 @@ class _Window:
     sample: str = ""
 
 
+# Operator actions are an audit trail: never collapsed, however many come at once.
+AUDIT_EVENTS = frozenset({"revocation", "revocations_cleared", "reload", "reload_refused"})
+
+
 class RepeatFilter(logging.Filter):
     """Lets at most `burst` similar records through per `interval` seconds.
 
@@ -143,7 +147,7 @@ class RepeatFilter(logging.Filter):
         self.suppressed_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, self.SUMMARY, False):
+        if getattr(record, self.SUMMARY, False) or getattr(record, "event", None) in AUDIT_EVENTS:
             return True
         now = self._clock()
         self._report_expired(now)

@@ -99,3 +99,17 @@ def test_setup_logging_installs_it() -> None:
     flush_repeats()
     text = stream.getvalue().splitlines()
     assert len(text) == 11 and "990 similar lines suppressed" in text[-1]
+
+
+def test_operator_actions_are_never_collapsed(
+    captured: tuple[list[str], RepeatFilter, Clock, logging.Logger],
+) -> None:
+    lines, repeat, _, logger = captured
+    for n in range(10):  # a scripted batch of revocations: each one is the audit trail
+        logger.warning(
+            "revocation: revoked %s by %s", f"app a{n}", "root", extra={"event": "revocation"}
+        )
+    assert [line for line in lines if "revoked" in line] == [
+        f"WARNING revocation: revoked app a{n} by root" for n in range(10)
+    ]
+    assert repeat.suppressed_total == 0

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,3 +115,34 @@ def test_an_unreadable_store_stops_the_service_from_starting(
     store.path.write_text("not json")
     with pytest.raises(RevocationStoreError):
         Gateway(tmp_path, store=store)
+
+
+class SlowFirstSave:
+    """A store whose first save takes longer than the next (a slow disk, a busy thread
+    pool): what it holds in the end is the last list that reached it."""
+
+    def __init__(self) -> None:
+        self.saved: list[list[str]] = []
+        self.calls = 0
+
+    def load(self) -> list[Revocation]:
+        return []
+
+    def save(self, revocations: Sequence[Revocation]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(0.3)
+        self.saved.append([r.target for r in revocations])
+
+
+def test_revokes_at_once_save_the_latest_list_last(tmp_path: Path) -> None:
+    store = SlowFirstSave()
+    gateway = Gateway(tmp_path, store=store)
+
+    async def both() -> None:
+        await asyncio.gather(
+            gateway.control.revoke(app="webapp"), gateway.control.revoke(app="nginx")
+        )
+
+    asyncio.run(both())
+    assert sorted(store.saved[-1]) == ["nginx", "webapp"]
