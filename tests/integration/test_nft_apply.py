@@ -632,9 +632,17 @@ def test_apply_of_an_unchanged_policy_does_nothing(topo: Topology, tmp_path: Pat
     assert first.stderr.startswith("seng-fw apply: no gateway answering")
     assert len(first.stderr.splitlines()) == 1
     handles = topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout
-    again = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan")
-    assert again.returncode == 0
+    # The ruleset is not touched again, but the policy is still handed to the gateway:
+    # the first apply found none, so the gateway may admit by another policy.
+    gateway = StandInGateway(tmp_path / "control.sock")
+    try:
+        again = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan",
+                     "--control-socket", str(gateway.path))  # fmt: skip
+    finally:
+        gateway.close()
+    assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("no changes: the live table holds this ruleset")
+    assert [r["args"]["policy"] for r in gateway.requests] == [str(EXAMPLE.resolve())]
     # not even reloaded: the same objects, with the same handles
     assert topo.run("gw", ["nft", "-a", "list", "table", "inet", "seng"]).stdout == handles
     dry = _cli(topo, "apply", str(EXAMPLE), "--tun", "lan", "--dry-run")
