@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from seng_fw.gateway.limits import LimitsConfig
 from seng_fw.label.config import LabelConfig
 from seng_fw.policy.models import Policy, StrictModel
-from seng_fw.policy.yamlfile import PATTERN_WORDS, ConfigError, ConfigIssue, load_model
+from seng_fw.policy.yamlfile import PATTERN_WORDS, load_model
 
 # Defined with the IPC, below the layers that need it (`seng-fw apply` talks to it too).
 from seng_fw.system.ipc import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
@@ -248,10 +248,3 @@ def mode_problem(mode: str, policy: Policy) -> str | None:
         "labeller of mode shared passes it); set `mode: shared` in the gateway "
         f"configuration or give {'each of them' if many else 'it'} a `subnet:`"
     )
-
-
-def check_mode(mode: str, policy: Policy, config_file: str = "gateway configuration") -> None:
-    """Raise ConfigError (at the configuration's `mode`) if `mode_problem` finds one."""
-    problem = mode_problem(mode, policy)
-    if problem is not None:
-        raise ConfigError([ConfigIssue(config_file, 1, "mode", problem)])

@@ -11,21 +11,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-import shtab
-from argparse_manpage.manpage import Manpage
-
 from seng_fw.system.cli_toolkit import EXIT_CODES, EXIT_OK
 
 SHELLS = ("bash", "zsh")
 MAN_SECTION = "8"  # a system administration command (it needs root for most of its work)
 
 
+# shtab and argparse-manpage are imported where they are used: every `seng-fw` start,
+# `serve` included, builds the parser, and only these two commands need them.
+
+
 def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    import shtab
+
     return shtab.complete(parser, shell=shell)
 
 
 def man_page(parser: argparse.ArgumentParser, version: str) -> str:
     """The roff source of seng-fw(8): every command with its options, then EXIT STATUS."""
+    from argparse_manpage.manpage import Manpage
+
     # The page takes its headings from the parser: the exit codes (the epilog) get a
     # section of their own, and the commands are under COMMANDS, not POSITIONAL ARGUMENTS.
     epilog, parser.epilog = parser.epilog, None
