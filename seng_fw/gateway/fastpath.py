@@ -105,6 +105,9 @@ class FastPath:
             if not n or buffer[0] != CONTENT_APPLICATION_DATA:
                 # Handshake records (a restarted enclave's ClientHello, a repeated
                 # Finished), alerts: the core's, which also feeds a reconnect candidate.
+                # The core may end the enclave: count what came before first.
+                self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
+                packets = octets = spoofed = not_ipv4 = options = write_errors = 0
                 self._to_core(peer, bytes(view[:n]), now)
                 fallback = True
                 if session.record_layer is None:
@@ -114,6 +117,8 @@ class FastPath:
             if payloads is None:
                 # The session did more than decrypt (alert, handshake, drop): the core
                 # handles its events, as for a datagram it had received itself.
+                self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
+                packets = octets = spoofed = not_ipv4 = options = write_errors = 0
                 try:
                     core.session_activity(Port.SETUP, peer, now)
                 except Exception:
@@ -150,20 +155,34 @@ class FastPath:
                     continue
                 packets += 1
                 octets += size
+        self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
+        if fallback:
+            self._flush()
+
+    def _fold(
+        self,
+        enclave: Enclave,
+        now: float,
+        packets: int,
+        octets: int,
+        spoofed: int,
+        not_ipv4: int,
+        options: int,
+        write_errors: int,
+    ) -> None:
+        """Add a batch's plain-integer counts to the enclave's and the core's counters."""
         if packets:
             enclave.last_activity = now
             traffic = enclave.traffic
             traffic.packets_in += packets
             traffic.bytes_in += octets
         if spoofed or not_ipv4 or options or write_errors:
-            dropped = core.counters.dropped
+            dropped = self.core.counters.dropped
             dropped[Drop.SPOOFED] += spoofed
             enclave.traffic.dropped_spoofed += spoofed
             dropped[Drop.NOT_IPV4] += not_ipv4
             dropped[Drop.IP_OPTIONS] += options
             dropped[Drop.TUN_WRITE_ERROR] += write_errors
-        if fallback:
-            self._flush()
 
     def _drain_to_core(self, sock: socket.socket, peer: tuple[str, int], now: float) -> None:
         for _ in range(BATCH):

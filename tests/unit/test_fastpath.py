@@ -233,3 +233,17 @@ def test_packets_to_a_revoked_enclave_are_not_sealed(rig: Rig) -> None:
     rig.fast.tun_packets([ipv4_packet(EXTERNAL, address)])
     assert rig.sent == []
     assert IPv4Address(address) not in {e.address for e in rig.gateway.core.enclaves}
+
+
+def test_packets_before_a_close_notify_in_one_batch_count_for_the_app(rig: Rig) -> None:
+    address = rig.enclave.address
+    packets = [rig.uplink_datagram(ipv4_packet(address, EXTERNAL)) for _ in range(3)]
+    client_records = rig.enclave.uplink.session.record_layer  # type: ignore[union-attr]
+    assert client_records is not None
+    # Three packets, then the enclave leaves: all in one drain of its socket.
+    rig.deliver(*packets, client_records.seal(CLOSE_NOTIFY_ALERT, CONTENT_ALERT))
+    assert len(rig.tun_packets()) == 3
+    assert rig.gateway.core.enclave_at(address.packed) is None
+    # The ended enclave's traffic went into the app's totals when it ended: these three
+    # packets with it, not into an object nobody reads any more.
+    assert rig.gateway.core.counters.ended_traffic["webapp"].packets_in == 3
