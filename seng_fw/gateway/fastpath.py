@@ -33,6 +33,7 @@ from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.tunnel.dtls import DtlsServerSession
 from seng_fw.tunnel.record import CONTENT_APPLICATION_DATA, RecordLayer
+from seng_fw.tunnel.tun import TUN_GONE_ERRNOS
 
 log = logging.getLogger("seng_fw.gateway")
 
@@ -65,9 +66,11 @@ class FastPath:
         send_downlink: Callable[[bytes, tuple[str, int]], object],
         flush: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        tun_lost: Callable[[OSError], None] = lambda exc: None,
     ) -> None:
         self.core = core
         self.tun_fd = tun_fd
+        self._tun_lost = tun_lost  # the adapter stops the gateway (exit 4)
         self._send = send_downlink
         self._flush = flush
         self._clock = clock
@@ -150,8 +153,10 @@ class FastPath:
                     continue
                 try:
                     write(fd, packet)
-                except OSError:  # as the adapter's TUN writes: counted, never fatal here
+                except OSError as exc:  # as the adapter's TUN writes: counted
                     write_errors += 1
+                    if exc.errno in TUN_GONE_ERRNOS:
+                        self._tun_lost(exc)
                     continue
                 packets += 1
                 octets += size

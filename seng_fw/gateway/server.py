@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import signal
 import socket
@@ -38,7 +37,7 @@ from seng_fw.label.labelling import Labelling
 from seng_fw.policy.ipam import EnclaveSubnet
 from seng_fw.system import sdnotify
 from seng_fw.system.memory import Trimmer
-from seng_fw.tunnel.tun import TunDevice
+from seng_fw.tunnel.tun import TUN_GONE_ERRNOS, TunDevice
 
 if TYPE_CHECKING:
     from seng_fw.policy.models import Policy
@@ -51,7 +50,6 @@ TIMER_TICK = 0.2  # upper bound on the timer sleep: handshake and setup timers a
 # The TUN device is gone (`ip link del`) or broken: every read fails at once, forever.
 # The gateway stops and exits non-zero for its supervisor to restart it (recreating
 # the device and its addresses from the configuration).
-TUN_GONE_ERRNOS = frozenset({errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF})
 
 
 class GatewayServer:
@@ -81,7 +79,13 @@ class GatewayServer:
         # Packets of paired enclaves bypass the core (fastpath.py); the rest, and every
         # protocol decision, is the core's.
         downlink = sockets[Port.DOWNLINK]
-        self.fastpath = FastPath(core, tun.fileno(), downlink.sendto, self._flush)
+        self.fastpath = FastPath(
+            core,
+            tun.fileno(),
+            downlink.sendto,
+            self._flush,
+            tun_lost=lambda exc: self._tun_failed("write", exc),
+        )
         self.peer_sockets = PeerSockets(
             sockets[Port.SETUP], self.fastpath.drain_uplink, core.counters
         )

@@ -50,6 +50,8 @@ IFNAMSIZ = 16
 # Errors of a single write that are the packet's fault or transient memory
 # pressure, not the device's: the packet is dropped and the caller counts it.
 _DROP_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.EINVAL})
+# The device is gone (deleted, or its fd broken): nothing read or written will work again.
+TUN_GONE_ERRNOS = frozenset({errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF})
 
 
 class TunError(RuntimeError):

@@ -6,6 +6,8 @@ core must be what the core would have done."""
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -45,12 +47,14 @@ class Rig:
         self.tun_in.setblocking(False)
         self.peer_in.setblocking(False)
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.tun_lost: list[OSError] = []
         self.fast = FastPath(
             self.gateway.core,
             self.tun_out.fileno(),
             lambda datagram, address: self.sent.append((datagram, address)),
             self.gateway.pump,
             clock=lambda: self.gateway.now,
+            tun_lost=self.tun_lost.append,
         )
 
     @property
@@ -247,3 +251,12 @@ def test_packets_before_a_close_notify_in_one_batch_count_for_the_app(rig: Rig) 
     # The ended enclave's traffic went into the app's totals when it ended: these three
     # packets with it, not into an object nobody reads any more.
     assert rig.gateway.core.counters.ended_traffic["webapp"].packets_in == 3
+
+
+def test_a_tun_device_that_is_gone_is_reported_to_the_adapter(rig: Rig) -> None:
+    # The device's fd is broken (the device was deleted): a write fails with EBADF.
+    datagram = rig.uplink_datagram(ipv4_packet(rig.enclave.address, EXTERNAL))
+    os.close(rig.tun_out.detach())
+    rig.deliver(datagram)
+    assert [exc.errno for exc in rig.tun_lost] == [errno.EBADF]
+    assert rig.gateway.core.counters.dropped[Drop.TUN_WRITE_ERROR] == 1
