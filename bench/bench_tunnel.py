@@ -18,27 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
-import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from seng_fw.lab.lab import DEMO_WEBAPP, GATEWAY_PORT, EnclaveSpec, Lab
-from seng_fw.lab.topology import CLIENT_A, CLIENT_B, EXTERNAL, GATEWAY, ping
-from seng_fw.system.netns import ip, netns_socket
-from seng_fw.tunnel.dtls import (
-    DtlsClientConfig,
-    DtlsClientSession,
-    HandshakeComplete,
-    RecordReceived,
-    make_client_config,
-)
-from seng_fw.tunnel.messages import IpAssignAck, IpAssignment
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support, as a script
+
+from seng_fw.lab.lab import DEMO_WEBAPP, EnclaveSpec, Lab
+from seng_fw.lab.topology import CLIENT_A, EXTERNAL, GATEWAY, ping
+from seng_fw.system.netns import ip
+from tests.support.crowd import Crowd
 
 IPERF_PORT = 5201
 
@@ -65,98 +58,14 @@ def tun_packets(lab: Lab) -> int:
     return int(stats["rx"]["packets"]) + int(stats["tx"]["packets"])
 
 
-@dataclass
-class Joiner:
-    """One scripted enclave joining: tunnel #1, assignment, tunnel #2."""
-
-    config: DtlsClientConfig
-    sock: socket.socket
-    session: DtlsClientSession
-    started: float
-    stage: str = "uplink"
-    finished: float | None = None
-    downlink: DtlsClientSession | None = None
-    down_sock: socket.socket | None = None
-    records: list[bytes] = field(default_factory=list)
-
-
 def join_many(lab: Lab, count: int) -> tuple[list[float], float]:
     """`count` enclaves (distinct RA-TLS certificates) join at once from client host B.
     Returns each one's join time (first datagram -> tunnel #2 up) and the wall time."""
-    server_pem = (lab.state_dir / "server.pem").read_bytes()
-    configs = []
-    for i in range(count):
-        cert, key_file = lab.enclave_credentials(EnclaveSpec(f"join{i}", CLIENT_B, DEMO_WEBAPP))
-        configs.append(make_client_config(cert.read_bytes(), key_file.read_bytes(), server_pem))
-    gateway = (str(lab.gateway_lan), GATEWAY_PORT)
-    selector = selectors.DefaultSelector()
-    joiners: list[Joiner] = []
-
-    def open_socket(port: int) -> socket.socket:
-        sock = netns_socket(lab.ns(CLIENT_B), socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        sock.connect((gateway[0], port))
-        return sock
-
-    def flush(sock: socket.socket, session: DtlsClientSession) -> None:
-        for datagram in session.datagrams_to_send():
-            sock.send(datagram)
-
-    socks = [open_socket(GATEWAY_PORT) for _ in configs]
-    begin = time.monotonic()
-    for config, sock in zip(configs, socks, strict=True):
-        now = time.monotonic()
-        joiner = Joiner(config, sock, DtlsClientSession(config, now), now)
-        joiners.append(joiner)
-        selector.register(sock, selectors.EVENT_READ, (joiner, "up"))
-        flush(sock, joiner.session)
-    pending = count
-    deadline = begin + 120
-    while pending and time.monotonic() < deadline:
-        for key, _ in selector.select(0.05):
-            joiner, which = key.data
-            ready = key.fileobj
-            assert isinstance(ready, socket.socket)
-            session = joiner.session if which == "up" else joiner.downlink
-            assert session is not None
-            try:
-                session.receive_datagram(ready.recv(65535), time.monotonic())
-            except (BlockingIOError, ConnectionRefusedError):
-                continue
-            for event in session.events():
-                if which == "up" and isinstance(event, RecordReceived) and joiner.stage == "uplink":
-                    assignment = IpAssignment.decode(event.data)
-                    session.send_record(IpAssignAck(assignment.ip).encode())
-                    joiner.stage = "downlink"
-                    joiner.down_sock = open_socket(GATEWAY_PORT + 1)
-                    joiner.downlink = DtlsClientSession(joiner.config, time.monotonic())
-                    selector.register(joiner.down_sock, selectors.EVENT_READ, (joiner, "down"))
-                    flush(joiner.down_sock, joiner.downlink)
-                elif which == "down" and isinstance(event, HandshakeComplete):
-                    joiner.finished = time.monotonic()
-                    joiner.stage = "done"
-                    pending -= 1
-            flush(ready, session)
-        now = time.monotonic()
-        for joiner in joiners:  # handshake retransmissions
-            pairs = ((joiner.session, joiner.sock), (joiner.downlink, joiner.down_sock))
-            for retry_session, retry_sock in pairs:
-                if retry_session is None or retry_sock is None:
-                    continue
-                wake = retry_session.next_timeout()
-                if wake is not None and now >= wake:
-                    retry_session.handle_timeout(now)
-                    flush(retry_sock, retry_session)
-    wall = time.monotonic() - begin
-    times = [j.finished - j.started for j in joiners if j.finished is not None]
-    for joiner in joiners:
-        joiner.session.close()
-        flush(joiner.sock, joiner.session)
-        joiner.sock.close()
-        if joiner.downlink is not None and joiner.down_sock is not None:
-            joiner.downlink.close()
-            flush(joiner.down_sock, joiner.downlink)
-            joiner.down_sock.close()
+    crowd = Crowd(lab, name="join")
+    try:
+        times, wall = crowd.join(count, timeout=120.0)
+    finally:
+        crowd.close()
     if len(times) < count:
         print(f"  warning: only {len(times)} of {count} enclaves joined within 120 s")
     return times, wall
