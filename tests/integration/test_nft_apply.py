@@ -687,3 +687,29 @@ def test_text_and_json_forms_load_the_same(topo: Topology) -> None:
     assert len(from_text) > 30
     # and the annotated skeleton loads as it is
     topo.run("gw", ["nft", "-c", "-f", str(ROOT / "nft/seng.nft")])
+
+
+def test_counters_are_read_straight_from_the_kernel(topo: Topology) -> None:
+    """`live.read_state` reads the counters over nfnetlink: the same as nft lists."""
+    from seng_fw.compile import nfnetlink
+
+    assert topo.call("gw", lambda: nfnetlink.table_counters("inet", "seng")) is None
+    assert topo.call("gw", lambda: live.read_state(live.Nft(), "seng")) == live.LiveState()
+    policy = load_policy(EXAMPLE)
+    apply_in(topo, policy)
+    nft(topo, "add table ip seng; add counter ip seng other { packets 9 bytes 99 }")
+    assert tcp(topo, "enc1", DEMO, "ext", EXT, 443)  # counted in tx_demo-enclave
+    listed = json.loads(topo.run("gw", ["nft", "-j", "list", "counters", "table", "inet",
+                                        "seng"]).stdout)["nftables"]  # fmt: skip
+    expected = {
+        obj["counter"]["name"]: (obj["counter"]["packets"], obj["counter"]["bytes"])
+        for obj in listed
+        if "counter" in obj
+    }
+    read = topo.call("gw", lambda: nfnetlink.table_counters("inet", "seng"))
+    assert read == expected and read["tx_demo-enclave"][0] > 0
+    assert topo.call("gw", lambda: nfnetlink.table_counters("ip", "seng")) == {"other": (9, 99)}
+    state = topo.call("gw", lambda: live.read_state(live.Nft(), "seng"))
+    assert state.exists and state.policy_digest == policy_digest(policy)
+    assert state.digest is not None and "tx_demo-enclave" in state.counters
+    assert not any(name.startswith("seng_fw_digest") for name in state.counters)
