@@ -90,8 +90,18 @@ class Nft:
         self.run_document(json.dumps(document), dry_run=dry_run)
 
     def run_document(self, document: str, *, dry_run: bool = False) -> None:
-        """`run_json` of a batch already written as JSON text."""
-        self._run(document, json_out=True, dry_run=dry_run)
+        """Run a batch already written out (`nft.Batch.document`): nft syntax, or JSON
+        if it starts with `{`. An error in nft syntax is given without the commands
+        nft quotes with it (one of them may hold thousands of set elements)."""
+        if document.startswith("{"):
+            self._run(document, json_out=True, dry_run=dry_run)
+            return
+        try:
+            self._run(document, json_out=False, dry_run=dry_run)
+        except NftError as exc:
+            errors = [line for line in str(exc).splitlines() if "Error: " in line]
+            shown = [line[line.index("Error: ") :] for line in errors]
+            raise NftError("\n".join(shown) or str(exc)) from None
 
     def list_json(self, what: str) -> list[Json]:
         output = self._run(f"list {what}", json_out=True)

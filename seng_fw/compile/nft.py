@@ -377,6 +377,18 @@ class NamedSet:
     def is_map(self) -> bool:
         return self.data is not None
 
+    @property
+    def kind(self) -> str:
+        return "map" if self.is_map else "set"
+
+    def command(self, where: str, *, elements: bool = True) -> str:
+        """`add set|map FAMILY TABLE NAME { ... }` (nft syntax)."""
+        type_text = " . ".join(self.key) + (f" : {self.data}" if self.data else "")
+        body = f"type {type_text};" + (" flags interval;" if self.interval else "")
+        if elements and self.elements:
+            body += " elements = { " + ", ".join(t for _, t in self.rendered_elements()) + " }"
+        return f"add {self.kind} {where} {self.name} {{ {body} }}"
+
     def add(self, element: tuple[Interval, ...], value: str | int | None = None) -> None:
         self.elements.append(element)
         if value is not None:
@@ -453,6 +465,14 @@ class Counter:
             return [f"counter {self.name} {{ packets {self.packets} bytes {self.bytes} }}"]
         return [f"counter {self.name} {{ }}"]
 
+    def command(self, where: str) -> str:
+        values = (
+            f" {{ packets {self.packets} bytes {self.bytes} }}"
+            if self.packets or self.bytes
+            else ""
+        )
+        return f"add counter {where} {self.name}{values}"
+
 
 @dataclass
 class Table:
@@ -527,6 +547,42 @@ class Table:
                 objs.append({"element": {**body, "elem": elements}})
         return objs
 
+    def commands_text(self) -> list[tuple[str, str, str]]:
+        """The commands of `transaction()` in nft syntax, in the same order (so that the
+        kernel lists the table the same way): (kind, name, command) each. libnftables
+        reads this form faster and with less memory than JSON (10,000 apps: 5.0 against
+        6.1 s of CPU, 705 against 1,220 MB)."""
+        where = f"{FAMILY} {self.name}"
+        out = [("table", self.name, f"add table {where}"), ("", "", f"delete table {where}")]
+        out.append(("table", self.name, f"add table {where}"))
+        rule_sets = [named for named in self.sets if named.group]
+        shared = [named for named in self.sets if not named.group]
+        out += [
+            (named.kind, named.name, named.command(where, elements=False)) for named in rule_sets
+        ]
+        out += [("counter", c.name, c.command(where)) for c in self.counters]
+        for chain in self.chains:
+            hook = ""
+            if chain.hook:
+                h = chain.hook
+                hook = (
+                    f" {{ type {h.type} hook {h.hook} priority {h.priority}; policy {h.policy}; }}"
+                )
+            out.append(("chain", chain.name, f"add chain {where} {chain.name}{hook}"))
+        out += [(named.kind, named.name, named.command(where)) for named in shared]
+        for chain in self.chains:
+            out += [
+                ("rule", chain.name, f"add rule {where} {chain.name} {rule.text()}")
+                for rule in chain.rules
+            ]
+        for named in rule_sets:
+            if named.elements:
+                elements = ", ".join(t for _, t in named.rendered_elements())
+                out.append(
+                    ("element", named.name, f"add element {where} {named.name} {{ {elements} }}")
+                )
+        return out
+
     # -- nft syntax --
 
     @gc_paused()
@@ -562,12 +618,13 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 class Batch:
-    """A table's transaction rendered once, as compact JSON command by command.
+    """A table's transaction rendered once, command by command, in nft syntax (what
+    `apply` loads: `Table.commands_text`) or as compact JSON.
 
     Each command is kept as its own string so that what changes after rendering (the
     live counter values and exposure targets `apply` carries over, the digest stamps)
     replaces or adds single commands instead of rendering the whole table again:
-    rendering 10,000 apps takes seconds. `document()` is the transaction
+    rendering 10,000 apps takes seconds. In JSON, `document()` is the transaction
     `Table.transaction()` gives for the same table, byte for byte as
     `json.dumps(..., separators=(",", ":"))` writes it.
 
@@ -575,18 +632,31 @@ class Batch:
     passed to `document()`."""
 
     @gc_paused()
-    def __init__(self, table: Table) -> None:
-        self.table = table.name
-        self.commands = [_COMPACT(command) for command in table.commands()]
+    def __init__(self, table: Table, form: Literal["nft", "json"] = "nft") -> None:
+        self.table, self.form = table.name, form
         # the positions of the counters' and the shared sets' `add` commands (the apps'
         # rule sets are declared empty, their elements added by other commands)
         self._index: dict[tuple[str, str], int] = {}
-        for position, command in enumerate(self.commands):
-            if command.startswith(('{"add":{"counter":', '{"add":{"set":', '{"add":{"map":')):
-                kind = command[9 : command.index('"', 9)]
-                self._index.setdefault((kind, json.loads(command)["add"][kind]["name"]), position)
+        if form == "json":
+            commands = table.commands()
+            self.commands = [_COMPACT(command) for command in commands]
+            for position, command in enumerate(commands):
+                ((kind, body),) = command.get("add", {"": {}}).items()
+                if kind in ("counter", "set", "map"):
+                    self._index.setdefault((kind, body["name"]), position)
+        else:
+            rendered = table.commands_text()
+            self.commands = [command for _, _, command in rendered]
+            for position, (kind, name, _) in enumerate(rendered):
+                if kind in ("counter", "set", "map"):
+                    self._index.setdefault((kind, name), position)
         # counter values as rendered: those that differ later are rendered again
         self._counters = {c.name: (c.packets, c.bytes) for c in table.counters}
+
+    def _render(self, obj: Counter | NamedSet) -> str:
+        if self.form == "json":
+            return _COMPACT({"add": obj.json(self.table)})
+        return obj.command(f"{FAMILY} {self.table}")
 
     def document(
         self, table: Table | None = None, sets: Sequence[str] = (), added: Sequence[Counter] = ()
@@ -599,14 +669,14 @@ class Batch:
             commands = list(commands)
             for counter in table.counters:
                 if self._counters.get(counter.name) != (counter.packets, counter.bytes):
-                    position = self._index[("counter", counter.name)]
-                    commands[position] = _COMPACT({"add": counter.json(self.table)})
+                    commands[self._index[("counter", counter.name)]] = self._render(counter)
             for name in sets:
                 named = table.set(name)
-                position = self._index[("map" if named.is_map else "set", name)]
-                commands[position] = _COMPACT({"add": named.json(self.table)})
-        tail = [_COMPACT({"add": counter.json(self.table)}) for counter in added]
-        return '{"nftables":[' + ",".join([*commands, *tail]) + "]}"
+                commands[self._index[(named.kind, name)]] = self._render(named)
+        commands = [*commands, *(self._render(counter) for counter in added)]
+        if self.form == "json":
+            return '{"nftables":[' + ",".join(commands) + "]}"
+        return "\n".join(commands) + "\n"
 
 
 def _commented(obj: NamedSet | Chain) -> list[str]:
