@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator
 
-from seng_fw.compile.boxes import Interval
 from seng_fw.compile.diff import DIGEST_COUNTER, NftObject
 from seng_fw.compile.nft import (
     Chain,
@@ -36,7 +35,6 @@ from seng_fw.compile.nft import (
     Table,
     Verdict,
     Vmap,
-    render_value,
 )
 
 
@@ -62,30 +60,8 @@ def _set(named: NamedSet) -> NftObject:
     obj = NftObject(kind, named.name, [f"type {type_text}"])
     if named.interval:
         obj.lines.append("flags interval")
-    keys = [_element(named, element) for element in named.elements]
-    if named.is_map:
-        values = [named._value(value)[1] for value in named.values]
-        obj.elements = [f"{k} : {v}" for k, v in zip(keys, values, strict=True)]
-    else:
-        obj.elements = keys
+    obj.elements = named.element_texts(listing=True)
     return obj
-
-
-def _element(named: NamedSet, element: tuple[Interval, ...]) -> str:
-    concat = len(element) > 1
-    return " . ".join(
-        _mark(interval, concat) if datatype == "mark" else render_value(datatype, interval)[1]
-        for datatype, interval in zip(named.key, element, strict=True)
-    )
-
-
-def _mark(interval: Interval, concat: bool) -> str:
-    """nft lists a mark range that is a prefix (aligned, a power of two long) as one."""
-    low, high = interval
-    size = high - low + 1
-    if low != high and size & (size - 1) == 0 and low % size == 0:
-        return f"0x{low:08x}/{32 - size.bit_length() + 1}"
-    return render_value("mark", interval)[1]
 
 
 def _chain(chain: Chain) -> NftObject:

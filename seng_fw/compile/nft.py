@@ -90,6 +90,25 @@ def _render_value(datatype: Datatype, interval: Interval) -> tuple[Json, str]:
     return {"range": [low, high]}, f"{low}-{high}"
 
 
+_TEXTS: dict[tuple[Datatype, bool], dict[Interval, str]] = {}
+
+
+def _text_cache(datatype: Datatype, listing: bool) -> tuple[dict[Interval, str], Datatype]:
+    cache = _TEXTS.setdefault((datatype, listing), {})
+    if len(cache) > 1_000_000:
+        cache.clear()
+    return cache, datatype
+
+
+def _field_text(datatype: Datatype, interval: Interval, listing: bool) -> str:
+    low, high = interval
+    size = high - low + 1
+    prefix = low != high and size & (size - 1) == 0 and low % size == 0
+    if listing and datatype == "mark" and prefix:  # nft lists such a mark range as one
+        return f"0x{low:08x}/{32 - size.bit_length() + 1}"
+    return _render_value(datatype, interval)[1]
+
+
 def network_interval(network: IPv4Network) -> Interval:
     low = int(network.network_address)
     return low, low | ((1 << (32 - network.prefixlen)) - 1)
@@ -386,7 +405,7 @@ class NamedSet:
         type_text = " . ".join(self.key) + (f" : {self.data}" if self.data else "")
         body = f"type {type_text};" + (" flags interval;" if self.interval else "")
         if elements and self.elements:
-            body += " elements = { " + ", ".join(t for _, t in self.rendered_elements()) + " }"
+            body += " elements = { " + ", ".join(self.element_texts()) + " }"
         return f"add {self.kind} {where} {self.name} {{ {body} }}"
 
     def add(self, element: tuple[Interval, ...], value: str | int | None = None) -> None:
@@ -409,6 +428,25 @@ class NamedSet:
         if self.data == "ipv4_addr":
             return str(IPv4Address(value)), str(IPv4Address(value))
         return value, str(value)
+
+    def element_texts(self, listing: bool = False) -> list[str]:
+        """The elements in nft syntax only (what `apply` loads; `rendered_elements` makes
+        the JSON too): per field a cache of its texts, as most values recur. `listing`:
+        as `nft list` shows them (a mark range that is a prefix as one)."""
+        caches = [_text_cache(datatype, listing) for datatype in self.key]
+        texts: list[str] = []
+        for element in self.elements:
+            parts = []
+            for (cache, datatype), interval in zip(caches, element, strict=True):
+                text = cache.get(interval)
+                if text is None:
+                    text = cache[interval] = _field_text(datatype, interval, listing)
+                parts.append(text)
+            texts.append(" . ".join(parts))
+        if self.is_map:
+            values = [self._value(value)[1] for value in self.values]
+            return [f"{k} : {v}" for k, v in zip(texts, values, strict=True)]
+        return texts
 
     def rendered_elements(self) -> list[tuple[Json, str]]:
         out = []
@@ -577,7 +615,7 @@ class Table:
             ]
         for named in rule_sets:
             if named.elements:
-                elements = ", ".join(t for _, t in named.rendered_elements())
+                elements = ", ".join(named.element_texts())
                 out.append(
                     ("element", named.name, f"add element {where} {named.name} {{ {elements} }}")
                 )
