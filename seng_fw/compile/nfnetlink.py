@@ -6,7 +6,9 @@ before it answers `list tables` or `list counters table ...`: with 10,000 apps
 `diff`, `status` and every exposure update of the gateway need only the table's
 existence and its counters. Here one NFT_MSG_GETTABLE request and one NFT_MSG_GETOBJ
 dump, filtered by the kernel to the table and to counters, answer that in
-milliseconds. (Reads only: everything seng-fw writes still goes through libnftables.)
+milliseconds; pyroute2 has no message class for nftables objects (NFT_MSG_GETOBJ),
+hence these few lines by hand. (Reads only: everything seng-fw writes still goes
+through libnftables.)
 """
 
 from __future__ import annotations
