@@ -26,9 +26,7 @@ def _registered(module: str) -> list[str]:
 
 
 def test_every_command_is_in_the_table_with_the_module_that_registers_it() -> None:
-    table = {
-        command: module for module in cli._COMMAND_MODULES for command in _registered(module)
-    }
+    table = {command: module for module in cli._COMMAND_MODULES for command in _registered(module)}
     assert table == cli._MODULE_OF_COMMAND
 
 
