@@ -162,3 +162,66 @@ def test_peer_text_is_parsed_first_and_refused_as_before() -> None:
     refused = re.escape("'10.0.0.1/8' is not an IPv4 address or prefix: ")
     with pytest.raises(ValueError, match=refused):
         models._peer("10.0.0.1/8")
+
+
+def test_checks_across_apps_find_selectors_among_prefixes_in_file_order() -> None:
+    """The checks skip address peers before building their paths: the selectors after
+    them keep their own positions, and every kind of owner is still looked at."""
+    policy = models.Policy.model_validate(
+        {
+            "categories": {
+                "web": {
+                    "egress": [{"to": ["10.0.0.0/8", {"app": "nope"}], "protocol": "any"}],
+                    "ingress": [
+                        {"from": "10.9.0.0/16", "protocol": "any", "on_hosts": "10.1.0.0/16"}
+                    ],
+                }
+            },
+            "apps": [
+                {
+                    "name": "own",
+                    "mrenclave": "00" * 32,
+                    "hosts": "10.1.0.0/16",
+                    "subnet": {"subnet": "192.168.5.0/24"},
+                    "ingress": [
+                        {"from": "10.2.0.0/16", "protocol": "tcp"},
+                        {"from": "10.3.0.0/16", "protocol": "tcp", "on_hosts": "10.1.2.0/24"},
+                    ],
+                },
+                {
+                    "name": "shared",
+                    "mrenclave": "11" * 32,
+                    "hosts": "10.1.0.0/16",
+                    "egress": [
+                        {
+                            "to": ["1.2.3.4", {"app": "own", "host": "10.1.1.0/24"}],
+                            "protocol": "any",
+                        }
+                    ],
+                    "expose": [
+                        {
+                            "address": "10.9.9.9",
+                            "port": 80,
+                            "from": ["10.0.0.0/8", {"gateway": True}, {"host": "10.1.3.0/24"}],
+                        }
+                    ],
+                },
+            ],
+        }
+    )
+    problems = models.cross_check(policy)
+    expected = [
+        (("categories", "web", "egress", 0, "to", 1), "unknown app 'nope'"),
+        (("apps", 1, "egress", 0, "to", 1), "app 'own' on hosts 10.1.1.0/24 never matches"),
+        (("apps", 1, "expose", 0, "from", 1), "{gateway"),
+        (("apps", 0, "ingress", 1, "on_hosts"), "the app has its own subnet, where enclaves are"),
+    ]
+    assert [path for path, _ in problems] == [path for path, _ in expected]
+    assert all(
+        message.startswith(start)
+        for (_, message), (_, start) in zip(problems, expected, strict=True)
+    )
+    assert policy.host_prefixes() == [
+        IPv4Network(prefix)
+        for prefix in ("10.1.0.0/16", "10.1.1.0/24", "10.1.2.0/24", "10.1.3.0/24")
+    ]
