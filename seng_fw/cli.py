@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -55,6 +56,28 @@ _COMMAND_MODULES = (
     "seng_fw.ops.cli",
     "seng_fw.label.service",
 )
+# The commands each module registers: `seng-fw COMMAND ...` imports only that module (a
+# policy check need not import the gateway, the lab and the attestation code; unit test
+# test_cli_lazy checks this table against the modules). Other command lines (help,
+# `completion`, `man`, a mistyped command) build the whole tree.
+_MODULE_OF_COMMAND = {
+    "attest": "seng_fw.attest.cli",
+    "lab": "seng_fw.lab.cli",
+    "serve": "seng_fw.ops.serve",
+    "compile": "seng_fw.compile.cli",
+    "diff": "seng_fw.compile.cli",
+    "apply": "seng_fw.compile.cli",
+    "import-db": "seng_fw.compile.cli",
+    "check": "seng_fw.ops.check",
+    "status": "seng_fw.ops.cli",
+    "enclaves": "seng_fw.ops.cli",
+    "revoke": "seng_fw.ops.cli",
+    "reload": "seng_fw.ops.cli",
+    "init": "seng_fw.ops.cli",
+    "install-units": "seng_fw.ops.cli",
+    "label-hook": "seng_fw.label.service",
+}
+_VERBOSE = re.compile(r"-v+|--verbose")
 
 
 def version() -> str:
@@ -64,7 +87,26 @@ def version() -> str:
         return "unknown"
 
 
-def build_parser(modules: Sequence[str] = _COMMAND_MODULES) -> argparse.ArgumentParser:
+def command_modules(argv: Sequence[str]) -> tuple[str, ...]:
+    """The command modules a command line needs: only its command's module when the
+    line starts with that command (after -v options), else all of them."""
+    for word in argv:
+        if _VERBOSE.fullmatch(word):
+            continue
+        module = _MODULE_OF_COMMAND.get(word)
+        if module in _COMMAND_MODULES:
+            return (module,)
+        break
+    return _COMMAND_MODULES
+
+
+def build_parser(
+    modules: Sequence[str] | None = None, *, manual_pages: bool = True
+) -> argparse.ArgumentParser:
+    """The parser of `modules` (default: every command module) and, with
+    `manual_pages`, of `completion` and `man`, which walk the whole tree."""
+    if modules is None:
+        modules = _COMMAND_MODULES
     parser = argparse.ArgumentParser(
         prog="seng-fw",
         description="Per-application gateway for SGX enclaves (SENG).",
@@ -79,7 +121,8 @@ def build_parser(modules: Sequence[str] = _COMMAND_MODULES) -> argparse.Argument
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in modules:
         importlib.import_module(name).register(sub)
-    manual.register(sub, parser, version())  # needs the whole tree: registered last
+    if manual_pages:
+        manual.register(sub, parser, version())  # needs the whole tree: registered last
     return parser
 
 
@@ -122,7 +165,9 @@ def _report(args: argparse.Namespace, error: CliError) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser(), argv)
+    words = sys.argv[1:] if argv is None else argv
+    modules = command_modules(words)
+    return run(build_parser(modules, manual_pages=modules == _COMMAND_MODULES), argv)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from seng_fw.gateway.config import GatewayConfig, load_gateway_config, mode_problem
 from seng_fw.policy.loader import load_policy, load_policy_text
 from seng_fw.policy.models import Policy
 from seng_fw.policy.yamlfile import ConfigError, ConfigIssue, load_yaml
@@ -27,6 +26,12 @@ from seng_fw.system.cli_toolkit import (
     error_text,
     read_text_input,
 )
+
+if TYPE_CHECKING:
+    from seng_fw.gateway.config import GatewayConfig
+
+# The gateway configuration's modules (and what they import: the attestation, tunnel and
+# label code) are imported only by `check --config`: a policy check does without them.
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -59,6 +64,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     issues: list[ConfigIssue] = []
     config: GatewayConfig | None = None
     if args.config is not None:
+        from seng_fw.gateway.config import load_gateway_config
+
         check_readable(args.config)
         try:
             config = load_gateway_config(args.config)
@@ -72,6 +79,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         policy, policy_issues = _check_policy(policy_source)
         issues += policy_issues
     if config is not None:
+        from seng_fw.gateway.config import mode_problem
+
         issues += _check_config_files(config, str(args.config))
         if policy is not None and (problem := mode_problem(config.mode, policy)) is not None:
             line = _line_of(args.config, "mode")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,8 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     model_validator,
 )
 
@@ -53,6 +55,26 @@ def _measurement(value: object) -> bytes:
 def _one_or_many(value: object) -> object:
     """A single value where a list is expected is a list of one."""
     return value if isinstance(value, list) else [value]
+
+
+def _each(item: Callable[[Any], Any]) -> WrapValidator:
+    """A fast path for a list field: `item` applied to each item of the value (a single
+    value is a list of one) in one call from pydantic. `item` must give what the field's
+    schema gives for each item it does not raise for, so the result is the same list; if
+    it raises for any item, or the list is empty, the field's schema validates the value
+    again, and reports what it reports today. (A wrap validator costs about as much as
+    the calls it saves: it pays only where `item` is much cheaper than the schema's own
+    validation, as for networks, which pydantic parses anew each time.)"""
+
+    def validate(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        items = value if type(value) is list else [value]
+        try:
+            result = [item(each) for each in items]
+        except Exception:  # (its own schema says what, with the item's position)
+            return handler(value)
+        return result if result else handler(value)
+
+    return WrapValidator(validate)
 
 
 Measurement = Annotated[bytes, BeforeValidator(_measurement)]
@@ -142,15 +164,43 @@ def _network(value: object, what: str) -> IPv4Network:
     raise ValueError(f"{value!r} is not an IPv4 {what}")
 
 
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# An address or prefix as IPv4Network writes it (no leading zeros, prefix 0..32): the
+# common case, which `_parse_network` builds from integers.
+_CANONICAL_NETWORK = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?[0-9]))?")
+
+
 @functools.lru_cache(maxsize=65536)
 def _parse_network(text: str) -> IPv4Network:
     """IPv4Network(text), cached: large policies name the same peers and host prefixes
     in many rules, and parsing is most of the cost of validating a peer. (Networks are
-    immutable; errors are not cached.)"""
+    immutable; errors are not cached.) Text in canonical form is parsed here, about
+    twice as fast as ipaddress does, into the same network; anything else (and any
+    error, host bits set included) is left to IPv4Network."""
+    match = _CANONICAL_NETWORK.fullmatch(text)
+    if match is not None:
+        a, b, c, d, prefix = match.groups()
+        address = int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
+        length = 32 if prefix is None else int(prefix)
+        if address & (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF == address:
+            return IPv4Network((address, length))
     return IPv4Network(text)
 
 
+def _ipv4_network(value: object) -> IPv4Network:
+    """What pydantic's IPv4Network validator makes of `value`, for text (the cache's);
+    raises for anything else, or text that is not a network (the schema then says why)."""
+    if type(value) is not str:
+        raise TypeError("not text")
+    return _parse_network(value)
+
+
 def _peer(value: object) -> Peer:
+    if type(value) is str:  # (the common case first)
+        try:
+            return _parse_network(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IPv4 address or prefix: {exc}") from None
     if isinstance(value, IPv4Network | Ref | GatewayRef):
         return value
     if isinstance(value, str):
@@ -201,6 +251,8 @@ Peers = Annotated[list[PeerSpec], BeforeValidator(_one_or_many), Field(min_lengt
 
 def _port_range(value: object) -> tuple[int, int]:
     """A port (`443`) or an inclusive range (`"8000-8080"`) -> (low, high)."""
+    if type(value) is int and 1 <= value <= 0xFFFF:  # (the common case first)
+        return value, value
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a port")
     if isinstance(value, int):
@@ -217,16 +269,17 @@ def _port_range(value: object) -> tuple[int, int]:
 
 PortRange = Annotated[tuple[int, int], PlainValidator(_port_range)]
 Port = Annotated[int, Field(ge=1, le=0xFFFF)]
+Ports = Annotated[list[PortRange], BeforeValidator(_one_or_many)]
 Protocol = Literal["tcp", "udp", "icmp", "any"]
 
 
-Networks = Annotated[list[IPv4Network], BeforeValidator(_one_or_many)]
+Networks = Annotated[list[IPv4Network], BeforeValidator(_one_or_many), _each(_ipv4_network)]
 
 
 class _Rule(StrictModel):
     protocol: Protocol
     # Empty: every port. Only tcp and udp have ports.
-    ports: Annotated[list[PortRange], BeforeValidator(_one_or_many)] = Field(default_factory=list)
+    ports: Ports = Field(default_factory=list)
     # Only the enclaves (of the rule's app, or of each app of the category) whose client
     # host is in one of these prefixes; empty: all. Like `host` selectors, this needs
     # apps on the shared subnet: a category's apps with their own subnet do not get the
@@ -329,9 +382,7 @@ class Policy(StrictModel):
     def host_prefixes(self) -> list[IPv4Network]:
         """The client-host prefixes that rules name (`host` selectors, `on_hosts`):
         label ids tell these hosts apart (`seng_fw.policy.labels.LabelTable`)."""
-        found = {p.host for _, p in _rule_peers(self) if isinstance(p, Ref) and p.host is not None}
-        found.update(prefix for _, rule in _rules(self) for prefix in rule.on_hosts)
-        return sorted(found)
+        return _host_prefixes(self, _selectors(self))
 
     def logs_refused(self, app: App) -> bool:
         return self.defaults.log_refused if app.log_refused is None else app.log_refused
@@ -342,29 +393,42 @@ class Policy(StrictModel):
 Problem = tuple[Path_, str]
 
 
-def _rules(policy: Policy) -> Iterator[tuple[Path_, EgressRule | IngressRule]]:
-    """Every egress and ingress rule, of categories and of apps, with its path."""
+def _selectors(policy: Policy) -> Iterator[tuple[Path_, Peer]]:
+    """Every peer of a rule (of categories and of apps) or of an exposure that names
+    enclaves or the gateway, with its path: the only peers a check across apps looks at.
+    (Most peers of a large policy are addresses; skipping them before their path is
+    built makes the checks several times faster.)"""
     owners: list[tuple[Path_, Category | App]] = [
         (("categories", name), category) for name, category in policy.categories.items()
     ]
     owners += [(("apps", index), app) for index, app in enumerate(policy.apps)]
     for path, owner in owners:
         for r_index, egress in enumerate(owner.egress):
-            yield (*path, "egress", r_index), egress
+            for p_index, peer in enumerate(egress.to):
+                if type(peer) is not IPv4Network:
+                    yield (*path, "egress", r_index, "to", p_index), peer
         for r_index, ingress in enumerate(owner.ingress):
-            yield (*path, "ingress", r_index), ingress
-
-
-def _rule_peers(policy: Policy) -> Iterator[tuple[Path_, Peer]]:
-    """Every peer named by a rule or an exposure, with its path."""
-    for path, rule in _rules(policy):
-        field, peers = ("to", rule.to) if isinstance(rule, EgressRule) else ("from", rule.from_)
-        for p_index, peer in enumerate(peers):
-            yield (*path, field, p_index), peer
+            for p_index, peer in enumerate(ingress.from_):
+                if type(peer) is not IPv4Network:
+                    yield (*path, "ingress", r_index, "from", p_index), peer
     for index, app in enumerate(policy.apps):
         for e_index, exposure in enumerate(app.expose):
             for p_index, peer in enumerate(exposure.from_):
-                yield ("apps", index, "expose", e_index, "from", p_index), peer
+                if type(peer) is not IPv4Network:
+                    yield ("apps", index, "expose", e_index, "from", p_index), peer
+
+
+def _host_prefixes(policy: Policy, selectors: Iterable[tuple[Path_, Peer]]) -> list[IPv4Network]:
+    found = {p.host for _, p in selectors if isinstance(p, Ref) and p.host is not None}
+    owners: list[Category | App] = [*policy.categories.values(), *policy.apps]
+    for owner in owners:
+        for rule in owner.egress:
+            if rule.on_hosts:
+                found.update(rule.on_hosts)
+        for ingress in owner.ingress:
+            if ingress.on_hosts:
+                found.update(ingress.on_hosts)
+    return sorted(found)
 
 
 def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> list[Problem]:
@@ -435,16 +499,20 @@ def cross_check(policy: Policy, where: Callable[[Path_], str] | None = None) -> 
                     )
             if overlap is None:  # (an overlapping one is reported, not kept)
                 subnets.add(app.subnet.subnet, f"app {app.name!r}")
-    problems += _check_peers(policy)
-    problems += _check_labels(policy)
+    selectors = list(_selectors(policy))  # (walked once for both checks)
+    problems += _check_peers(policy, selectors)
+    problems += _check_labels(policy, selectors)
     problems += _check_exposures(policy, describe)
     return problems
 
 
-def _check_peers(policy: Policy) -> list[Problem]:
+def _check_peers(policy: Policy, selectors: list[tuple[Path_, Peer]]) -> list[Problem]:
     problems: list[Problem] = []
     app_names = {app.name for app in policy.apps}
-    for path, peer in _rule_peers(policy):
+    subnet_of: dict[str, EnclaveSubnet | None] = {}  # (of the first app of a name, as app())
+    for app in policy.apps:
+        subnet_of.setdefault(app.name, app.subnet)
+    for path, peer in selectors:
         if isinstance(peer, GatewayRef) and "from" in path:
             problems.append((path, _GATEWAY_FROM))
         if not isinstance(peer, Ref) or peer.kind is None:
@@ -456,11 +524,16 @@ def _check_peers(policy: Policy) -> list[Problem]:
             continue
         if peer.host is None or peer.kind != "app":
             continue
-        if policy.app(peer.name).subnet is not None:
+        if subnet_of[peer.name] is not None:
             problems.append((path, f"{peer} never matches: {_OWN_SUBNET}; remove `host`"))
-    for path, rule in _rules(policy):
-        if rule.on_hosts and path[0] == "apps" and policy.apps[int(path[1])].subnet is not None:
-            problems.append(((*path, "on_hosts"), f"{_OWN_SUBNET}; remove `on_hosts`"))
+    for index, app in enumerate(policy.apps):
+        if app.subnet is None:
+            continue
+        for field, rules in (("egress", app.egress), ("ingress", app.ingress)):
+            for r_index, rule in enumerate(rules):
+                if rule.on_hosts:
+                    where: Path_ = ("apps", index, field, r_index, "on_hosts")
+                    problems.append((where, f"{_OWN_SUBNET}; remove `on_hosts`"))
     return problems
 
 
@@ -473,12 +546,18 @@ _OWN_SUBNET = (
 )
 
 
-def _check_labels(policy: Policy) -> list[Problem]:
+def _check_labels(policy: Policy, selectors: list[tuple[Path_, Peer]]) -> list[Problem]:
     """The label ids (apps x host classes) must fit in 16 bits of the conntrack mark."""
     if len({app.name for app in policy.apps}) != len(policy.apps) or len(policy.apps) > MAX_APPS:
         return []  # reported as duplicate names, or too many apps
+    prefixes = _host_prefixes(policy, selectors)
+    if not prefixes:
+        # One host class: every app gets one id (its hosts are never empty), and there
+        # are at most MAX_APPS apps: the table fits (and building it costs 10,000 apps
+        # a tenth of a second).
+        return []
     try:
-        LabelTable.from_policy(policy, policy.host_prefixes())
+        LabelTable.from_policy(policy, prefixes)
     except ValueError as exc:
         return [(("apps",), str(exc))]
     return []
