@@ -66,7 +66,7 @@ def admit(lab: Lab, count: int, timeout: float, processes: int, name: str) -> di
         gateway_cpu = cpu_seconds(lab.gateway.pid) - gateway_cpu
     finally:
         crowd.close()
-    handshakes = 2 * max(1, len(times))
+    handshakes = 2 * len(times)  # per completed handshake: none completed, no figure
     return {
         "enclaves": count,
         "joined": len(times),
@@ -76,15 +76,15 @@ def admit(lab: Lab, count: int, timeout: float, processes: int, name: str) -> di
         "p99_ms": percentile(times, 0.99) * 1000 if times else None,
         "gateway_cpu_s": gateway_cpu,
         "client_cpu_s": crowd.cpu_seconds,
-        "gateway_ms_per_handshake": gateway_cpu / handshakes * 1000,
-        "client_ms_per_handshake": crowd.cpu_seconds / handshakes * 1000,
+        "gateway_ms_per_handshake": gateway_cpu / handshakes * 1000 if handshakes else None,
+        "client_ms_per_handshake": crowd.cpu_seconds / handshakes * 1000 if handshakes else None,
     }
 
 
 def restart_gateway(lab: Lab, limits: dict[str, Any]) -> None:
     """A gateway with these limits; prints the previous one's counters (its last line)."""
     start = lab.gateway_log.stat().st_size
-    lab.stop_gateway()
+    lab.stop_gateway(timeout=300.0)  # closes every tunnel, flushes conntrack per address
     with lab.gateway_log.open() as log:
         log.seek(start)
         for line in log:
@@ -114,6 +114,7 @@ def markdown(rounds: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> s
             return statistics.median(values) if values else float("nan")
 
         row = {k: median(k) for k in results[0] if k not in ("p50_ms", "p99_ms")}
+        # (nan where no enclave joined in any round)
         row["joined"], row["enclaves"] = int(row["joined"]), int(row["enclaves"])
         lines.append(ROW.format(name=name, p50=f"{median('p50_ms'):,.0f}",
                                 p99=f"{median('p99_ms'):,.0f}", **row))  # fmt: skip
