@@ -335,7 +335,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             return _hand_over(args.policy.resolve(), result.policy_digest, args.control_socket)
         if args.dry_run:
             with progress.step("diff"):
-                changes = live.diff(table, policy, nft, applied=result)
+                changes = live.diff(table, policy, nft)
             _show_diff(changes, stat=args.stat, colour=_colour_wanted(args.color))
             print("dry run: the kernel accepts the ruleset; nothing was changed")
             return EXIT_OK

@@ -239,7 +239,20 @@ def _object_changes(key: str, old: NftObject | None, new: NftObject | None) -> C
 
 def compare(old_listing: str, new_listing: str, *, old_exists: bool = True) -> RulesetDiff:
     """The differences between two listings of the table (`old_listing` empty: none)."""
-    old, new = parse_listing(old_listing), parse_listing(new_listing)
+    return compare_objects(parse_listing(old_listing), parse_listing(new_listing), old_exists)
+
+
+def same(old: NftObject | None, new: NftObject | None) -> bool:
+    """Whether two objects list the same (elements in any order)."""
+    if old is None or new is None:
+        return old is new
+    return old.lines == new.lines and set(old.elements) == set(new.elements)
+
+
+def compare_objects(
+    old: dict[str, NftObject], new: dict[str, NftObject], old_exists: bool = True
+) -> RulesetDiff:
+    """`compare` of listings already parsed (`parse_listing`)."""
     result = RulesetDiff(old, new, old_exists)
     order = list(new) + [key for key in old if key not in new]
     for key in order:

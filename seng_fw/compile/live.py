@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import json
@@ -34,9 +33,18 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any, TypeVar
 
+from seng_fw.compile import nfnetlink
 from seng_fw.compile.compiler import PROTOCOLS, TABLE
-from seng_fw.compile.diff import DIGEST_COUNTER, RulesetDiff, compare
-from seng_fw.compile.nft import FAMILY, Counter, Json, Table
+from seng_fw.compile.diff import (
+    DIGEST_COUNTER,
+    RulesetDiff,
+    compare,
+    compare_objects,
+    parse_listing,
+    same,
+)
+from seng_fw.compile.listing import listed, subset
+from seng_fw.compile.nft import FAMILY, Batch, Counter, Json, Table
 from seng_fw.policy.digest import policy_digest
 from seng_fw.policy.models import Policy
 
@@ -79,7 +87,21 @@ class Nft:
     def run_json(self, document: Json, *, dry_run: bool = False) -> None:
         """Run a JSON batch (one transaction). With `dry_run` the kernel checks it and
         nothing changes."""
-        self._run(json.dumps(document), json_out=True, dry_run=dry_run)
+        self.run_document(json.dumps(document), dry_run=dry_run)
+
+    def run_document(self, document: str, *, dry_run: bool = False) -> None:
+        """Run a batch already written out (`nft.Batch.document`): nft syntax, or JSON
+        if it starts with `{`. An error in nft syntax is given without the commands
+        nft quotes with it (one of them may hold thousands of set elements)."""
+        if document.startswith("{"):
+            self._run(document, json_out=True, dry_run=dry_run)
+            return
+        try:
+            self._run(document, json_out=False, dry_run=dry_run)
+        except NftError as exc:
+            errors = [line for line in str(exc).splitlines() if "Error: " in line]
+            shown = [line[line.index("Error: ") :] for line in errors]
+            raise NftError("\n".join(shown) or str(exc)) from None
 
     def list_json(self, what: str) -> list[Json]:
         output = self._run(f"list {what}", json_out=True)
@@ -92,10 +114,6 @@ class Nft:
             return self._run(f"list {what}", json_out=False)
         finally:
             self._nft.set_stateless_output(False)
-
-    def table_exists(self, table: str) -> bool:
-        tables = self.list_json(f"tables {FAMILY}")
-        return any(obj.get("table", {}).get("name") == table for obj in tables)
 
 
 @functools.cache
@@ -114,12 +132,13 @@ def _set_dry_run(nft: Any, enabled: bool) -> None:
 # --- live state carried over an apply ------------------------------------------------
 
 
-def ruleset_digest(table: Table, source: str = "") -> str:
+def ruleset_digest(table: Table | Batch, source: str = "") -> str:
     """sha256 of the compiled table, before any live state (counter values, exposure
     targets) is carried over, and of `source` (the policy's own digest: admission
-    settings such as MRENCLAVE change no rule, yet the gateway must reload them)."""
-    document = json.dumps(table.transaction(), separators=(",", ":")).encode()
-    return hashlib.sha256(document + b"\0" + source.encode()).hexdigest()
+    settings such as MRENCLAVE change no rule, yet the gateway must reload them).
+    Pass the table's Batch when there is one: rendering is what costs."""
+    batch = table if isinstance(table, Batch) else Batch(table)
+    return hashlib.sha256(batch.document().encode() + b"\0" + source.encode()).hexdigest()
 
 
 @dataclass
@@ -133,21 +152,23 @@ class LiveState:
 
 
 def read_state(nft: Nft, table: str) -> LiveState:
-    """Counters and exposure targets of the live table (listing only those: the sets of
-    a large policy are big)."""
-    if not nft.table_exists(table):
+    """Counters and exposure targets of the live table (the counters straight from the
+    kernel, `nfnetlink`: libnftables would fetch every set element first; the exposure
+    map alone through libnftables, which then fetches only that map)."""
+    try:
+        live_counters = nfnetlink.table_counters(FAMILY, table)
+    except OSError as exc:
+        raise NftError(f"cannot read table {FAMILY} {table}: {exc}") from exc
+    if live_counters is None:
         return LiveState()
     state = LiveState(exists=True)
-    for obj in nft.list_json(f"counters table {FAMILY} {table}"):
-        if "counter" in obj:
-            counter = obj["counter"]
-            if counter["name"].startswith(POLICY_DIGEST_COUNTER):
-                state.policy_digest = counter["name"].removeprefix(POLICY_DIGEST_COUNTER)
-                continue
-            if counter["name"].startswith(DIGEST_COUNTER):
-                state.digest = counter["name"].removeprefix(DIGEST_COUNTER)
-                continue
-            state.counters[counter["name"]] = (counter.get("packets", 0), counter.get("bytes", 0))
+    for name, values in live_counters.items():
+        if name.startswith(POLICY_DIGEST_COUNTER):
+            state.policy_digest = name.removeprefix(POLICY_DIGEST_COUNTER)
+        elif name.startswith(DIGEST_COUNTER):
+            state.digest = name.removeprefix(DIGEST_COUNTER)
+        else:
+            state.counters[name] = values
     try:
         exposed = nft.list_json(f"map {FAMILY} {table} expose_addr")
     except NftError:
@@ -180,9 +201,8 @@ def carry_over(table: Table, policy: Policy, state: LiveState) -> None:
 # --- apply, diff --------------------------------------------------------------------
 
 
-def _with_digest(table: Table, digest: str, policy: str) -> Table:
-    stamps = [Counter(DIGEST_COUNTER + digest), Counter(POLICY_DIGEST_COUNTER + policy)]
-    return dataclasses.replace(table, counters=[*table.counters, *stamps])
+def _stamps(digest: str, policy: str) -> list[Counter]:
+    return [Counter(DIGEST_COUNTER + digest), Counter(POLICY_DIGEST_COUNTER + policy)]
 
 
 @dataclass(frozen=True)
@@ -217,18 +237,19 @@ def apply(
     too (see `ruleset_digest`), computed from the very policy that was compiled."""
     nft = nft or Nft()
     with step("render"):
+        batch = Batch(table)  # once: the digest and the transaction are made from it
         admission = policy_digest(policy)
-        digest = ruleset_digest(table, admission)
+        digest = ruleset_digest(batch, admission)
     with step("read the live table"):
         state = read_state(nft, table.name)
     if state.digest == digest and not force:
         return ApplyResult(False, state.exists, digest, admission)
     carry_over(table, policy, state)
-    marked = _with_digest(table, digest, admission)
     with step("render"):
-        transaction = marked.transaction()
+        # with what carry_over changed: counter values, the exposure targets
+        document = batch.document(table, ["expose_addr"], _stamps(digest, admission))
     with step("kernel transaction"):
-        nft.run_json(transaction, dry_run=dry_run)
+        nft.run_document(document, dry_run=dry_run)
     return ApplyResult(True, state.exists, digest, admission)
 
 
@@ -261,34 +282,49 @@ def in_scratch_namespace(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def diff(
-    table: Table,
-    policy: Policy,
-    nft: Nft | None = None,
-    applied: ApplyResult | None = None,
-) -> RulesetDiff:
-    """What `apply` would change in seng-fw's table, object by object (both listings
-    normalised by the kernel: the new table is loaded into a scratch namespace).
-    `applied`: the dry run's result, whose digests are those `apply` stamps (each costs
-    a second for 10,000 apps, and `table` has the live counters by now)."""
+def diff(table: Table, policy: Policy, nft: Nft | None = None) -> RulesetDiff:
+    """What `apply` would change in seng-fw's table, object by object, both sides as
+    the kernel lists them: the live table's listing, and the policy's table written as
+    nft lists it (`listing`), where an object that does not list as the live one does
+    is loaded into a scratch namespace and listed by the kernel (with the references
+    it needs), so that only the kernel's own listing is compared and shown. (It used
+    to load the whole table there: with 10,000 apps a second kernel load and listing.)
+    The digest stamps are left out: diffs do not show them."""
     nft = nft or Nft()
-    if applied is not None:
-        digest, admission = applied.digest, applied.policy_digest
-    else:
-        admission = policy_digest(policy)
-        digest = ruleset_digest(table, admission)
+    state = read_state(nft, table.name)
+    carry_over(table, policy, state)
+    old = parse_listing(nft.list_text(f"table inet {table.name}")) if state.exists else {}
+    new = listed(table)
+    suspects = [key for key, obj in new.items() if not same(old.get(key), obj)]
+    if suspects:
+        document = Batch(subset(table, suspects)).document()
+
+        def load_and_list() -> str:
+            scratch = Nft()
+            scratch.run_document(document)
+            return scratch.list_text(f"table inet {table.name}")
+
+        normalised = parse_listing(in_scratch_namespace(load_and_list))
+        for key in suspects:
+            new[key] = normalised[key]
+    return compare_objects(old, new, state.exists)
+
+
+def diff_by_loading(table: Table, policy: Policy, nft: Nft | None = None) -> RulesetDiff:
+    """`diff` the way it was done before `listing`: the whole table loaded into a
+    scratch namespace and listed (the reference `diff` is tested against)."""
+    nft = nft or Nft()
     state = read_state(nft, table.name)
     carry_over(table, policy, state)
     old = nft.list_text(f"table inet {table.name}") if state.exists else ""
-    transaction = _with_digest(table, digest, admission).transaction()
+    document = Batch(table).document()
 
     def load_and_list() -> str:
         scratch = Nft()
-        scratch.run_json(transaction)
+        scratch.run_document(document)
         return scratch.list_text(f"table inet {table.name}")
 
-    new = in_scratch_namespace(load_and_list)
-    return compare(old, new, old_exists=state.exists)
+    return compare(old, in_scratch_namespace(load_and_list), old_exists=state.exists)
 
 
 def counters(nft: Nft, table: str) -> dict[str, tuple[int, int]]:

@@ -90,6 +90,25 @@ def _render_value(datatype: Datatype, interval: Interval) -> tuple[Json, str]:
     return {"range": [low, high]}, f"{low}-{high}"
 
 
+_TEXTS: dict[tuple[Datatype, bool], dict[Interval, str]] = {}
+
+
+def _text_cache(datatype: Datatype, listing: bool) -> tuple[dict[Interval, str], Datatype]:
+    cache = _TEXTS.setdefault((datatype, listing), {})
+    if len(cache) > 1_000_000:
+        cache.clear()
+    return cache, datatype
+
+
+def _field_text(datatype: Datatype, interval: Interval, listing: bool) -> str:
+    low, high = interval
+    size = high - low + 1
+    prefix = low != high and size & (size - 1) == 0 and low % size == 0
+    if listing and datatype == "mark" and prefix:  # nft lists such a mark range as one
+        return f"0x{low:08x}/{32 - size.bit_length() + 1}"
+    return _render_value(datatype, interval)[1]
+
+
 def network_interval(network: IPv4Network) -> Interval:
     low = int(network.network_address)
     return low, low | ((1 << (32 - network.prefixlen)) - 1)
@@ -377,6 +396,18 @@ class NamedSet:
     def is_map(self) -> bool:
         return self.data is not None
 
+    @property
+    def kind(self) -> str:
+        return "map" if self.is_map else "set"
+
+    def command(self, where: str, *, elements: bool = True) -> str:
+        """`add set|map FAMILY TABLE NAME { ... }` (nft syntax)."""
+        type_text = " . ".join(self.key) + (f" : {self.data}" if self.data else "")
+        body = f"type {type_text};" + (" flags interval;" if self.interval else "")
+        if elements and self.elements:
+            body += " elements = { " + ", ".join(self.element_texts()) + " }"
+        return f"add {self.kind} {where} {self.name} {{ {body} }}"
+
     def add(self, element: tuple[Interval, ...], value: str | int | None = None) -> None:
         self.elements.append(element)
         if value is not None:
@@ -397,6 +428,25 @@ class NamedSet:
         if self.data == "ipv4_addr":
             return str(IPv4Address(value)), str(IPv4Address(value))
         return value, str(value)
+
+    def element_texts(self, listing: bool = False) -> list[str]:
+        """The elements in nft syntax only (what `apply` loads; `rendered_elements` makes
+        the JSON too): per field a cache of its texts, as most values recur. `listing`:
+        as `nft list` shows them (a mark range that is a prefix as one)."""
+        caches = [_text_cache(datatype, listing) for datatype in self.key]
+        texts: list[str] = []
+        for element in self.elements:
+            parts = []
+            for (cache, datatype), interval in zip(caches, element, strict=True):
+                text = cache.get(interval)
+                if text is None:
+                    text = cache[interval] = _field_text(datatype, interval, listing)
+                parts.append(text)
+            texts.append(" . ".join(parts))
+        if self.is_map:
+            values = [self._value(value)[1] for value in self.values]
+            return [f"{k} : {v}" for k, v in zip(texts, values, strict=True)]
+        return texts
 
     def rendered_elements(self) -> list[tuple[Json, str]]:
         out = []
@@ -453,6 +503,14 @@ class Counter:
             return [f"counter {self.name} {{ packets {self.packets} bytes {self.bytes} }}"]
         return [f"counter {self.name} {{ }}"]
 
+    def command(self, where: str) -> str:
+        values = (
+            f" {{ packets {self.packets} bytes {self.bytes} }}"
+            if self.packets or self.bytes
+            else ""
+        )
+        return f"add counter {where} {self.name}{values}"
+
 
 @dataclass
 class Table:
@@ -479,6 +537,10 @@ class Table:
     def transaction(self) -> Json:
         """`add table` (so that the delete cannot fail), `delete table`, then the whole
         table again, as one libnftables batch: the kernel commits all of it or nothing."""
+        return {"nftables": self.commands()}
+
+    def commands(self) -> list[Json]:
+        """The commands of `transaction()`."""
         ident = {"family": FAMILY, "name": self.name}
         cmds: list[Json] = [
             {"metainfo": {"json_schema_version": 1}},
@@ -486,7 +548,7 @@ class Table:
             {"delete": {"table": dict(ident)}},
         ]
         cmds += [{"add": obj} for obj in self.objects()]
-        return {"nftables": cmds}
+        return cmds
 
     def objects(self) -> list[Json]:
         """Every object, each after what it refers to, in an order that keeps the kernel
@@ -523,6 +585,42 @@ class Table:
                 objs.append({"element": {**body, "elem": elements}})
         return objs
 
+    def commands_text(self) -> list[tuple[str, str, str]]:
+        """The commands of `transaction()` in nft syntax, in the same order (so that the
+        kernel lists the table the same way): (kind, name, command) each. libnftables
+        reads this form faster and with less memory than JSON (10,000 apps: 5.0 against
+        6.1 s of CPU, 705 against 1,220 MB)."""
+        where = f"{FAMILY} {self.name}"
+        out = [("table", self.name, f"add table {where}"), ("", "", f"delete table {where}")]
+        out.append(("table", self.name, f"add table {where}"))
+        rule_sets = [named for named in self.sets if named.group]
+        shared = [named for named in self.sets if not named.group]
+        out += [
+            (named.kind, named.name, named.command(where, elements=False)) for named in rule_sets
+        ]
+        out += [("counter", c.name, c.command(where)) for c in self.counters]
+        for chain in self.chains:
+            hook = ""
+            if chain.hook:
+                h = chain.hook
+                hook = (
+                    f" {{ type {h.type} hook {h.hook} priority {h.priority}; policy {h.policy}; }}"
+                )
+            out.append(("chain", chain.name, f"add chain {where} {chain.name}{hook}"))
+        out += [(named.kind, named.name, named.command(where)) for named in shared]
+        for chain in self.chains:
+            out += [
+                ("rule", chain.name, f"add rule {where} {chain.name} {rule.text()}")
+                for rule in chain.rules
+            ]
+        for named in rule_sets:
+            if named.elements:
+                elements = ", ".join(named.element_texts())
+                out.append(
+                    ("element", named.name, f"add element {where} {named.name} {{ {elements} }}")
+                )
+        return out
+
     # -- nft syntax --
 
     @gc_paused()
@@ -552,6 +650,71 @@ class Table:
                 out += [f"\t{line}" for line in block]
         out.append("}")
         return "\n".join(out) + "\n"
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
+class Batch:
+    """A table's transaction rendered once, command by command, in nft syntax (what
+    `apply` loads: `Table.commands_text`) or as compact JSON.
+
+    Each command is kept as its own string so that what changes after rendering (the
+    live counter values and exposure targets `apply` carries over, the digest stamps)
+    replaces or adds single commands instead of rendering the whole table again:
+    rendering 10,000 apps takes seconds. In JSON, `document()` is the transaction
+    `Table.transaction()` gives for the same table, byte for byte as
+    `json.dumps(..., separators=(",", ":"))` writes it.
+
+    A Batch is a snapshot: later changes to the table are not in it, except those
+    passed to `document()`."""
+
+    @gc_paused()
+    def __init__(self, table: Table, form: Literal["nft", "json"] = "nft") -> None:
+        self.table, self.form = table.name, form
+        # the positions of the counters' and the shared sets' `add` commands (the apps'
+        # rule sets are declared empty, their elements added by other commands)
+        self._index: dict[tuple[str, str], int] = {}
+        if form == "json":
+            commands = table.commands()
+            self.commands = [_COMPACT(command) for command in commands]
+            for position, command in enumerate(commands):
+                ((kind, body),) = command.get("add", {"": {}}).items()
+                if kind in ("counter", "set", "map"):
+                    self._index.setdefault((kind, body["name"]), position)
+        else:
+            rendered = table.commands_text()
+            self.commands = [command for _, _, command in rendered]
+            for position, (kind, name, _) in enumerate(rendered):
+                if kind in ("counter", "set", "map"):
+                    self._index.setdefault((kind, name), position)
+        # counter values as rendered: those that differ later are rendered again
+        self._counters = {c.name: (c.packets, c.bytes) for c in table.counters}
+
+    def _render(self, obj: Counter | NamedSet) -> str:
+        if self.form == "json":
+            return _COMPACT({"add": obj.json(self.table)})
+        return obj.command(f"{FAMILY} {self.table}")
+
+    def document(
+        self, table: Table | None = None, sets: Sequence[str] = (), added: Sequence[Counter] = ()
+    ) -> str:
+        """The transaction; with `table` (the one rendered, changed since), its counters
+        whose values changed and its shared sets and maps named in `sets` rendered again
+        in their places; `added` counters at the end."""
+        commands = self.commands
+        if table is not None:
+            commands = list(commands)
+            for counter in table.counters:
+                if self._counters.get(counter.name) != (counter.packets, counter.bytes):
+                    commands[self._index[("counter", counter.name)]] = self._render(counter)
+            for name in sets:
+                named = table.set(name)
+                commands[self._index[(named.kind, name)]] = self._render(named)
+        commands = [*commands, *(self._render(counter) for counter in added)]
+        if self.form == "json":
+            return '{"nftables":[' + ",".join(commands) + "]}"
+        return "\n".join(commands) + "\n"
 
 
 def _commented(obj: NamedSet | Chain) -> list[str]:

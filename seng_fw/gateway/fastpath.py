@@ -34,6 +34,7 @@ from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.tunnel.dtls import DtlsServerSession
 from seng_fw.tunnel.record import CONTENT_APPLICATION_DATA, RecordLayer
 from seng_fw.tunnel.tun import TUN_GONE_ERRNOS
+from seng_fw.tunnel.udp_offload import GRO_ANCILLARY, gro_segment, split
 
 log = logging.getLogger("seng_fw.gateway")
 
@@ -76,90 +77,106 @@ class FastPath:
         self._clock = clock
         self._buffer = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buffer)
+        self._buffers = [self._buffer]  # recvmsg_into's
         self._lanes: dict[bytes, Lane] = {}
 
     # ----- uplink: enclave -> gateway -> TUN ----------------------------------------
 
-    def drain_uplink(self, sock: socket.socket, enclave: Enclave) -> None:
-        """Read up to `BATCH` datagrams from an enclave's connected tunnel #1 socket."""
+    def drain_uplink(self, sock: socket.socket, enclave: Enclave, gro: bool = False) -> None:
+        """Read up to `BATCH` receives from an enclave's connected tunnel #1 socket; with
+        `gro` (UDP GRO on the socket) each may carry several datagrams, cut apart here
+        and handled one by one, as if received alone."""
         core = self.core
         session = enclave.uplink
         peer = enclave.uplink_peer
         now = self._clock()
         if enclave.downlink is None or session.record_layer is None:
             # Not paired yet (setup exchange) or closed: all of it is the core's.
-            self._drain_to_core(sock, peer, now)
+            self._drain_to_core(sock, peer, now, gro)
             return
         recv_into, buffer, view = sock.recv_into, self._buffer, self._view
+        recvmsg_into, buffers = sock.recvmsg_into, self._buffers
         write, fd = os.write, self.tun_fd
         address = enclave.address_bytes
         receive = session.receive_data
         packets = octets = spoofed = not_ipv4 = options = write_errors = 0
         drop_options = core.limits.ip_options == "drop"
-        fallback = False
+        fallback = ended = False
+        segment = 0
         for _ in range(BATCH):
             try:
-                n = recv_into(buffer)
+                if gro:
+                    n, ancillary, _flags, _address = recvmsg_into(buffers, GRO_ANCILLARY)
+                    segment = gro_segment(ancillary) if ancillary else 0
+                else:
+                    n = recv_into(buffer)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
                 log.debug("recv from %s:%d: %s", *peer, exc)
                 continue
-            if not n or buffer[0] != CONTENT_APPLICATION_DATA:
-                # Handshake records (a restarted enclave's ClientHello, a repeated
-                # Finished), alerts: the core's, which also feeds a reconnect candidate.
-                # The core may end the enclave: count what came before first.
-                self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
-                packets = octets = spoofed = not_ipv4 = options = write_errors = 0
-                self._to_core(peer, bytes(view[:n]), now)
-                fallback = True
-                if session.record_layer is None:
-                    break
-                continue
-            payloads = receive(view[:n], now)
-            if payloads is None:
-                # The session did more than decrypt (alert, handshake, drop): the core
-                # handles its events, as for a datagram it had received itself.
-                self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
-                packets = octets = spoofed = not_ipv4 = options = write_errors = 0
-                try:
-                    core.session_activity(Port.SETUP, peer, now)
-                except Exception:
-                    core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
-                    log.exception("internal error on a datagram from %s:%d", *peer)
-                fallback = True
-                if session.record_layer is None:
-                    break  # the session ended
-                continue
-            for packet in payloads:
-                # One IPv4 packet per record (version, header and total length agree)
-                # from the enclave's own address: packets.is_ipv4 and packets.source,
-                # inlined.
-                size = len(packet)
-                first = packet[0]
-                if (
-                    size < 20
-                    or first >> 4 != 4
-                    or not 20 <= (first & 0x0F) * 4 <= size
-                    or (packet[2] << 8 | packet[3]) != size
-                ):
-                    not_ipv4 += 1
+            for start, end in split(n, segment) if segment else ((0, n),):
+                if start == end or buffer[start] != CONTENT_APPLICATION_DATA:
+                    # Handshake records (a restarted enclave's ClientHello, a repeated
+                    # Finished), alerts: the core's, which also feeds a reconnect
+                    # candidate. The core may end the enclave: count what came before.
+                    self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options,
+                               write_errors)  # fmt: skip
+                    packets = octets = spoofed = not_ipv4 = options = write_errors = 0
+                    self._to_core(peer, bytes(view[start:end]), now)
+                    fallback = True
+                    if session.record_layer is None:
+                        ended = True
+                        break
                     continue
-                if packet[12:16] != address:
-                    spoofed += 1
+                payloads = receive(view[start:end], now)
+                if payloads is None:
+                    # The session did more than decrypt (alert, handshake, drop): the
+                    # core handles its events, as for a datagram it had received itself.
+                    self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options,
+                               write_errors)  # fmt: skip
+                    packets = octets = spoofed = not_ipv4 = options = write_errors = 0
+                    try:
+                        core.session_activity(Port.SETUP, peer, now)
+                    except Exception:
+                        core.counters.faults[Fault.INTERNAL_ERROR_DATAGRAM] += 1
+                        log.exception("internal error on a datagram from %s:%d", *peer)
+                    fallback = True
+                    if session.record_layer is None:
+                        ended = True  # the session ended
+                        break
                     continue
-                if first != 0x45 and drop_options:
-                    options += 1  # IP options: dropped, as the core does (core._record)
-                    continue
-                try:
-                    write(fd, packet)
-                except OSError as exc:  # as the adapter's TUN writes: counted
-                    write_errors += 1
-                    if exc.errno in TUN_GONE_ERRNOS:
-                        self._tun_lost(exc)
-                    continue
-                packets += 1
-                octets += size
+                for packet in payloads:
+                    # One IPv4 packet per record (version, header and total length
+                    # agree) from the enclave's own address: packets.is_ipv4 and
+                    # packets.source, inlined.
+                    size = len(packet)
+                    first = packet[0]
+                    if (
+                        size < 20
+                        or first >> 4 != 4
+                        or not 20 <= (first & 0x0F) * 4 <= size
+                        or (packet[2] << 8 | packet[3]) != size
+                    ):
+                        not_ipv4 += 1
+                        continue
+                    if packet[12:16] != address:
+                        spoofed += 1
+                        continue
+                    if first != 0x45 and drop_options:
+                        options += 1  # IP options: dropped, as the core does (core._record)
+                        continue
+                    try:
+                        write(fd, packet)
+                    except OSError as exc:  # as the adapter's TUN writes: counted
+                        write_errors += 1
+                        if exc.errno in TUN_GONE_ERRNOS:
+                            self._tun_lost(exc)
+                        continue
+                    packets += 1
+                    octets += size
+            if ended:
+                break
         self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
         if fallback:
             self._flush()
@@ -189,16 +206,29 @@ class FastPath:
             dropped[Drop.IP_OPTIONS] += options
             dropped[Drop.TUN_WRITE_ERROR] += write_errors
 
-    def _drain_to_core(self, sock: socket.socket, peer: tuple[str, int], now: float) -> None:
+    def _drain_to_core(
+        self, sock: socket.socket, peer: tuple[str, int], now: float, gro: bool
+    ) -> None:
         for _ in range(BATCH):
             try:
-                data = sock.recv(MAX_DATAGRAM)
+                if gro:
+                    n, ancillary, _flags, _address = sock.recvmsg_into(
+                        self._buffers, GRO_ANCILLARY
+                    )
+                    data = bytes(self._view[:n])
+                    segment = gro_segment(ancillary) if ancillary else 0
+                else:
+                    data, segment = sock.recv(MAX_DATAGRAM), 0
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 log.debug("recv from %s:%d: %s", *peer, exc)
                 continue
-            self._to_core(peer, data, now)
+            if not segment:
+                self._to_core(peer, data, now)
+                continue
+            for start, end in split(len(data), segment):
+                self._to_core(peer, data[start:end], now)
         self._flush()
 
     def _to_core(self, peer: tuple[str, int], data: bytes, now: float) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from seng_fw.gateway.core import Enclave
 from seng_fw.gateway.counters import Fault, GatewayCounters
+from seng_fw.tunnel.udp_offload import enable_gro
 
 log = logging.getLogger("seng_fw.gateway")
 
@@ -49,12 +50,16 @@ class PeerSockets:
     def __init__(
         self,
         listener: socket.socket,
-        on_readable: Callable[[socket.socket, Enclave], None],
+        on_readable: Callable[[socket.socket, Enclave, bool], None],
         counters: GatewayCounters,
+        gro: bool = True,
     ) -> None:
         self.listener = listener
-        self.on_readable = on_readable
+        self.on_readable = on_readable  # (socket, enclave, GRO on)
         self.counters = counters
+        # UDP GRO (tunnel/udp_offload.py): a burst of an enclave's datagrams in one
+        # receive, where the kernel coalesces them (a GSO sender, a NIC with GRO).
+        self.gro = gro
         self._sockets: dict[int, socket.socket] = {}  # by id(enclave)
 
     def open(self, enclave: Enclave) -> None:
@@ -65,7 +70,9 @@ class PeerSockets:
             sock.setblocking(False)
             sock.bind(self.listener.getsockname())
             sock.connect(enclave.uplink_peer)
-            asyncio.get_running_loop().add_reader(sock.fileno(), self.on_readable, sock, enclave)
+            gro = self.gro and enable_gro(sock)
+            loop = asyncio.get_running_loop()
+            loop.add_reader(sock.fileno(), self.on_readable, sock, enclave, gro)
         except (OSError, RuntimeError) as exc:
             sock.close()
             self.counters.faults[Fault.PEER_SOCKET_ERROR] += 1

@@ -64,6 +64,7 @@ from seng_fw.tunnel.dtls import (
 from seng_fw.tunnel.messages import IpAssignment
 from seng_fw.tunnel.setup import ClientSetup, SetupFailed
 from seng_fw.tunnel.tun import TunDevice
+from seng_fw.tunnel.udp_offload import gso_control, gso_runs
 
 log = logging.getLogger("seng_fw.lab.enclave")
 
@@ -274,6 +275,7 @@ class EnclaveClient:
         self._stop = asyncio.Event()
         self.local: tuple[str, int] | None = None  # our UDP address for tunnel #1
         self._started = 0.0  # when the first datagram left
+        self._gso = True  # UDP GSO on the uplink until the kernel refuses it
 
     def write_state(self, **state: Any) -> None:
         """Progress for scripts and the lab: {"status": connecting|up|refused|down, ...}."""
@@ -371,27 +373,53 @@ class EnclaveClient:
         assert self._tun is not None
         session = uplink.session
         records, limit = session.record_layer, session.max_record
-        send = uplink.sock.send
+        sealed: list[bytes] = []
         for packet in self._tun.read_batch(BATCH):
             if records is not None and len(packet) <= limit and not records.closed:
-                # The common case, sealed and sent here (no queue, no per-record call
-                # into the session).
+                # The common case, sealed here (no queue, no per-record call into the
+                # session) and sent with the others of this batch.
                 try:
-                    datagram = records.seal(packet)
+                    sealed.append(records.seal(packet))
                 except Exception:  # sequence numbers used up: the session ends itself
                     records = None
-                else:
-                    try:
-                        send(datagram)
-                    except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
-                        uplink._socket_error(exc)
-                    continue
+                continue
+            self._send_sealed(uplink, sealed)  # in order, before this one
+            sealed = []
             try:
                 session.send_record(packet)
             except Exception as exc:  # session closed under us: stop forwarding
                 log.debug("uplink send: %s", exc)
                 break
+        self._send_sealed(uplink, sealed)
         uplink.flush()
+
+    def _send_sealed(self, uplink: _Tunnel, sealed: list[bytes]) -> None:
+        """Datagrams of one TUN batch, in order: runs of equal sizes in one UDP GSO
+        sendmsg each (udp_offload; the gateway's GRO socket then takes them in one
+        receive), the rest one by one."""
+        if not sealed:
+            return
+        sock = uplink.sock
+        if len(sealed) == 1 or not self._gso:
+            for datagram in sealed:
+                try:
+                    sock.send(datagram)
+                except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
+                    uplink._socket_error(exc)
+            return
+        for first, end in gso_runs([len(datagram) for datagram in sealed]):
+            try:
+                if end - first == 1:
+                    sock.send(sealed[first])
+                else:
+                    sock.sendmsg([b"".join(sealed[first:end])], gso_control(len(sealed[first])))
+            except OSError as exc:
+                if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    self._gso = False  # no UDP GSO here: the rest one by one
+                    log.info("no UDP GSO on this host (%s): datagrams sent one by one", exc)
+                    self._send_sealed(uplink, sealed[first:])
+                    return
+                uplink._socket_error(exc)
 
     def _write_tun(self, packet: bytes) -> None:
         assert self._tun is not None and self.assignment is not None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from seng_fw.system import eventloop
 from seng_fw.system.cli_toolkit import EXIT_OK, Refused, UsageError, read_input
 
 log = logging.getLogger("seng_fw.lab")
@@ -167,11 +167,11 @@ def _enclave(args: argparse.Namespace) -> int:
         )  # fmt: skip
 
     if args.reconnect:
-        asyncio.run(run_reconnecting(new_client, Backoff(maximum=args.backoff_max)))
+        eventloop.run(run_reconnecting(new_client, Backoff(maximum=args.backoff_max)))
         return EXIT_OK
     client = new_client()
     try:
-        asyncio.run(client.run())
+        eventloop.run(client.run())
     except EnclaveError as exc:
         # "down": the tunnel was up and the gateway ended it; "refused": it never came up.
         client.write_state(status="down" if client.assignment else "refused", reason=str(exc))
