@@ -34,7 +34,7 @@ from seng_fw.gateway.counters import (
     Revoked,
     Traffic,
 )
-from seng_fw.gateway.handshakes import HalfOpenHandshakes
+from seng_fw.gateway.handshakes import HalfOpenHandshakes, HandshakeQueue
 from seng_fw.gateway.limits import LimitsConfig, TunnelCounts
 from seng_fw.policy.admission import Admission, AdmissionRejected
 from seng_fw.policy.ipam import EnclaveSubnet, Ipam, LeaseStore, PoolExhausted
@@ -187,6 +187,10 @@ class GatewayCore:
         self.handshakes: HalfOpenHandshakes[tuple[Port, Address]] = HalfOpenHandshakes(
             limits.handshakes(), self.counters
         )
+        # Cookie-checked hellos waiting for one of `max_handshakes_in_progress` slots.
+        self.waiting: HandshakeQueue[tuple[Port, Address]] = HandshakeQueue(
+            limits.handshakes(), self.counters
+        )
         self.tunnel_counts = TunnelCounts(limits, self.counters)
         # DTLS sessions dropped so far (the adapter returns freed memory to the OS).
         self.sessions_released = 0
@@ -236,12 +240,18 @@ class GatewayCore:
                 else:
                     self.counters.dropped[Drop.NOT_CLIENT_HELLO] += 1
                 return
+            key = (port, address)
+            if key in self.waiting:
+                self.waiting.refresh(key, data)  # a retransmission: keeps its place
+                return
             if not self.handshakes.may_start(address[0], now):
                 return  # rate-limited (counted): the client retries with a new cookie
-            session = DtlsServerSession(self._dtls[port], cookie_id, now)
-            peer = self._peers[(port, address)] = Peer(port, address, session, now)
-            for key in self.handshakes.started((port, address), address[0], now):
-                self._drop_half_open(key)
+            if self.waiting or len(self.handshakes) >= self.handshakes.limits.max_active:
+                # Work-conserving: the handshakes under way finish first (FIFO).
+                # Tunnels #2 first: their enclaves are admitted and waiting to pair.
+                self.waiting.add(key, address[0], data, now, first=port is Port.DOWNLINK)
+                return
+            peer = self._start_handshake(port, address, now)
         elif peer.candidate is not None:
             # A reconnect handshake is under way from this address: it sees every
             # datagram too (each session silently drops what is not its own epoch/keys).
@@ -250,6 +260,30 @@ class GatewayCore:
         peer.session.receive_datagram(data, now)
         self._handle_events(peer, peer.session.events(), now)
         self._collect(peer)
+        if self.waiting:
+            self._start_waiting(now)
+
+    def _start_handshake(self, port: Port, address: Address, now: float) -> Peer:
+        session = DtlsServerSession(self._dtls[port], peer_id(address), now)
+        peer = self._peers[(port, address)] = Peer(port, address, session, now)
+        for key in self.handshakes.started((port, address), address[0], now):
+            self._drop_half_open(key)
+        return peer
+
+    def _start_waiting(self, now: float) -> None:
+        """Start waiting handshakes while slots are free (after every input)."""
+        waiting, handshakes = self.waiting, self.handshakes
+        while waiting and len(handshakes) < handshakes.limits.max_active:
+            popped = waiting.pop(now)
+            if popped is None:
+                return
+            (port, address), hello = popped
+            if (port, address) in self._peers:
+                continue  # cannot happen (a waiting peer has no session); be safe
+            peer = self._start_handshake(port, address, now)
+            peer.session.receive_datagram(hello, now)
+            self._handle_events(peer, peer.session.events(), now)
+            self._collect(peer)
 
     def enclave_at(self, address: bytes) -> Enclave | None:
         """The enclave leased this packed address, if any (the fast path's lookup)."""
@@ -264,6 +298,8 @@ class GatewayCore:
             return
         self._handle_events(peer, peer.session.events(), now)
         self._collect(peer)
+        if self.waiting:
+            self._start_waiting(now)
 
     def tun_packets(self, batch: list[bytes], now: float) -> None:
         """Packets read from the TUN device: each goes to the enclave owning its destination."""
@@ -301,6 +337,7 @@ class GatewayCore:
                 self._end_enclave(enclave, EndKind.IDLE_TIMEOUT, now)
             else:
                 self._send_setup(enclave, now)
+        self._start_waiting(now)
 
     def next_timeout(self) -> float | None:
         deadlines = [d for p in self._peers.values() if (d := p.session.next_timeout()) is not None]

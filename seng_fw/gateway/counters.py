@@ -54,6 +54,8 @@ class Limit(enum.StrEnum):
     HANDSHAKE_RATE_PER_HOST = "handshake_rate_per_host"  # a datagram not even cookie-checked
     HANDSHAKE_RATE = "handshake_rate"
     MAX_DATAGRAM = "max_datagram"
+    MAX_QUEUED_HANDSHAKES = "max_queued_handshakes"  # the oldest waiting hello evicted
+    HANDSHAKE_QUEUE_TIMEOUT = "handshake_queue_timeout"  # a hello waited too long
 
 
 # Why a tunnel was refused: attestation, admission, or the gateway itself.
@@ -137,6 +139,8 @@ class GatewayCounters:
     limits: Counter[Limit] = field(default_factory=Counter)
     handshakes_started: int = 0  # past the cookie check and the rate limits
     certificate_timeouts: int = 0  # half-open, dropped without a client certificate
+    handshakes_queued: int = 0  # cookie-checked hellos that waited for a handshake slot
+    hellos_while_queued: int = 0  # repeated hellos of peers waiting in that queue
     # Traffic of ended enclaves, per app, so that totals never go backwards.
     ended_traffic: dict[str, Traffic] = field(default_factory=dict)
 
@@ -148,6 +152,8 @@ class GatewayCounters:
             ("reconnect_attempts", self.reconnect_attempts),
             ("handshakes.started", self.handshakes_started),
             ("handshakes.certificate_timeout", self.certificate_timeouts),
+            ("handshakes.queued", self.handshakes_queued),
+            ("handshakes.hellos_while_queued", self.hellos_while_queued),
         ):
             if value:
                 out[name] = value

@@ -14,7 +14,14 @@ the handshake timeout (60 s) and CPU for every attempt. So:
   all: a new one evicts the oldest of its source, or else the oldest of all, so a flood
   displaces its own sessions and never blocks clients that complete quickly;
 - new handshakes are rate-limited per source address and in total (token buckets),
-  which bounds the CPU a flood can take from the established tunnels.
+  which bounds the CPU a flood can take from the established tunnels;
+- at most `max_active` handshakes are worked on at once; further ClientHellos that
+  passed the cookie check wait in a FIFO (`HandshakeQueue`, a few hundred bytes each,
+  at most `max_queued`, `max_per_source` per source) and start as handshakes finish.
+  This keeps the gateway work-conserving when many enclaves join at once: started
+  handshakes finish within the peers' 1 s retransmission timer instead of all of them
+  progressing slowly, timing out into retransmissions (each costing CPU again) and
+  certificate timeouts (issue 12: 1,000 enclaves at once).
 
 Evictions are reported to the caller, which forgets the sessions (no alert: the peer is
 abandoned or hostile, and a real client starts over with a fresh cookie exchange).
@@ -42,6 +49,9 @@ class HandshakeLimits:
     burst_per_source: int = 5
     rate_total: float = 100.0  # new handshakes per second, all sources
     burst_total: int = 10
+    max_active: int = 64  # handshakes worked on at once; the rest wait (HandshakeQueue)
+    max_queued: int = 4096
+    queue_timeout: float = 30.0  # a waiting hello older than this is dropped
 
 
 class TokenBucket:
@@ -185,3 +195,83 @@ class HalfOpenHandshakes(Generic[Key]):
             if not entry.certified:
                 return entry.started + self.limits.certificate_timeout
         return None
+
+
+@dataclass
+class _Waiting:
+    source: str
+    hello: bytes  # the latest cookie-checked ClientHello of this peer
+    queued: float
+
+
+class HandshakeQueue(Generic[Key]):
+    """Cookie-checked ClientHellos waiting for a handshake slot, oldest first; `first`
+    ones (the core's tunnel #2 of an enclave already admitted on tunnel #1) before all
+    others, so an enclave that started joining finishes before new ones start (and
+    within its pairing timeout). A repeated hello (the peer's retransmission) refreshes
+    the stored one (a fresher cookie) and keeps its place. Bookkeeping only: the core
+    starts the sessions."""
+
+    def __init__(self, limits: HandshakeLimits, counters: GatewayCounters | None = None) -> None:
+        self.limits = limits
+        self._first: OrderedDict[Key, _Waiting] = OrderedDict()
+        self._rest: OrderedDict[Key, _Waiting] = OrderedDict()
+        self._per_source: Counter[str] = Counter()
+        self.counters = GatewayCounters() if counters is None else counters
+
+    def __len__(self) -> int:
+        return len(self._first) + len(self._rest)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._first or key in self._rest
+
+    def refresh(self, key: Key, hello: bytes) -> None:
+        """A waiting peer repeated its hello (counted; no new rate token taken)."""
+        (self._first.get(key) or self._rest[key]).hello = hello
+        self.counters.hellos_while_queued += 1
+
+    def _oldest(self, source: str | None = None) -> Key:
+        for waiting in (self._rest, self._first):  # the ones not yet begun go first
+            for key, entry in waiting.items():
+                if source is None or entry.source == source:
+                    return key
+        raise LookupError(source)
+
+    def add(
+        self, key: Key, source: str, hello: bytes, now: float, *, first: bool = False
+    ) -> list[Key]:
+        """Queue a hello; returns the waiting keys evicted for it (over `max_per_source`:
+        the oldest of its source; a full queue: the oldest of all), all counted."""
+        evict: list[Key] = []
+        if self._per_source[source] >= self.limits.max_per_source:
+            evict.append(self._oldest(source))
+            self.counters.limits[Limit.MAX_HALF_OPEN_PER_SOURCE] += 1
+        elif len(self) >= self.limits.max_queued:
+            evict.append(self._oldest())
+            self.counters.limits[Limit.MAX_QUEUED_HANDSHAKES] += 1
+        for old in evict:
+            self.discard(old)
+        (self._first if first else self._rest)[key] = _Waiting(source, hello, now)
+        self._per_source[source] += 1
+        self.counters.handshakes_queued += 1
+        return evict
+
+    def pop(self, now: float) -> tuple[Key, bytes] | None:
+        """The next hello to start; those waiting longer than `queue_timeout` are
+        dropped on the way (counted: the peer has likely given up)."""
+        while self:
+            waiting = self._first or self._rest
+            key, entry = next(iter(waiting.items()))
+            self.discard(key)
+            if now - entry.queued <= self.limits.queue_timeout:
+                return key, entry.hello
+            self.counters.limits[Limit.HANDSHAKE_QUEUE_TIMEOUT] += 1
+        return None
+
+    def discard(self, key: Key) -> None:
+        entry = self._first.pop(key, None) or self._rest.pop(key, None)
+        if entry is None:
+            return
+        self._per_source[entry.source] -= 1
+        if self._per_source[entry.source] <= 0:
+            del self._per_source[entry.source]

@@ -43,6 +43,14 @@ class LimitsConfig(StrictModel):
     handshake_burst_per_host: int = Field(default=5, ge=1)
     handshake_rate: float = Field(default=100.0, gt=0)
     handshake_burst: int = Field(default=10, ge=1)
+    # Handshakes worked on at once; further cookie-checked ClientHellos wait in a FIFO
+    # (at most `max_queued_handshakes`, up to `max_half_open_per_source` per source)
+    # and start as handshakes finish, so a crowd joining at once is admitted at the
+    # pace of the CPU instead of timing out into retransmissions.
+    max_handshakes_in_progress: int = Field(default=64, ge=1)
+    max_queued_handshakes: int = Field(default=4096, ge=1)
+    # Seconds a hello may wait there (its peer has likely started over by then).
+    handshake_queue_timeout: float = Field(default=30.0, gt=0)
     # Larger datagrams are dropped before any parsing.
     max_datagram: int = Field(default=MAX_DTLS_RECORD_DATAGRAM, ge=256, le=65535)
     # IPv4 packets with options (IHL > 5) from enclaves: dropped by default.
@@ -57,6 +65,9 @@ class LimitsConfig(StrictModel):
             burst_per_source=self.handshake_burst_per_host,
             rate_total=self.handshake_rate,
             burst_total=self.handshake_burst,
+            max_active=self.max_handshakes_in_progress,
+            max_queued=self.max_queued_handshakes,
+            queue_timeout=self.handshake_queue_timeout,
         )
 
 
