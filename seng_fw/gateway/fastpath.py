@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.tunnel.dtls import DtlsServerSession
+from seng_fw.tunnel.offload import VNET_NONE
 from seng_fw.tunnel.record import CONTENT_APPLICATION_DATA, RecordLayer
 from seng_fw.tunnel.tun import TUN_GONE_ERRNOS
 
@@ -39,6 +41,11 @@ log = logging.getLogger("seng_fw.gateway")
 
 BATCH = 64
 MAX_DATAGRAM = 65535
+# UDP GSO limits (linux/udp.h UDP_MAX_SEGMENTS; one IPv4 datagram's payload).
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65507
+UDP_SEGMENT = 103  # socket option (SOL_UDP): the segment size of a GSO send
+SendGso = Callable[[list[bytes], int, tuple[str, int]], object]
 
 
 @dataclass(eq=False, slots=True)
@@ -56,6 +63,9 @@ class FastPath:
     """Forwarding for paired enclaves; falls back to the core for everything else.
 
     `send_downlink` sends a datagram from port P+1 (the adapter's listener `sendto`);
+    `send_gso`, where the kernel has UDP GSO (`gso_sender`), sends equal-sized
+    datagrams (the last may be shorter) in one call; `tun_vnet_hdr`: the TUN device
+    takes a virtio-net header before each packet (`TunDevice.vnet_hdr`);
     `flush` is the adapter's: it sends what the core queued and acts on its events
     (called after a fallback handed the core work)."""
 
@@ -67,9 +77,13 @@ class FastPath:
         flush: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
         tun_lost: Callable[[OSError], None] = lambda exc: None,
+        send_gso: SendGso | None = None,
+        tun_vnet_hdr: bool = False,
     ) -> None:
         self.core = core
         self.tun_fd = tun_fd
+        self._send_gso = send_gso
+        self._vnet_hdr = tun_vnet_hdr
         self._tun_lost = tun_lost  # the adapter stops the gateway (exit 4)
         self._send = send_downlink
         self._flush = flush
@@ -91,7 +105,7 @@ class FastPath:
             self._drain_to_core(sock, peer, now)
             return
         recv_into, buffer, view = sock.recv_into, self._buffer, self._view
-        write, fd = os.write, self.tun_fd
+        write, writev, fd, vnet = os.write, os.writev, self.tun_fd, self._vnet_hdr
         address = enclave.address_bytes
         receive = session.receive_data
         packets = octets = spoofed = not_ipv4 = options = write_errors = 0
@@ -152,7 +166,10 @@ class FastPath:
                     options += 1  # IP options: dropped, as the core does (core._record)
                     continue
                 try:
-                    write(fd, packet)
+                    if vnet:
+                        writev(fd, (VNET_NONE, packet))
+                    else:
+                        write(fd, packet)
                 except OSError as exc:  # as the adapter's TUN writes: counted
                     write_errors += 1
                     if exc.errno in TUN_GONE_ERRNOS:
@@ -264,16 +281,39 @@ class FastPath:
             self._flush()
 
     def _send_all(self, datagrams: list[bytes], peer: tuple[str, int]) -> int:
-        """Send one enclave's datagrams in order; returns how many failed. (UDP GSO, one
-        sendmsg per run of equal-sized records, was measured here and did not pay:
-        bench/RESULTS-datapath.md.)"""
-        sendto = self._send
+        """Send one enclave's datagrams in order; returns how many failed. With UDP GSO,
+        each run of equal-sized datagrams (the last of a run may be shorter) leaves in
+        one sendmsg: one trip through the kernel's UDP/IP output and nftables instead
+        of one per datagram; the kernel cuts it into the same datagrams. Runs are long
+        when the TUN device hands out TSO super-packets (split into equal segments);
+        without them a TUN read rarely found more than a few packets waiting and GSO
+        alone did not pay (bench/RESULTS-datapath.md)."""
+        sendto, gso = self._send, self._send_gso
         errors = 0
-        for datagram in datagrams:
+        if gso is None or len(datagrams) == 1:
+            for datagram in datagrams:
+                try:
+                    sendto(datagram, peer)
+                except OSError:
+                    errors += 1
+            return errors
+        i, n = 0, len(datagrams)
+        while i < n:
+            size = len(datagrams[i])
+            most = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
+            j = i + 1
+            while j < n and j - i < most and len(datagrams[j]) == size:
+                j += 1
+            if j < n and j - i < most and len(datagrams[j]) < size:
+                j += 1  # a shorter datagram may end the run
             try:
-                sendto(datagram, peer)
+                if j - i == 1:
+                    sendto(datagrams[i], peer)
+                else:
+                    gso(datagrams[i:j], size, peer)
             except OSError:
-                errors += 1
+                errors += j - i
+            i = j
         return errors
 
     def _lane_for(self, packet: bytes) -> Lane | None:
@@ -299,3 +339,18 @@ class FastPath:
 
     def clear(self) -> None:
         self._lanes.clear()
+
+
+def gso_sender(sock: socket.socket) -> SendGso | None:
+    """A UDP GSO send on `sock` (sendmsg with a UDP_SEGMENT control message), or None
+    where the kernel lacks UDP GSO (before Linux 4.18)."""
+    try:
+        sock.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 0)  # 0: no GSO unless asked per send
+    except OSError:
+        return None
+    sendmsg, level = sock.sendmsg, socket.SOL_UDP
+
+    def send(datagrams: list[bytes], size: int, peer: tuple[str, int]) -> None:
+        sendmsg(datagrams, [(level, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], 0, peer)
+
+    return send

@@ -132,7 +132,7 @@ def build_server(config: GatewayConfig) -> GatewayServer:
         Port.SETUP: bind_udp(config.listen.address, config.listen.port),
         Port.DOWNLINK: bind_udp(config.listen.address, config.listen.port + 1),
     }
-    tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu)
+    tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu, offload=config.tun.offload)
     server = GatewayServer(core, sockets, tun, flush_address, labelling=labelling)
     service = GatewayService(
         core,

@@ -16,8 +16,9 @@ import pytest
 
 from seng_fw.gateway.core import Enclave, EnclaveEnded
 from seng_fw.gateway.counters import Drop, Revoked
-from seng_fw.gateway.fastpath import FastPath
+from seng_fw.gateway.fastpath import FastPath, gso_sender
 from seng_fw.tunnel.dtls import RecordReceived
+from seng_fw.tunnel.offload import VNET_NONE
 from seng_fw.tunnel.record import CLOSE_NOTIFY_ALERT, CONTENT_ALERT, DropReason
 from tests.support.gateway_memory import MemoryEnclave, MemoryGateway, ipv4_packet
 
@@ -260,3 +261,69 @@ def test_a_tun_device_that_is_gone_is_reported_to_the_adapter(rig: Rig) -> None:
     rig.deliver(datagram)
     assert [exc.errno for exc in rig.tun_lost] == [errno.EBADF]
     assert rig.gateway.core.counters.dropped[Drop.TUN_WRITE_ERROR] == 1
+
+
+# ----- TUN offloads (virtio-net header, coalesced writes, UDP GSO) ---------------------
+
+
+def offload_rig(rig: Rig, **options: object) -> FastPath:
+    return FastPath(
+        rig.gateway.core,
+        rig.tun_out.fileno(),
+        lambda datagram, address: rig.sent.append((datagram, address)),
+        rig.gateway.pump,
+        clock=lambda: rig.gateway.now,
+        tun_lost=rig.tun_lost.append,
+        tun_vnet_hdr=True,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_with_a_vnet_header_every_write_carries_one(rig: Rig) -> None:
+    rig.fast = offload_rig(rig)
+    packets = [ipv4_packet(rig.enclave.address, EXTERNAL, 28 + i) for i in range(3)]
+    rig.deliver(*(rig.uplink_datagram(p) for p in packets))
+    assert rig.tun_packets() == [VNET_NONE + p for p in packets]
+
+
+def test_udp_gso_sends_each_record_as_its_own_datagram_in_order(rig: Rig) -> None:
+    """Runs of equal-sized records leave in one GSO send; the kernel (loopback) cuts
+    them back into the datagrams the enclave's session opens, in order."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    gso = gso_sender(sender)
+    if gso is None:
+        pytest.skip("no UDP GSO in this kernel")
+    local = receiver.getsockname()
+    calls: list[int] = []
+
+    def send_gso(datagrams: list[bytes], size: int, peer: tuple[str, int]) -> None:
+        calls.append(len(datagrams))
+        assert gso is not None
+        gso(datagrams, size, local)
+
+    fast = FastPath(
+        rig.gateway.core,
+        rig.tun_out.fileno(),
+        lambda datagram, peer: sender.sendto(datagram, local),
+        rig.gateway.pump,
+        clock=lambda: rig.gateway.now,
+        send_gso=send_gso,
+    )
+    sizes = [1400, 1400, 1400, 100, 1400, 1400, 60, 1400]
+    packets = [ipv4_packet(EXTERNAL, rig.enclave.address, size) for size in sizes]
+    fast.tun_packets(packets)
+    assert calls == [4, 3]  # 3 x 1400 + 100, 2 x 1400 + 60; the last one alone
+    datagrams = []
+    with receiver, sender:
+        while True:
+            try:
+                datagrams.append(receiver.recv(65535))
+            except BlockingIOError:
+                break
+    assert rig.enclave.downlink is not None
+    rig.sent = [(d, rig.enclave.downlink.address) for d in datagrams]
+    assert rig.downlink_records() == packets
+    assert rig.core_enclave.traffic.packets_out == len(packets)
