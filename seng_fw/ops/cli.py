@@ -37,6 +37,7 @@ from seng_fw.gateway.config import (
     parse_host_port,
     shared_subnet_apps,
 )
+from seng_fw.gateway.revocations import Revocation
 from seng_fw.ops.control import (
     ControlClient,
     ControlPermissionDenied,
@@ -197,9 +198,10 @@ def socket_path(args: argparse.Namespace) -> Path:
     return load_gateway_config(config).control.socket  # ConfigError: exit 2 (cli.run)
 
 
-def _request(args: argparse.Namespace, command: str, **request: Any) -> tuple[int, Any]:
+def _request(args: argparse.Namespace, command: str, **request: Any) -> Any:
+    """The gateway's answer; every failure is raised as the CliError of its exit code."""
     try:
-        return EXIT_OK, ControlClient(socket_path(args)).request(command, **request)
+        return ControlClient(socket_path(args)).request(command, **request)
     except ControlPermissionDenied as exc:  # a gateway may be running: not exit 3
         raise UsageError(f"{command}: {exc}") from None
     except ControlUnavailable as exc:
@@ -208,41 +210,28 @@ def _request(args: argparse.Namespace, command: str, **request: Any) -> tuple[in
         raise Refused(f"{command}: {exc}") from None
 
 
-def revocation_text(revocation: str | dict[str, str]) -> str:
-    """`app webapp`, `mrenclave ab..`, `enclave 192.168.29.2 (app webapp, host 10.0.0.10)`
-    from a revocation object of `status --json` (or its text, as `revoke` answers)."""
-    if isinstance(revocation, str):
-        return revocation
-    kind, target = revocation["kind"], revocation.get("target", "?")
-    if kind == "enclave":
-        return f"enclave {target} (app {revocation.get('app')}, host {revocation.get('host')})"
-    return f"{kind} {target}"
-
-
 def _cmd_status(args: argparse.Namespace) -> int:
-    code, status = _request(args, "status")
-    if code == EXIT_OK:
-        emit_json(args, status) if args.json else print(format_status(status), end="")
-        if not args.json:
-            for warning in status.get("warnings", []):
-                print(f"warning: {warning}", file=sys.stderr)
-    return code
+    status = _request(args, "status")
+    emit_json(args, status) if args.json else print(format_status(status), end="")
+    if not args.json:
+        for warning in status.get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _cmd_enclaves(args: argparse.Namespace) -> int:
-    code, enclaves = _request(args, "enclaves")
-    if code == EXIT_OK:
-        if args.json:
-            emit_json(args, {"enclaves": enclaves})
-        else:
-            print(format_enclaves(enclaves), end="")
-    return code
+    enclaves = _request(args, "enclaves")
+    if args.json:
+        emit_json(args, {"enclaves": enclaves})
+    else:
+        print(format_enclaves(enclaves), end="")
+    return EXIT_OK
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
     if args.list:
         return _list_revocations(args)
-    code, result = _request(
+    result = _request(
         args,
         "revoke",
         app=args.app,
@@ -251,8 +240,6 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         clear=True if args.clear else None,
         reason=args.reason,
     )
-    if code != EXIT_OK:
-        return code
     if result.get("warning"):
         print(f"seng-fw revoke: warning: {result['warning']}", file=sys.stderr)
     if args.json:
@@ -261,7 +248,7 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         print(f"{result['cleared']} revocations lifted; those enclaves may connect again")
     else:
         ended = result["ended"]
-        print(f"revoked {revocation_text(result['revoked'])}: {len(ended)} enclaves disconnected")
+        print(f"revoked {result['revoked']}: {len(ended)} enclaves disconnected")
         if ended:
             print(format_enclaves(ended), end="")
         print(
@@ -272,9 +259,7 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _list_revocations(args: argparse.Namespace) -> int:
-    code, revocations = _request(args, "revocations")
-    if code != EXIT_OK:
-        return code
+    revocations = _request(args, "revocations")
     if args.json:
         emit_json(args, {"revocations": revocations})
     elif not revocations:
@@ -290,17 +275,16 @@ def _list_revocations(args: argparse.Namespace) -> int:
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
-    code, result = _request(args, "reload")
-    if code == EXIT_OK:
-        if args.json:
-            emit_json(args, result)
-        else:
-            print(
-                f"policy {result['policy']} reloaded ({result['apps']} apps, digest "
-                f"{result['digest'][:16]}): {result['enclaves']} enclaves remain, "
-                f"{result['closed']} disconnected"
-            )
-    return code
+    result = _request(args, "reload")
+    if args.json:
+        emit_json(args, result)
+    else:
+        print(
+            f"policy {result['policy']} reloaded ({result['apps']} apps, digest "
+            f"{result['digest'][:16]}): {result['enclaves']} enclaves remain, "
+            f"{result['closed']} disconnected"
+        )
+    return EXIT_OK
 
 
 # ----- tables ----------------------------------------------------------------------------
@@ -377,7 +361,8 @@ def format_status(status: dict[str, Any]) -> str:
         labeller = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in status["labeller"].items())
         fields.append(("labeller", labeller))
     if status["revocations"]:
-        fields.append(("revoked", "; ".join(map(revocation_text, status["revocations"]))))
+        revoked = [Revocation.from_json(item).describe() for item in status["revocations"]]
+        fields.append(("revoked", "; ".join(revoked)))
     width = max(len(name) for name, _ in fields)
     out = "".join(f"{name.ljust(width)}  {value}\n" for name, value in fields)
     rows = []
