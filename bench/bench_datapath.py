@@ -609,8 +609,8 @@ def main() -> int:
     )
     parser.add_argument("--prefix", default="sfwdp-", help="namespace prefix")
     parser.add_argument(
-        "--tun-offload", choices=("on", "off"), default="on",
-        help="seng-fw's TUN offloads (gateway.yaml tun.offload), to compare",
+        "--tun-offload", choices=("on", "off", "no-coalesce"), default="on",
+        help="seng-fw's TUN offloads (gateway.yaml tun.offload, tun.coalesce), to compare",
     )  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -635,7 +635,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         policy = Path(tmp) / "policy.yaml"
         write_policy(policy)
-        settings = {"tun": {"offload": args.tun_offload == "on"}}
+        offload = {"offload": args.tun_offload != "off", "coalesce": args.tun_offload == "on"}
+        settings = {"tun": offload}
         lab = Lab(args.prefix, Path(tmp) / "state", policy, gateway_settings=settings)
         with lab:
             a_lan = str(lab.topology.address(CLIENT_A, "lan"))

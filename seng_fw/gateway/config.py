@@ -90,6 +90,9 @@ class TunConfig(StrictModel):
     # Virtio-net header and TCP segmentation offload (seng_fw/tunnel/tun.py); off only
     # to compare, or for a kernel that misbehaves with it.
     offload: bool = True
+    # With it: an enclave's in-order TCP segments written to the TUN device as one
+    # super-packet (seng_fw/tunnel/offload.py, coalesce_tcp4).
+    coalesce: bool = True
 
 
 class TimeoutConfig(StrictModel):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.tunnel.dtls import DtlsServerSession
-from seng_fw.tunnel.offload import VNET_NONE
+from seng_fw.tunnel.offload import VNET_NONE, coalesce_tcp4
 from seng_fw.tunnel.record import CONTENT_APPLICATION_DATA, RecordLayer
 from seng_fw.tunnel.tun import TUN_GONE_ERRNOS
 
@@ -65,7 +65,9 @@ class FastPath:
     `send_downlink` sends a datagram from port P+1 (the adapter's listener `sendto`);
     `send_gso`, where the kernel has UDP GSO (`gso_sender`), sends equal-sized
     datagrams (the last may be shorter) in one call; `tun_vnet_hdr`: the TUN device
-    takes a virtio-net header before each packet (`TunDevice.vnet_hdr`);
+    takes a virtio-net header before each packet (`TunDevice.vnet_hdr`); `tun_coalesce`
+    (with it): an enclave's in-order TCP segments of one batch are written coalesced
+    into super-packets (`offload.coalesce_tcp4`);
     `flush` is the adapter's: it sends what the core queued and acts on its events
     (called after a fallback handed the core work)."""
 
@@ -79,11 +81,13 @@ class FastPath:
         tun_lost: Callable[[OSError], None] = lambda exc: None,
         send_gso: SendGso | None = None,
         tun_vnet_hdr: bool = False,
+        tun_coalesce: bool = False,
     ) -> None:
         self.core = core
         self.tun_fd = tun_fd
         self._send_gso = send_gso
         self._vnet_hdr = tun_vnet_hdr
+        self._coalesce = tun_coalesce and tun_vnet_hdr
         self._tun_lost = tun_lost  # the adapter stops the gateway (exit 4)
         self._send = send_downlink
         self._flush = flush
@@ -111,6 +115,8 @@ class FastPath:
         packets = octets = spoofed = not_ipv4 = options = write_errors = 0
         drop_options = core.limits.ip_options == "drop"
         fallback = False
+        coalesce = self._coalesce
+        pending: list[bytes] = []  # checked packets, written coalesced at the end
         for _ in range(BATCH):
             try:
                 n = recv_into(buffer)
@@ -123,6 +129,11 @@ class FastPath:
                 # Handshake records (a restarted enclave's ClientHello, a repeated
                 # Finished), alerts: the core's, which also feeds a reconnect candidate.
                 # The core may end the enclave: count what came before first.
+                if pending:
+                    failed, failed_octets = self._write_pending(pending)
+                    pending = []
+                    packets, octets = packets - failed, octets - failed_octets
+                    write_errors += failed
                 self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
                 packets = octets = spoofed = not_ipv4 = options = write_errors = 0
                 self._to_core(peer, bytes(view[:n]), now)
@@ -134,6 +145,11 @@ class FastPath:
             if payloads is None:
                 # The session did more than decrypt (alert, handshake, drop): the core
                 # handles its events, as for a datagram it had received itself.
+                if pending:
+                    failed, failed_octets = self._write_pending(pending)
+                    pending = []
+                    packets, octets = packets - failed, octets - failed_octets
+                    write_errors += failed
                 self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
                 packets = octets = spoofed = not_ipv4 = options = write_errors = 0
                 try:
@@ -165,6 +181,11 @@ class FastPath:
                 if first != 0x45 and drop_options:
                     options += 1  # IP options: dropped, as the core does (core._record)
                     continue
+                if coalesce and packet[9] == 6:  # TCP: maybe merged (other flows need not wait)
+                    pending.append(packet)
+                    packets += 1
+                    octets += size
+                    continue
                 try:
                     if vnet:
                         writev(fd, (VNET_NONE, packet))
@@ -177,9 +198,29 @@ class FastPath:
                     continue
                 packets += 1
                 octets += size
+        if pending:
+            failed, failed_octets = self._write_pending(pending)
+            packets, octets = packets - failed, octets - failed_octets
+            write_errors += failed
         self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
         if fallback:
             self._flush()
+
+    def _write_pending(self, pending: list[bytes]) -> tuple[int, int]:
+        """Write a batch's checked packets to TUN, consecutive in-order TCP segments of
+        a flow as one super-packet; returns the packets and octets that failed."""
+        writev, fd = os.writev, self.tun_fd
+        failed = failed_octets = 0
+        for header, parts, count in coalesce_tcp4(pending):
+            try:
+                writev(fd, [header, *parts])
+            except OSError as exc:  # as the adapter's TUN writes: counted
+                failed += count
+                # A merged write is the first packet's headers and all the payloads.
+                failed_octets += len(parts[0]) * count + sum(len(p) for p in parts[1:])
+                if exc.errno in TUN_GONE_ERRNOS:
+                    self._tun_lost(exc)
+        return failed, failed_octets
 
     def _fold(
         self,

@@ -60,6 +60,7 @@ class GatewayServer:
         tun: TunDevice,
         flush_conntrack: Callable[[IPv4Address], int],
         labelling: Labelling | None = None,
+        tun_coalesce: bool = True,
     ) -> None:
         self.core = core
         # Shared-subnet mode: the NFQUEUE labeller's registry follows the leases.
@@ -88,6 +89,7 @@ class GatewayServer:
             # UDP GSO pays only with the long runs of equal records of TSO reads.
             send_gso=gso_sender(downlink) if tun.offloads else None,
             tun_vnet_hdr=tun.vnet_hdr,
+            tun_coalesce=tun_coalesce,
         )
         self.peer_sockets = PeerSockets(
             sockets[Port.SETUP], self.fastpath.drain_uplink, core.counters

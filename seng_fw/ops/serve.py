@@ -133,7 +133,9 @@ def build_server(config: GatewayConfig) -> GatewayServer:
         Port.DOWNLINK: bind_udp(config.listen.address, config.listen.port + 1),
     }
     tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu, offload=config.tun.offload)
-    server = GatewayServer(core, sockets, tun, flush_address, labelling=labelling)
+    server = GatewayServer(
+        core, sockets, tun, flush_address, labelling=labelling, tun_coalesce=config.tun.coalesce
+    )
     service = GatewayService(
         core,
         config,

@@ -17,7 +17,7 @@ import pytest
 
 from seng_fw.lab.topology import ping
 from seng_fw.system.netns import ip, netns_socket
-from seng_fw.tunnel.offload import GSO_TCPV4, VNET_HDR, packets_of
+from seng_fw.tunnel.offload import GSO_TCPV4, VNET_HDR, coalesce_tcp4, packets_of
 from seng_fw.tunnel.tun import OFFLOADS, TunDevice, TunError
 from tests.unit.test_offload import tcp_packet
 
@@ -269,3 +269,37 @@ def test_offload_device_reads_tso_super_packets_cut_into_complete_packets(host_n
             assert len(segment) - 40 <= 1392  # no options: the SYN-ACK offered none
             payload += segment[40:]
         assert payload == data[: len(payload)]
+
+
+def test_coalesced_writes_reach_a_local_socket_intact(host_ns: str) -> None:
+    with TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns,
+                          offload=True) as tun:  # fmt: skip
+        listener = netns_socket(host_ns, socket.AF_INET, socket.SOCK_STREAM)
+        with listener:
+            listener.bind(("192.168.28.1", 8001))
+            listener.listen()
+            src, dst = socket.inet_aton(PEER), socket.inet_aton("192.168.28.1")
+            syn = tcp_packet(b"", seq=100, ack=0, flags=0x02, options=MSS_OPTION,
+                             src=src, dst=dst, sport=40000, dport=8001)  # fmt: skip
+            assert tun.write(syn)
+            [syn_ack] = wait_tcp(tun)
+            assert syn_ack[33] == 0x12
+            ack = struct.unpack("!I", syn_ack[24:28])[0] + 1
+            common = {"ack": ack, "src": src, "dst": dst, "sport": 40000, "dport": 8001}
+            assert tun.write(tcp_packet(b"", seq=101, flags=0x10, **common))  # type: ignore[arg-type]
+            data = os.urandom(20 * 1000 + 333)
+            segments = [
+                tcp_packet(data[i : i + 1000], seq=101 + i, flags=0x10, **common)  # type: ignore[arg-type]
+                for i in range(0, len(data), 1000)
+            ]
+            writes = coalesce_tcp4(segments)
+            assert [w[2] for w in writes] == [21]
+            for header, parts, _ in writes:
+                assert tun.write_gso(header, parts)
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(3)
+                received = b""
+                while len(received) < len(data):
+                    received += conn.recv(65536)
+            assert received == data
