@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import select
 import socket
@@ -17,6 +19,7 @@ import pytest
 
 from seng_fw.lab.topology import ping
 from seng_fw.system.netns import ip, netns_socket
+from seng_fw.tunnel import tun as tun_module
 from seng_fw.tunnel.offload import GSO_TCPV4, VNET_HDR, coalesce_tcp4, packets_of
 from seng_fw.tunnel.tun import OFFLOADS, TunDevice, TunError
 from tests.unit.test_offload import tcp_packet
@@ -303,3 +306,35 @@ def test_coalesced_writes_reach_a_local_socket_intact(host_ns: str) -> None:
                 while len(received) < len(data):
                     received += conn.recv(65536)
             assert received == data
+
+
+@pytest.mark.parametrize("refused", ["TUNSETOFFLOAD", "IFF_VNET_HDR"])
+def test_refused_offloads_fall_back_and_say_so_once(
+    host_ns: str, refused: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_ioctl = tun_module.fcntl.ioctl
+
+    def ioctl(fd: int, request: int, arg: Any = 0) -> Any:
+        if refused == "TUNSETOFFLOAD" and request == tun_module.TUNSETOFFLOAD:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if refused == "IFF_VNET_HDR" and request == tun_module.TUNSETIFF:
+            flags = struct.unpack_from("H", arg, tun_module.IFNAMSIZ)[0]
+            if flags & tun_module.IFF_VNET_HDR:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_ioctl(fd, request, arg)
+
+    monkeypatch.setattr(tun_module.fcntl, "ioctl", ioctl)
+    caplog.set_level(logging.WARNING, "seng_fw.tunnel")
+    with (
+        TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns, offload=True) as tun,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        assert tun.offloads == 0
+        assert tun.vnet_hdr == (refused == "TUNSETOFFLOAD")  # the header alone still works
+        answered = pool.submit(ping, host_ns, "192.168.28.2", timeout=3.0)
+        wait_readable(tun)
+        [request] = tun.read_batch()
+        assert tun.write(echo_reply(request))
+        assert answered.result(timeout=5)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "offload" in warnings[0].getMessage().lower()
