@@ -380,9 +380,13 @@ class Service(Protocol):
 
 def bind_udp(address: IPv4Address, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    reuse_port(sock)  # the enclaves' own sockets share the port (peersockets)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    sock.setblocking(False)
-    sock.bind((str(address), port))
+    try:
+        reuse_port(sock)  # the enclaves' own sockets share the port (peersockets)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.setblocking(False)
+        sock.bind((str(address), port))
+    except BaseException:
+        sock.close()  # e.g. the port is taken
+        raise
     return sock

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -128,35 +129,42 @@ def build_server(config: GatewayConfig) -> GatewayServer:
         labelling = Labelling(
             config.label, policy, gateway_addresses=gateways, host_prefixes=policy.host_prefixes()
         )
-    sockets = {
-        Port.SETUP: bind_udp(config.listen.address, config.listen.port),
-        Port.DOWNLINK: bind_udp(config.listen.address, config.listen.port + 1),
-    }
-    tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu, offload=config.tun.offload)
-    server = GatewayServer(
-        core, sockets, tun, flush_address, labelling=labelling, tun_coalesce=config.tun.coalesce
-    )
-    service = GatewayService(
-        core,
-        config,
-        load_policy=lambda path: checked_policy(config, path),
-        before_reload=server.prepare_subnets,
-        after_change=server.after_change,
-        queue_mode=lambda: _queue_mode(labelling),
-        read_firewall=_read_firewall,
-        labeller_counters=None if labelling is None else lambda: _labeller_counters(labelling),
-        store=JsonFileRevocationStore(config.state.revocations),
-    )
-    # SIGHUP, `seng-fw reload` and `seng-fw apply` all go through the service, which
-    # keeps operator revocations across policy reloads.
-    server.set_reload(service.reload_on_signal)
-    server.services.append(ControlServer.from_config(service, config.control))
-    server.event_consumers.append(_ExposureFeed(server))
-    if config.metrics.address is not None:
-        metrics = GatewayMetrics(service.snapshot, refresh=service.refresh_firewall)
-        server.event_consumers.append(_handshake_metrics(metrics))
-        server.services.append(MetricsServer(metrics, *config.metrics.address))
-    server.sync_tun_addresses()
+    # Closed if a later step fails (a busy port, no TUN device, an unreadable revocation
+    # store); from the end of this block on, the server owns them.
+    with contextlib.ExitStack() as opened:
+        sockets = {
+            Port.SETUP: opened.enter_context(bind_udp(config.listen.address, config.listen.port)),
+            Port.DOWNLINK: opened.enter_context(
+                bind_udp(config.listen.address, config.listen.port + 1)
+            ),
+        }
+        tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu, offload=config.tun.offload)
+        opened.callback(tun.close)
+        server = GatewayServer(
+            core, sockets, tun, flush_address, labelling=labelling, tun_coalesce=config.tun.coalesce
+        )
+        service = GatewayService(
+            core,
+            config,
+            load_policy=lambda path: checked_policy(config, path),
+            before_reload=server.prepare_subnets,
+            after_change=server.after_change,
+            queue_mode=lambda: _queue_mode(labelling),
+            read_firewall=_read_firewall,
+            labeller_counters=None if labelling is None else lambda: _labeller_counters(labelling),
+            store=JsonFileRevocationStore(config.state.revocations),
+        )
+        # SIGHUP, `seng-fw reload` and `seng-fw apply` all go through the service, which
+        # keeps operator revocations across policy reloads.
+        server.set_reload(service.reload_on_signal)
+        server.services.append(ControlServer.from_config(service, config.control))
+        server.event_consumers.append(_ExposureFeed(server))
+        if config.metrics.address is not None:
+            metrics = GatewayMetrics(service.snapshot, refresh=service.refresh_firewall)
+            server.event_consumers.append(_handshake_metrics(metrics))
+            server.services.append(MetricsServer(metrics, *config.metrics.address))
+        server.sync_tun_addresses()
+        opened.pop_all()
     return server
 
 

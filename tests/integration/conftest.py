@@ -9,6 +9,11 @@
 - ``make_topology``: builds a `Topology` from hosts and segments under the
   test's prefix; torn down afterwards.
 - ``lab``: the DESIGN.md lab (clienta, clientb, gw, ext), up.
+- ``closer``: an ExitStack for the sockets and clients a test opens, closed after
+  the test whatever happened (``sock = closer.enter_context(netns_socket(...))``).
+
+Warnings are errors here as everywhere (pyproject): an unclosed socket or file is a
+ResourceWarning, which fails the test that leaked it or, collected later, another one.
 
 Prefixes are ``sfwt<pid>n<counter>-``; at session start, namespaces left by
 test processes that no longer exist are deleted (never those of a live run,
@@ -17,13 +22,13 @@ so parallel sessions on one machine do not disturb each other).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -134,15 +139,8 @@ def lab(ns_prefix: str) -> Iterator[Topology]:
         topo.down()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """pyproject makes every warning an error. Here only, ResourceWarnings (and the
-    unraisable-exception warnings they become) stay warnings: the namespace helpers
-    (UDP listeners, scripted clients, log pipes) still leak sockets and files that the
-    process exit closes; the unit tests, which share the product's code, stay strict."""
-    here = Path(__file__).parent
-    for item in items:
-        if Path(str(item.fspath)).is_relative_to(here):
-            item.add_marker(pytest.mark.filterwarnings("default::ResourceWarning"))
-            item.add_marker(
-                pytest.mark.filterwarnings("default::pytest.PytestUnraisableExceptionWarning")
-            )
+@pytest.fixture
+def closer() -> Iterator[contextlib.ExitStack]:
+    """Closes what the test registered, last first, after the test (passed or failed)."""
+    with contextlib.ExitStack() as stack:
+        yield stack

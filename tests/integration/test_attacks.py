@@ -9,6 +9,7 @@ process (tests/unit/test_control.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -58,13 +59,18 @@ def _scripted(lab: Lab, spec: EnclaveSpec, host: str | None = None) -> ScriptedE
 
 
 class _Echo:
-    """A UDP listener on the external host and round trips through a scripted enclave."""
+    """A UDP listener on the external host and round trips through a scripted enclave
+    (a context manager: leaving it closes the listener)."""
 
     def __init__(self, lab: Lab, enclave: ScriptedEnclave, port: int) -> None:
         assert enclave.assignment is not None
         self.lab, self.enclave, self.port = lab, enclave, port
         self.sock = netns_socket(lab.ns(EXTERNAL), socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((str(lab.external), port))
+        try:
+            self.sock.bind((str(lab.external), port))
+        except BaseException:
+            self.sock.close()
+            raise
         self.sock.settimeout(2.0)
 
     def round_trip(self, payload: bytes) -> None:
@@ -88,6 +94,12 @@ class _Echo:
             return True
         finally:
             self.sock.settimeout(2.0)
+
+    def __enter__(self) -> _Echo:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.sock.close()
 
 
 def _counters_at_stop(lab: Lab) -> dict[str, int]:
@@ -118,11 +130,11 @@ def _newcomer_works(lab: Lab) -> None:
 
 
 def test_a_client_hello_flood_without_cookies_leaves_tunnels_and_memory_unharmed(
-    lab: Lab,
+    lab: Lab, closer: contextlib.ExitStack
 ) -> None:
-    victim = _scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP))
+    victim = closer.enter_context(_scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP)))
     victim.connect()
-    echo = _Echo(lab, victim, 9990)
+    echo = closer.enter_context(_Echo(lab, victim, 9990))
     echo.round_trip(b"before")
     # A genuine ClientHello (no cookie), as the first flight of any client.
     hello = DtlsClientSession(_config(lab, EnclaveSpec("x", CLIENT_B, DEMO_WEBAPP)), 0.0)  # type: ignore[arg-type]
@@ -132,21 +144,21 @@ def test_a_client_hello_flood_without_cookies_leaves_tunnels_and_memory_unharmed
     gateway = str(lab.gateway_lan)
     for burst in range(10):
         # From 100 fresh ports and one busy one, to both tunnel ports.
-        sockets = [netns_socket(lab.ns(CLIENT_B), socket.AF_INET, socket.SOCK_DGRAM)]
-        sockets += [
-            netns_socket(lab.ns(CLIENT_B), socket.AF_INET, socket.SOCK_DGRAM) for _ in range(100)
-        ]
-        for i in range(1000):
-            sock = sockets[0] if i % 2 else sockets[1 + i % 100]
-            sock.sendto(datagram, (gateway, GATEWAY_PORT + i % 2))
-        for sock in sockets:
-            sock.close()
+        with contextlib.ExitStack() as opened:
+            sockets = [
+                opened.enter_context(
+                    netns_socket(lab.ns(CLIENT_B), socket.AF_INET, socket.SOCK_DGRAM)
+                )
+                for _ in range(101)
+            ]
+            for i in range(1000):
+                sock = sockets[0] if i % 2 else sockets[1 + i % 100]
+                sock.sendto(datagram, (gateway, GATEWAY_PORT + i % 2))
         echo.round_trip(f"during {burst}".encode())
     echo.round_trip(b"after")
     growth = _rss_mb(lab) - rss_before
     assert growth < 30, f"gateway RSS grew {growth:.0f} MB under a cookie-less hello flood"
     _newcomer_works(lab)
-    victim.close()
 
 
 def _record(content: int, epoch: int, seq: int, body: bytes, length: int | None = None) -> bytes:
@@ -172,21 +184,21 @@ CRAFTED = [
 ]
 
 
-def test_crafted_record_headers_from_fresh_ports_disturb_no_tunnel(lab: Lab) -> None:
-    victim = _scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP))
+def test_crafted_record_headers_from_fresh_ports_disturb_no_tunnel(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    victim = closer.enter_context(_scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP)))
     victim.connect()
-    echo = _Echo(lab, victim, 9991)
+    echo = closer.enter_context(_Echo(lab, victim, 9991))
     echo.round_trip(b"before")
     gateway = str(lab.gateway_lan)
     for host in (CLIENT_A, CLIENT_B):  # the victim's own host too
         for datagram in CRAFTED:
             for port in (GATEWAY_PORT, GATEWAY_PORT + 1):
-                sock = netns_socket(lab.ns(host), socket.AF_INET, socket.SOCK_DGRAM)
-                sock.sendto(datagram, (gateway, port))
-                sock.close()
+                with netns_socket(lab.ns(host), socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.sendto(datagram, (gateway, port))
         echo.round_trip(f"after {host}".encode())
     _newcomer_works(lab)
-    victim.close()
 
 
 def _ipv4(
@@ -201,10 +213,12 @@ def _ipv4(
     return bytes(header) + payload
 
 
-def test_malformed_ipv4_from_an_enclave_is_dropped_counted_and_harmless(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("sloppy", CLIENT_A, DEMO_WEBAPP))
+def test_malformed_ipv4_from_an_enclave_is_dropped_counted_and_harmless(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("sloppy", CLIENT_A, DEMO_WEBAPP)))
     assignment = enclave.connect()
-    echo = _Echo(lab, enclave, 9992)
+    echo = closer.enter_context(_Echo(lab, enclave, 9992))
     echo.round_trip(b"before")
     me, ext = assignment.ip, lab.external
     malformed = [
@@ -225,41 +239,41 @@ def test_malformed_ipv4_from_an_enclave_is_dropped_counted_and_harmless(lab: Lab
     echo.round_trip(b"after")
     counters = _counters_at_stop(lab)
     assert counters["dropped.not_ipv4"] == len(malformed), counters
-    enclave.close()
 
 
 # --- setup and pairing -------------------------------------------------------------------
 
 
-def test_tunnel_2_from_another_host_or_with_another_certificate_is_refused(lab: Lab) -> None:
+def test_tunnel_2_from_another_host_or_with_another_certificate_is_refused(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
     spec = EnclaveSpec("paired", CLIENT_A, DEMO_WEBAPP)
-    genuine = _scripted(lab, spec)
+    genuine = closer.enter_context(_scripted(lab, spec))
     assert genuine.open_uplink().handshake()
     genuine.take_assignment()
     gateway = (str(lab.gateway_lan), GATEWAY_PORT + 1)
     # The same certificate and key, from the other client host.
-    elsewhere = Conn(lab.ns(CLIENT_B), gateway, genuine.config)
+    elsewhere = closer.enter_context(Conn(lab.ns(CLIENT_B), gateway, genuine.config))
     assert elsewhere.handshake() and elsewhere.wait_closed(5.0) == "close_notify"
     # Another certificate for the same MRENCLAVE, from the genuine enclave's own host.
-    impostor = Conn(lab.ns(CLIENT_A), gateway, _config(lab, spec))  # type: ignore[arg-type]
+    impostor = closer.enter_context(Conn(lab.ns(CLIENT_A), gateway, _config(lab, spec)))  # type: ignore[arg-type]
     assert impostor.handshake() and impostor.wait_closed(5.0) == "close_notify"
     # The genuine tunnel #2 still pairs: the refused ones took nothing from it.
     assert genuine.open_downlink().handshake()
-    echo = _Echo(lab, genuine, 9993)
+    echo = closer.enter_context(_Echo(lab, genuine, 9993))
     echo.round_trip(b"paired")
     counters = _counters_at_stop(lab)
     assert counters["rejected.unpaired_downlink"] == 2, counters
-    for conn in (elsewhere, impostor):
-        conn.sock.close()
-    genuine.close()
 
 
-def test_clients_that_never_acknowledge_give_their_address_back(lab: Lab) -> None:
+def test_clients_that_never_acknowledge_give_their_address_back(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
     """The tiny app's /30 has one leasable address: each silent client must return it."""
     spec = EnclaveSpec("silent", CLIENT_A, DEMO_TINY)
     leased: list[IPv4Address] = []
     for attempt in range(3):
-        silent = _scripted(lab, spec)
+        silent = closer.enter_context(_scripted(lab, spec))
         assert silent.open_uplink().handshake()
         assert silent.uplink is not None
         record = silent.uplink.next_record(10.0)
@@ -274,11 +288,10 @@ def test_clients_that_never_acknowledge_give_their_address_back(lab: Lab) -> Non
         while len(re.findall(released, lab.gateway_log.read_text())) <= attempt:
             assert time.monotonic() < deadline, lab.gateway_log.read_text()[-2000:]
             time.sleep(0.05)
-        silent.uplink.sock.close()
+        silent.close()
     assert len(set(leased)) == 1
-    honest = _scripted(lab, spec)
+    honest = closer.enter_context(_scripted(lab, spec))
     assert honest.connect().ip == leased[0]
-    honest.close()
 
 
 # --- the control socket ------------------------------------------------------------------
@@ -326,27 +339,26 @@ def test_control_socket_refuses_a_non_root_user(lab: Lab) -> None:
 def test_control_socket_refuses_a_100_mb_line_and_keeps_answering(lab: Lab) -> None:
     path = _control_path(lab)
     rss_before = _rss_mb(lab)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(path))
-    sock.settimeout(10.0)
     chunk = b"x" * (1 << 20)
     sent = 0
-    try:
-        for _ in range(100):  # 100 MB, no newline
-            sock.sendall(chunk)
-            sent += len(chunk)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the gateway hung up, as it should, long before the end
     answer = b""
-    try:
-        while not answer.endswith(b"\n"):
-            data = sock.recv(4096)
-            if not data:
-                break
-            answer += data
-    except ConnectionResetError:
-        pass
-    sock.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        sock.settimeout(10.0)
+        try:
+            for _ in range(100):  # 100 MB, no newline
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the gateway hung up, as it should, long before the end
+        try:
+            while not answer.endswith(b"\n"):
+                data = sock.recv(4096)
+                if not data:
+                    break
+                answer += data
+        except ConnectionResetError:
+            pass
     assert b"request too long" in answer, (sent, answer)
     assert sent < 100 * len(chunk)  # refused early, not read to the end
     assert _rss_mb(lab) - rss_before < 30
@@ -359,8 +371,8 @@ def test_control_socket_survives_1000_connections(lab: Lab) -> None:
     try:
         for _ in range(1000):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(sock)  # closed below, also if connect fails
             sock.connect(str(path))
-            clients.append(sock)
         # The 1,001st: once the gateway has accepted the backlog (a full listen queue
         # makes a non-blocking connect fail with EAGAIN, so the client retries).
         deadline = time.monotonic() + 20.0

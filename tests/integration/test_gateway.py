@@ -6,6 +6,7 @@ gateway 10.77.1.1; the external host 10.77.2.2 behind it, running TCP/UDP echo.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -106,7 +107,11 @@ def _counters_at_stop(lab: Lab) -> dict[str, int]:
 
 def _udp_listener(lab: Lab, port: int) -> socket.socket:
     sock = netns_socket(lab.ns(EXTERNAL), socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((str(lab.external), port))
+    try:
+        sock.bind((str(lab.external), port))
+    except BaseException:
+        sock.close()
+        raise
     sock.settimeout(1.5)
     return sock
 
@@ -163,11 +168,13 @@ def test_refused_enclaves_get_no_address_and_others_keep_working(
     assert probe_udp(lab.ns(CLIENT_B), later.address, str(lab.external), ECHO_PORT)
 
 
-def test_spoofed_sources_and_unleased_destinations_are_dropped(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("scripted", CLIENT_A, DEMO_WEBAPP))
+def test_spoofed_sources_and_unleased_destinations_are_dropped(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("scripted", CLIENT_A, DEMO_WEBAPP)))
     assignment = enclave.connect()
     assert enclave.uplink is not None and enclave.downlink is not None
-    listener = _udp_listener(lab, 9999)
+    listener = closer.enter_context(_udp_listener(lab, 9999))
     ext = lab.external
 
     enclave.uplink.send(udp_packet(assignment.ip, ext, 4000, 9999, b"genuine"))
@@ -193,11 +200,12 @@ def test_spoofed_sources_and_unleased_destinations_are_dropped(lab: Lab) -> None
     counters = _counters_at_stop(lab)
     assert counters["dropped.spoofed"] == 1
     assert counters["dropped.no_enclave"] == 2
-    enclave.close()
 
 
-def test_tunnel_2_never_opened_releases_the_lease_after_the_pairing_timeout(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("half", CLIENT_A, DEMO_WEBAPP))
+def test_tunnel_2_never_opened_releases_the_lease_after_the_pairing_timeout(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("half", CLIENT_A, DEMO_WEBAPP)))
     assert enclave.open_uplink().handshake()
     assignment = enclave.take_assignment()
     assert enclave.uplink is not None
@@ -208,25 +216,28 @@ def test_tunnel_2_never_opened_releases_the_lease_after_the_pairing_timeout(lab:
     assert lab.wait_for_log(rf"released {re.escape(str(assignment.ip))}\b")
 
 
-def test_a_lost_ip_assignment_is_resent_and_setup_completes(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("lossy", CLIENT_A, DEMO_WEBAPP))
+def test_a_lost_ip_assignment_is_resent_and_setup_completes(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("lossy", CLIENT_A, DEMO_WEBAPP)))
     assert enclave.open_uplink().handshake()
     first = enclave.take_assignment(acknowledge=False)  # "lost": never acknowledged
     second = enclave.take_assignment(acknowledge=True, timeout=3.0)  # the resend
     assert second == first
     assert enclave.open_downlink().handshake()
     assert enclave.uplink is not None and enclave.downlink is not None
-    listener = _udp_listener(lab, 9998)
+    listener = closer.enter_context(_udp_listener(lab, 9998))
     enclave.uplink.send(udp_packet(first.ip, lab.external, 5000, 9998, b"hello"))
     assert listener.recvfrom(100)[0] == b"hello"
-    enclave.close()
 
 
-def test_garbage_truncated_and_replayed_datagrams_do_not_disturb_tunnels(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP))
+def test_garbage_truncated_and_replayed_datagrams_do_not_disturb_tunnels(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP)))
     assignment = enclave.connect()
     assert enclave.uplink is not None and enclave.downlink is not None
-    listener = _udp_listener(lab, 9997)
+    listener = closer.enter_context(_udp_listener(lab, 9997))
 
     def round_trip(payload: bytes) -> None:
         assert enclave.uplink is not None and enclave.downlink is not None
@@ -239,7 +250,9 @@ def test_garbage_truncated_and_replayed_datagrams_do_not_disturb_tunnels(lab: La
 
     round_trip(b"before")
     gateway = str(lab.gateway_lan)
-    attacker = netns_socket(lab.ns(CLIENT_B), socket.AF_INET, socket.SOCK_DGRAM)
+    attacker = closer.enter_context(
+        netns_socket(lab.ns(CLIENT_B), socket.AF_INET, socket.SOCK_DGRAM)
+    )
     for port in (GATEWAY_PORT, GATEWAY_PORT + 1):
         for junk in (b"", b"\x00", b"\x16\xfe\xfd" + bytes(50), bytes(range(256)) * 5):
             attacker.sendto(junk, (gateway, port))
@@ -248,37 +261,36 @@ def test_garbage_truncated_and_replayed_datagrams_do_not_disturb_tunnels(lab: La
             conn.sock.send(datagram)  # replayed from the enclave's own address
             conn.sock.send(datagram[: len(datagram) // 2])  # truncated
             attacker.sendto(datagram, (gateway, conn.sock.getpeername()[1]))  # foreign
-    attacker.close()
     round_trip(b"after")
     # ...and the gateway still admits newcomers.
     newcomer = _up(lab, EnclaveSpec("newcomer", CLIENT_B, DEMO_WEBAPP))
     assert probe_tcp(lab.ns(CLIENT_B), newcomer.address, str(lab.external), ECHO_PORT)
-    enclave.close()
 
 
-def test_an_enclave_restarting_on_the_same_port_reconnects(lab: Lab) -> None:
+def test_an_enclave_restarting_on_the_same_port_reconnects(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
     spec = EnclaveSpec("restarts", CLIENT_A, DEMO_WEBAPP)
-    first = _scripted(lab, spec)
+    first = closer.enter_context(_scripted(lab, spec))
     old = first.connect()
     assert first.uplink is not None and first.downlink is not None
     port = first.uplink.sock.getsockname()[1]
     first.uplink.sock.close()  # the enclave dies: no close_notify
     first.downlink.sock.close()
-    second = _scripted(lab, spec)
+    second = closer.enter_context(_scripted(lab, spec))
     assert second.open_uplink(local_port=port).handshake()
     new = second.take_assignment()
     assert second.open_downlink().handshake()
     assert new.ip != old.ip
     assert lab.wait_for_log(rf"address={old.ip} .* reason=reconnected")
-    listener = _udp_listener(lab, 9995)
+    listener = closer.enter_context(_udp_listener(lab, 9995))
     assert second.uplink is not None
     second.uplink.send(udp_packet(new.ip, lab.external, 5000, 9995, b"back"))
     assert listener.recvfrom(100)[0] == b"back"
-    second.close()
 
 
 def test_freed_address_is_leased_again_only_after_its_conntrack_entries_are_gone(
-    lab: Lab,
+    lab: Lab, closer: contextlib.ExitStack
 ) -> None:
     # Conntrack starts tracking in a namespace once a ruleset uses it.
     gw = lab.ns(GATEWAY)
@@ -289,11 +301,11 @@ def test_freed_address_is_leased_again_only_after_its_conntrack_entries_are_gone
         ["ip", "netns", "exec", gw, "nft", "-f", "-"], input=ruleset.encode(), check=True
     )
 
-    first = _scripted(lab, EnclaveSpec("tiny-1", CLIENT_A, DEMO_TINY))
+    first = closer.enter_context(_scripted(lab, EnclaveSpec("tiny-1", CLIENT_A, DEMO_TINY)))
     assignment = first.connect()
     assert assignment.ip == TINY_NET[2]
     assert first.uplink is not None
-    _udp_listener(lab, 9996)
+    closer.enter_context(_udp_listener(lab, 9996))  # a receiver for the datagram
     first.uplink.send(udp_packet(assignment.ip, lab.external, 7000, 9996, b"tracked"))
     deadline = time.monotonic() + 5
     while conntrack.count_address(assignment.ip, netns=gw) == 0:
@@ -304,7 +316,7 @@ def test_freed_address_is_leased_again_only_after_its_conntrack_entries_are_gone
     # Until the flush is confirmed the address is quarantined (a newcomer meanwhile would
     # be refused with pool_exhausted rather than inherit the old connections).
     assert lab.wait_for_log(rf"conntrack: deleted \d+ entries of {assignment.ip}\b")
-    second = _scripted(lab, EnclaveSpec("tiny-2", CLIENT_B, DEMO_TINY))
+    second = closer.enter_context(_scripted(lab, EnclaveSpec("tiny-2", CLIENT_B, DEMO_TINY)))
     assert second.connect().ip == assignment.ip  # the only address: reused
     assert conntrack.count_address(assignment.ip, netns=gw) == 0
     log = lab.gateway_log.read_text()
@@ -312,12 +324,13 @@ def test_freed_address_is_leased_again_only_after_its_conntrack_entries_are_gone
     assert flushed, log[-2000:]
     second_lease = [m.start() for m in re.finditer(rf"\bleased {assignment.ip} to ", log)][1]
     assert flushed.start() < second_lease
-    second.close()
 
 
-def test_sigterm_closes_every_tunnel_and_removes_the_tun_device(lab: Lab) -> None:
+def test_sigterm_closes_every_tunnel_and_removes_the_tun_device(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
     enclave = _up(lab, EnclaveSpec("web-a", CLIENT_A, DEMO_WEBAPP))
-    scripted = _scripted(lab, EnclaveSpec("scripted", CLIENT_B, DEMO_WEBAPP))
+    scripted = closer.enter_context(_scripted(lab, EnclaveSpec("scripted", CLIENT_B, DEMO_WEBAPP)))
     scripted.connect()
     started = time.monotonic()
     assert lab.stop_gateway(signal.SIGTERM, timeout=5.0) == 0
@@ -355,8 +368,10 @@ def test_a_bad_policy_on_reload_keeps_the_running_one(lab: Lab) -> None:
 
 
 def test_idle_tunnels_are_closed(ns_prefix: str, tmp_path: Path) -> None:
-    with _make_lab(ns_prefix, tmp_path, idle=2.0) as lab:
-        enclave = _scripted(lab, EnclaveSpec("idle", CLIENT_A, DEMO_WEBAPP))
+    with (
+        _make_lab(ns_prefix, tmp_path, idle=2.0) as lab,
+        _scripted(lab, EnclaveSpec("idle", CLIENT_A, DEMO_WEBAPP)) as enclave,
+    ):
         enclave.connect()
         assert enclave.uplink is not None
         assert enclave.uplink.wait_closed(8.0) == "close_notify"

@@ -14,6 +14,7 @@ compiler will emit them: one lookup per new connection in a set keyed on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import statistics
 import subprocess
@@ -22,7 +23,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import cast
@@ -150,6 +151,8 @@ class Bed:
     servers: EchoServers
     loop: LoopThread
     registry: Registry
+    # What the tests open (hooks, connections): closed by the fixture, also on failure.
+    opened: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
     def gw(self) -> str:
@@ -166,7 +169,15 @@ class Bed:
     def start_hook(self, **kwargs: int) -> LabelHook:
         hook = LabelHook(self.registry, QUEUES.queues, netns=self.gw, **kwargs)
         self.loop.call(hook.start)
+        self.opened.callback(self.loop.call, hook.stop)  # unbinds, closes its sockets
         return hook
+
+    def connect(
+        self, netns: str, source: IPv4Address | None, target: IPv4Address, port: int, timeout: float
+    ) -> socket.socket | None:
+        """label_testbed.connect, the connection closed after the test."""
+        sock = connect(netns, source, target, port, timeout)
+        return None if sock is None else self.opened.enter_context(sock)
 
     def conntrack_mark(self, *filters: str) -> int:
         out = self.topo.run(GATEWAY, ["conntrack", "-L", "-p", "tcp", *filters]).stdout
@@ -196,7 +207,9 @@ def bed(ns_prefix: str) -> Iterator[Bed]:
         registry = Registry(Scope(SHARED, frozenset({A("192.168.28.1")})))
         for address, (app, host) in ENCLAVES.items():
             registry.add(record(address, app, host))
-        yield Bed(topo, servers, loop, registry)
+        bed = Bed(topo, servers, loop, registry)
+        with bed.opened:
+            yield bed
     finally:
         loop.close()
         servers.close()
@@ -310,7 +323,7 @@ def test_hook_service_stopped_and_restarted(bed: Bed, tmp_path: Path) -> None:
     a = bed.topo.ns(CLIENT_A)
     service = start_service()
     try:
-        established = connect(a, WEB_A, EXTERNAL, 7001, 2.0)
+        established = bed.connect(a, WEB_A, EXTERNAL, 7001, 2.0)
         assert established is not None and echo_ok(established)
         # The kernel picks the queue by a hash of the addresses and the protocol: the
         # connections of 16 addresses are spread over both queues (or all 16 land on
@@ -318,10 +331,8 @@ def test_hook_service_stopped_and_restarted(bed: Bed, tmp_path: Path) -> None:
         sources = [A(f"192.168.28.{100 + i}") for i in range(16)]
         for source in sources:
             place_enclave(bed.topo, source, HOST_A)
-        fresh = [connect(a, source, EXTERNAL, 7001, 2.0) for source in sources]
+        fresh = [bed.connect(a, source, EXTERNAL, 7001, 2.0) for source in sources]
         assert all(fresh)
-        for sock in fresh:
-            sock.close()  # type: ignore[union-attr]
         stats = read_queue_stats(bed.gw)
         assert all(stats[q].id_sequence > 0 for q in QUEUES.queues), stats
         wait_for(lambda: any(
@@ -337,11 +348,8 @@ def test_hook_service_stopped_and_restarted(bed: Bed, tmp_path: Path) -> None:
         assert echo_ok(established)
 
         service = start_service()
-        again = connect(a, WEB_A, EXTERNAL, 7001, 2.0)
-        assert again is not None
-        again.close()
+        assert bed.connect(a, WEB_A, EXTERNAL, 7001, 2.0) is not None
         assert echo_ok(established)
-        established.close()
     finally:
         service.kill()
         service.wait()
@@ -357,9 +365,9 @@ def test_released_address_loses_its_label_and_connections(bed: Bed) -> None:
     place_enclave(bed.topo, RELEASED, HOST_A)
     bed.servers.listen(a, RELEASED, 8080)
     bed.loop.call(lambda: bed.registry.add(record(RELEASED, "web", HOST_A)))
-    old = connect(a, RELEASED, EXTERNAL, 7001, 2.0)
+    old = bed.connect(a, RELEASED, EXTERNAL, 7001, 2.0)
     assert old is not None and echo_ok(old)
-    inbound = connect(ext, None, RELEASED, 8080, 2.0)
+    inbound = bed.connect(ext, None, RELEASED, 8080, 2.0)
     assert inbound is not None and echo_ok(inbound)
 
     # Release as the gateway does it: out of the registry first, then conntrack.
@@ -375,8 +383,6 @@ def test_released_address_loses_its_label_and_connections(bed: Bed) -> None:
         (ext, None, RELEASED, 8080, False),  # web's ingress
         (a, RELEASED, EXTERNAL, 7002, True),  # db's own (category backend)
     ])  # fmt: skip
-    old.close()
-    inbound.close()
 
 
 class TunnelEcho(asyncio.DatagramProtocol):
@@ -391,14 +397,17 @@ class TunnelEcho(asyncio.DatagramProtocol):
 
 def test_a_flood_of_new_connections_does_not_starve_the_tunnels(bed: Bed) -> None:
     hook = bed.start_hook()
-    tunnel_sock = netns_socket(bed.gw, socket.AF_INET, socket.SOCK_DGRAM)
+    tunnel_sock = bed.opened.enter_context(netns_socket(bed.gw, socket.AF_INET, socket.SOCK_DGRAM))
     tunnel_sock.bind((str(GW_LAN), 4433))
     transport, _ = bed.loop.run(
         bed.loop.loop.create_datagram_endpoint(TunnelEcho, sock=tunnel_sock)
     )
-    probe = netns_socket(bed.topo.ns(CLIENT_B), socket.AF_INET, socket.SOCK_DGRAM)
+    bed.opened.callback(bed.loop.call, transport.close)  # closes tunnel_sock too
+    probe = bed.opened.enter_context(
+        netns_socket(bed.topo.ns(CLIENT_B), socket.AF_INET, socket.SOCK_DGRAM)
+    )
     probe.settimeout(0.2)
-    established = connect(bed.topo.ns(CLIENT_B), WEB_B, EXTERNAL, 7001, 2.0)
+    established = bed.connect(bed.topo.ns(CLIENT_B), WEB_B, EXTERNAL, 7001, 2.0)
     assert established is not None
     seconds = 2.0
     flood = bed.topo.popen(
@@ -406,6 +415,7 @@ def test_a_flood_of_new_connections_does_not_starve_the_tunnels(bed: Bed) -> Non
         [sys.executable, "-c", FLOOD_SCRIPT, str(seconds), str(WEB_A), str(EXTERNAL)],
         stdout=subprocess.PIPE,
     )
+    bed.opened.enter_context(flood)  # reaped, its pipe closed
     try:
         time.sleep(0.3)  # the flood is under way
         rtts: list[float] = []
@@ -427,9 +437,6 @@ def test_a_flood_of_new_connections_does_not_starve_the_tunnels(bed: Bed) -> Non
         flooded = int(flood.communicate(timeout=10)[0])
     finally:
         flood.kill()
-        bed.loop.call(transport.close)
-        probe.close()
-        established.close()
     counters = bed.loop.call(hook.counters)
     assert counters["labelled"] > 1000, counters  # the hook was busy...
     assert flooded > counters["labelled"] / 2

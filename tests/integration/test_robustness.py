@@ -5,6 +5,7 @@ tunnels carry on, and every refusal is counted where the operator looks
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import socket
@@ -44,11 +45,13 @@ def gateway_status(lab: Lab) -> dict[str, Any]:
     return status
 
 
-def test_packets_with_ip_options_from_an_enclave_are_dropped_and_counted(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("options", CLIENT_A, DEMO_WEBAPP))
+def test_packets_with_ip_options_from_an_enclave_are_dropped_and_counted(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("options", CLIENT_A, DEMO_WEBAPP)))
     assignment = enclave.connect()
     assert enclave.uplink is not None
-    listener = _udp_listener(lab, 9995)
+    listener = closer.enter_context(_udp_listener(lab, 9995))
     plain = udp_packet(assignment.ip, lab.external, 6000, 9995, b"plain")
     for options in (b"\x01\x00", RECORD_ROUTE):
         enclave.uplink.send(with_options(plain, options))
@@ -61,11 +64,12 @@ def test_packets_with_ip_options_from_an_enclave_are_dropped_and_counted(lab: La
     status = gateway_status(lab)
     assert status["dropped"].get("ip_options") == 2, status["dropped"]
     assert status["enclaves"] == 1
-    enclave.close()
 
 
-def test_a_deleted_tun_device_stops_the_gateway_with_status_4_and_a_few_lines(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("tun-gone", CLIENT_A, DEMO_WEBAPP))
+def test_a_deleted_tun_device_stops_the_gateway_with_status_4_and_a_few_lines(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("tun-gone", CLIENT_A, DEMO_WEBAPP)))
     enclave.connect()
     assert lab.gateway is not None
     log_before = lab.gateway_log.read_text()
@@ -91,9 +95,8 @@ def _round_trips(lab: Lab, enclave: ScriptedEnclave, address: IPv4Address, count
     """UDP round trips enclave -> external echo -> enclave; how many came back."""
     uplink, downlink = enclave.uplink, enclave.downlink
     assert uplink is not None and downlink is not None
-    listener = _udp_listener(lab, 9994)
     answered = 0
-    try:
+    with _udp_listener(lab, 9994) as listener:
         for n in range(count):
             payload = b"rt%d" % n
             uplink.send(udp_packet(address, lab.external, 6100, 9994, payload))
@@ -104,8 +107,6 @@ def _round_trips(lab: Lab, enclave: ScriptedEnclave, address: IPv4Address, count
             listener.sendto(data, peer)
             reply = downlink.next_record(3.0)
             answered += reply is not None and parse_udp(reply)[-1] == payload
-    finally:
-        listener.close()
     return answered
 
 
@@ -116,8 +117,10 @@ def _attack(target: Any, *args: Any) -> tuple[multiprocessing.Process, Any]:
     return process, sent
 
 
-def test_a_cookie_answering_handshake_flood_is_bounded_and_tunnels_carry_on(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("victim", CLIENT_B, DEMO_WEBAPP))
+def test_a_cookie_answering_handshake_flood_is_bounded_and_tunnels_carry_on(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("victim", CLIENT_B, DEMO_WEBAPP)))
     address = enclave.connect().ip
     gateway = (str(lab.gateway_lan), GATEWAY_PORT)
     flooder, sent = _attack(flood, lab.ns(CLIENT_A), gateway, client_hello(lab), 6.0)
@@ -143,14 +146,14 @@ def test_a_cookie_answering_handshake_flood_is_bounded_and_tunnels_carry_on(lab:
     assert final["handshakes"]["half_open"] == 0
     assert final["handshakes"]["certificate_timeouts"] > 0
     # Another enclave from the flooding host is admitted once the flood is over.
-    late = _scripted(lab, EnclaveSpec("late", CLIENT_A, DEMO_WEBAPP))
-    late.connect()
-    late.close()
-    enclave.close()
+    with _scripted(lab, EnclaveSpec("late", CLIENT_A, DEMO_WEBAPP)) as late:
+        late.connect()
 
 
-def test_forged_datagrams_at_full_rate_end_no_tunnel(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP))
+def test_forged_datagrams_at_full_rate_end_no_tunnel(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP)))
     address = enclave.connect().ip
     peers = []
     for conn in (enclave.uplink, enclave.downlink):
@@ -167,15 +170,11 @@ def test_forged_datagrams_at_full_rate_end_no_tunnel(lab: Lab) -> None:
         assert conn is not None and conn.closed is None and conn.session.established
     status = gateway_status(lab)
     assert status["enclaves"] == 1 and status["ended"] == {}
-    enclave.close()
 
 
 def test_oversized_datagrams_are_dropped_and_counted(lab: Lab) -> None:
-    sock = netns_socket(lab.ns(CLIENT_A), socket.AF_INET, socket.SOCK_DGRAM)
-    try:
+    with netns_socket(lab.ns(CLIENT_A), socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.sendto(b"\x16\xfe\xfd" + bytes(20_000), (str(lab.gateway_lan), GATEWAY_PORT))
-    finally:
-        sock.close()
     deadline = time.monotonic() + 5
     while not gateway_status(lab)["limits"].get("max_datagram") and time.monotonic() < deadline:
         time.sleep(0.2)

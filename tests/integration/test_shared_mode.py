@@ -9,6 +9,7 @@ test_label_nfqueue.py covers the same with stand-in enclaves and hand-written ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -76,10 +77,14 @@ def _status(lab: Lab) -> dict[str, Any]:
 def _echo_connection(lab: Lab, enclave: RunningEnclave) -> socket.socket:
     """An established TCP connection from the enclave to the external echo service."""
     sock = netns_socket(lab.ns(enclave.spec.host), socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(3.0)
-    sock.bind((str(enclave.address), 0))
-    sock.connect((str(lab.external), ECHO_PORT))
-    assert echo_round_trip(sock)
+    try:
+        sock.settimeout(3.0)
+        sock.bind((str(enclave.address), 0))
+        sock.connect((str(lab.external), ECHO_PORT))
+        assert echo_round_trip(sock)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -154,7 +159,7 @@ def _start_labeller(lab: Lab) -> subprocess.Popen[bytes]:
 
 
 def test_hook_stopped_drops_new_connections_and_established_ones_flow(
-    service_lab: Lab,
+    service_lab: Lab, closer: contextlib.ExitStack
 ) -> None:
     lab = service_lab
     gateway_pid = lab.gateway.pid if lab.gateway else None
@@ -167,7 +172,7 @@ def test_hook_stopped_drops_new_connections_and_established_ones_flow(
         assert wait_until(lambda: _tcp(lab, webapp, timeout=1.0)), (
             lab.state_dir / "labeller.log"
         ).read_text()
-        established = _echo_connection(lab, webapp)
+        established = closer.enter_context(_echo_connection(lab, webapp))
 
         labeller.send_signal(signal.SIGKILL)  # a crash, not a clean stop
         labeller.wait(5)
@@ -178,7 +183,6 @@ def test_hook_stopped_drops_new_connections_and_established_ones_flow(
         labeller = _start_labeller(lab)  # the gateway is not restarted
         assert wait_until(lambda: _tcp(lab, webapp, timeout=1.0))
         assert echo_round_trip(established)
-        established.close()
     finally:
         labeller.terminate()
         labeller.wait(5)
@@ -190,7 +194,7 @@ def test_hook_stopped_drops_new_connections_and_established_ones_flow(
 
 
 def test_a_re_leased_address_inherits_neither_connections_nor_rights(
-    ns_prefix: str, tmp_path: Path
+    ns_prefix: str, tmp_path: Path, closer: contextlib.ExitStack
 ) -> None:
     # One leasable address (a /30: network, gateway, enclave, broadcast), so the db
     # enclave gets exactly the address webapp had.
@@ -200,7 +204,7 @@ def test_a_re_leased_address_inherits_neither_connections_nor_rights(
         webapp = _up(lab, WEBAPP_A)
         address = webapp.address
         assert address is not None
-        established = _echo_connection(lab, webapp)  # webapp may use TCP echo
+        established = closer.enter_context(_echo_connection(lab, webapp))  # may use TCP echo
         assert _marks(lab, "-s", str(address))
 
         lab.stop_enclave(webapp)
@@ -210,7 +214,6 @@ def test_a_re_leased_address_inherits_neither_connections_nor_rights(
         # The old connection's conntrack entry (with webapp's label) is gone: its packets
         # are a new connection of db now, and db may not use TCP echo.
         assert not echo_round_trip(established)
-        established.close()
         assert not _tcp(lab, db, timeout=1.0)
         labels = {orig for orig, _ in _marks(lab, "-s", str(address))}
         assert LABELS.label_id("webapp", HOST_A) not in labels
@@ -225,19 +228,19 @@ def test_a_re_leased_address_inherits_neither_connections_nor_rights(
 
 
 def test_a_flood_of_new_connections_does_not_starve_other_tunnels(
-    ns_prefix: str, tmp_path: Path
+    ns_prefix: str, tmp_path: Path, closer: contextlib.ExitStack
 ) -> None:
     with plan_lab(SHARED_DEMO, ns_prefix, tmp_path / "state") as lab:
         flooder = _up(lab, DB_B)
         webapp = _up(lab, WEBAPP_A)
-        established = _echo_connection(lab, webapp)
+        established = closer.enter_context(_echo_connection(lab, webapp))
         # UDP from the db enclave to ever new ports: each datagram a new connection for
         # the labeller, most refused by the policy, all through db's tunnel.
-        flood = subprocess.Popen(
+        flood = closer.enter_context(subprocess.Popen(
             ["ip", "netns", "exec", lab.ns(flooder.spec.host), sys.executable, "-c",
              FLOOD_SCRIPT, "8", str(flooder.address), str(lab.external)],
             stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        ))  # fmt: skip
         labelled_before = _status(lab)["labeller"]["labelled"]
         try:
             time.sleep(1.0)

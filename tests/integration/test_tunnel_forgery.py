@@ -8,6 +8,7 @@ with an internal error that the session treated as fatal).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -38,12 +39,14 @@ def lab(ns_prefix: str, tmp_path: Path) -> Iterator[Lab]:
         yield running
 
 
-def test_forged_datagrams_from_the_peers_address_end_no_tunnel(lab: Lab) -> None:
-    enclave = _scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP))
+def test_forged_datagrams_from_the_peers_address_end_no_tunnel(
+    lab: Lab, closer: contextlib.ExitStack
+) -> None:
+    enclave = closer.enter_context(_scripted(lab, EnclaveSpec("victim", CLIENT_A, DEMO_WEBAPP)))
     assignment = enclave.connect()
     uplink, downlink = enclave.uplink, enclave.downlink
     assert uplink is not None and downlink is not None
-    listener = _udp_listener(lab, 9996)
+    listener = closer.enter_context(_udp_listener(lab, 9996))
 
     def round_trip(payload: bytes) -> None:
         uplink.send(udp_packet(assignment.ip, lab.external, 6000, 9996, payload))
@@ -81,4 +84,3 @@ def test_forged_datagrams_from_the_peers_address_end_no_tunnel(lab: Lab) -> None
         assert conn.closed is None and conn.session.established
         assert conn.session.datagrams_ignored >= len(FORGED)
     round_trip(b"after")
-    enclave.close()

@@ -38,9 +38,13 @@ class Conn:
         bind: tuple[str, int] = ("", 0),
     ) -> None:
         self.sock = netns_socket(netns, socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(bind)
-        self.sock.connect(server)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(bind)
+            self.sock.connect(server)
+        except BaseException:
+            self.sock.close()
+            raise
         self.session = DtlsClientSession(config, time.monotonic())
         self.records: deque[bytes] = deque()
         self.closed: str | None = None
@@ -100,12 +104,25 @@ class Conn:
         self._flush()
 
     def close(self) -> None:
-        self.session.close()
-        self._flush()
+        """close_notify (unless a test closed the socket to play a dead enclave), then
+        the socket. Safe to call again, and after the gateway is gone."""
+        if self.sock.fileno() != -1:
+            self.session.close()
+            with contextlib.suppress(OSError):  # e.g. ECONNREFUSED: no gateway any more
+                self._flush()
         self.sock.close()
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class ScriptedEnclave:
+    """Tunnel #1 and #2 of one enclave, driven by hand. `close()` (or leaving a `with`
+    block) closes every tunnel it opened, also those replaced by a later open_*()."""
+
     def __init__(self, netns: str, gateway: tuple[str, int], config: DtlsClientConfig) -> None:
         self.netns = netns
         self.gateway = gateway
@@ -113,9 +130,15 @@ class ScriptedEnclave:
         self.uplink: Conn | None = None
         self.downlink: Conn | None = None
         self.assignment: IpAssignment | None = None
+        self._opened: list[Conn] = []
+
+    def _open(self, server: tuple[str, int], bind: tuple[str, int]) -> Conn:
+        conn = Conn(self.netns, server, self.config, bind)
+        self._opened.append(conn)
+        return conn
 
     def open_uplink(self, local_port: int = 0) -> Conn:
-        self.uplink = Conn(self.netns, self.gateway, self.config, ("", local_port))
+        self.uplink = self._open(self.gateway, ("", local_port))
         return self.uplink
 
     def take_assignment(self, acknowledge: bool = True, timeout: float = 10.0) -> IpAssignment:
@@ -131,7 +154,7 @@ class ScriptedEnclave:
         assert self.uplink is not None
         local = self.uplink.sock.getsockname()[0]
         gateway = (self.gateway[0], self.gateway[1] + 1)
-        self.downlink = Conn(self.netns, gateway, self.config, (local, 0))
+        self.downlink = self._open(gateway, (local, 0))
         return self.downlink
 
     def connect(self, timeout: float = 10.0) -> IpAssignment:
@@ -142,9 +165,14 @@ class ScriptedEnclave:
         return assignment
 
     def close(self) -> None:
-        for conn in (self.uplink, self.downlink):
-            if conn is not None:
-                conn.close()
+        for conn in self._opened:
+            conn.close()
+
+    def __enter__(self) -> ScriptedEnclave:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def udp_packet(src: IPv4Address, dst: IPv4Address, sport: int, dport: int, payload: bytes) -> bytes:
