@@ -93,6 +93,9 @@ class Contender:
     client_pid: int | None = None
     gateway_dev: str | None = None  # TUN in the gateway (one crossing per forwarded packet)
     client_dev: str | None = None
+    # Count the gateway's packets at the client's TUN: a TUN device with TSO (seng-fw's
+    # gateway) counts a super-packet of up to 45 segments as one packet.
+    gateway_counted_at_client: bool = False
 
 
 @dataclass
@@ -114,6 +117,8 @@ class Meter:
         c, lab = self.c, self.lab
         gw = cpu_seconds(c.gateway_pid) if c.gateway_pid else None
         gwp = link_packets(lab.ns(GATEWAY), c.gateway_dev) if c.gateway_dev else None
+        if c.gateway_counted_at_client and c.client_dev:
+            gwp = link_packets(lab.ns(CLIENT_A), c.client_dev)
         cl = cpu_seconds(c.client_pid) if c.client_pid else None
         clp = link_packets(lab.ns(CLIENT_A), c.client_dev) if c.client_dev else None
         return time.monotonic(), gw, gwp, cl, clp
@@ -532,7 +537,9 @@ def markdown(
     notes.append("² likewise OpenVPN's client process.")
     notes.append(
         "Per-packet CPU: the process's user+system time over the packets crossing its TUN "
-        "device (both directions, TCP ACKs included); plain routing has no process."
+        "device (both directions, TCP ACKs included; seng-fw's gateway: those crossing the "
+        "client's TUN, as its own TUN counts a TSO super-packet once); plain routing has no "
+        "process."
     )
     notes.append(
         "Utilisation (CPU s per s), gateway / client: "
@@ -620,6 +627,10 @@ def main() -> int:
         "--skip-scale", action="store_true", help="no idle-tunnel RSS or admission figures"
     )
     parser.add_argument("--prefix", default="sfwdp-", help="namespace prefix")
+    parser.add_argument(
+        "--tun-offload", choices=("on", "off", "no-coalesce"), default="on",
+        help="seng-fw's TUN offloads (gateway.yaml tun.offload, tun.coalesce), to compare",
+    )  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_datapath: must run as root (namespaces)", file=sys.stderr)
@@ -638,12 +649,15 @@ def main() -> int:
 
     meta: dict[str, Any] = {"date": stamp, "rounds": rounds, "seconds": seconds,
                             "idle": idle, "joiners": joiners, "quick": args.quick,
-                            "join_timeout": args.join_timeout}  # fmt: skip
+                            "join_timeout": args.join_timeout,
+                            "tun_offload": args.tun_offload}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         policy = Path(tmp) / "policy.yaml"
         write_policy(policy)
+        offload = {"offload": args.tun_offload != "off", "coalesce": args.tun_offload == "on"}
         # The admission crowd comes from one host: its per-host limits are raised.
-        lab = Lab(args.prefix, Path(tmp) / "state", policy, {"limits": CROWD_LIMITS})
+        settings = {"tun": offload, "limits": CROWD_LIMITS}
+        lab = Lab(args.prefix, Path(tmp) / "state", policy, gateway_settings=settings)
         with lab:
             a_lan = str(lab.topology.address(CLIENT_A, "lan"))
             ip("route", "add", "10.77.2.0/24", "via", str(lab.gateway_lan), netns=lab.ns(CLIENT_A))
@@ -670,6 +684,7 @@ def main() -> int:
                     enclave.process.pid,
                     SENG_GW_TUN,
                     SENG_CLIENT_TUN,
+                    gateway_counted_at_client=True,
                 ),
             ]
             time.sleep(0.5)

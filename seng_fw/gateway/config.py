@@ -87,6 +87,12 @@ class AttestationConfig(StrictModel):
 class TunConfig(StrictModel):
     name: str = Field(default="tunFA", pattern=r"^[A-Za-z0-9_.-]{1,15}$")
     mtu: int = Field(default=1432, ge=576, le=9000)
+    # Virtio-net header and TCP segmentation offload (seng_fw/tunnel/tun.py); off only
+    # to compare, or for a kernel that misbehaves with it.
+    offload: bool = True
+    # With it: an enclave's in-order TCP segments written to the TUN device as one
+    # super-packet (seng_fw/tunnel/offload.py, coalesce_tcp4).
+    coalesce: bool = True
 
 
 class TimeoutConfig(StrictModel):

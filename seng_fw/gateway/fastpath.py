@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from seng_fw.gateway.core import Enclave, GatewayCore, Port
 from seng_fw.gateway.counters import Drop, Fault
 from seng_fw.tunnel.dtls import DtlsServerSession
+from seng_fw.tunnel.offload import VNET_NONE, coalesce_tcp4
 from seng_fw.tunnel.record import CONTENT_APPLICATION_DATA, RecordLayer
 from seng_fw.tunnel.tun import TUN_GONE_ERRNOS
 from seng_fw.tunnel.udp_offload import GRO_ANCILLARY, gro_segment, split
@@ -40,6 +42,11 @@ log = logging.getLogger("seng_fw.gateway")
 
 BATCH = 64
 MAX_DATAGRAM = 65535
+# UDP GSO limits (linux/udp.h UDP_MAX_SEGMENTS; one IPv4 datagram's payload).
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65507
+UDP_SEGMENT = 103  # socket option (SOL_UDP): the segment size of a GSO send
+SendGso = Callable[[list[bytes], int, tuple[str, int]], object]
 
 
 @dataclass(eq=False, slots=True)
@@ -57,6 +64,11 @@ class FastPath:
     """Forwarding for paired enclaves; falls back to the core for everything else.
 
     `send_downlink` sends a datagram from port P+1 (the adapter's listener `sendto`);
+    `send_gso`, where the kernel has UDP GSO (`gso_sender`), sends equal-sized
+    datagrams (the last may be shorter) in one call; `tun_vnet_hdr`: the TUN device
+    takes a virtio-net header before each packet (`TunDevice.vnet_hdr`); `tun_coalesce`
+    (with it): an enclave's in-order TCP segments of one batch are written coalesced
+    into super-packets (`offload.coalesce_tcp4`);
     `flush` is the adapter's: it sends what the core queued and acts on its events
     (called after a fallback handed the core work)."""
 
@@ -68,9 +80,15 @@ class FastPath:
         flush: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
         tun_lost: Callable[[OSError], None] = lambda exc: None,
+        send_gso: SendGso | None = None,
+        tun_vnet_hdr: bool = False,
+        tun_coalesce: bool = False,
     ) -> None:
         self.core = core
         self.tun_fd = tun_fd
+        self._send_gso = send_gso
+        self._vnet_hdr = tun_vnet_hdr
+        self._coalesce = tun_coalesce and tun_vnet_hdr
         self._tun_lost = tun_lost  # the adapter stops the gateway (exit 4)
         self._send = send_downlink
         self._flush = flush
@@ -96,13 +114,15 @@ class FastPath:
             return
         recv_into, buffer, view = sock.recv_into, self._buffer, self._view
         recvmsg_into, buffers = sock.recvmsg_into, self._buffers
-        write, fd = os.write, self.tun_fd
+        write, writev, fd, vnet = os.write, os.writev, self.tun_fd, self._vnet_hdr
         address = enclave.address_bytes
         receive = session.receive_data
         packets = octets = spoofed = not_ipv4 = options = write_errors = 0
         drop_options = core.limits.ip_options == "drop"
         fallback = ended = False
         segment = 0
+        coalesce = self._coalesce
+        pending: list[bytes] = []  # checked TCP packets, written coalesced at the end
         for _ in range(BATCH):
             try:
                 if gro:
@@ -119,7 +139,13 @@ class FastPath:
                 if start == end or buffer[start] != CONTENT_APPLICATION_DATA:
                     # Handshake records (a restarted enclave's ClientHello, a repeated
                     # Finished), alerts: the core's, which also feeds a reconnect
-                    # candidate. The core may end the enclave: count what came before.
+                    # candidate. The core may end the enclave: what came before is
+                    # written and counted first.
+                    if pending:
+                        failed, failed_octets = self._write_pending(pending)
+                        pending = []
+                        packets, octets = packets - failed, octets - failed_octets
+                        write_errors += failed
                     self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options,
                                write_errors)  # fmt: skip
                     packets = octets = spoofed = not_ipv4 = options = write_errors = 0
@@ -133,6 +159,11 @@ class FastPath:
                 if payloads is None:
                     # The session did more than decrypt (alert, handshake, drop): the
                     # core handles its events, as for a datagram it had received itself.
+                    if pending:
+                        failed, failed_octets = self._write_pending(pending)
+                        pending = []
+                        packets, octets = packets - failed, octets - failed_octets
+                        write_errors += failed
                     self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options,
                                write_errors)  # fmt: skip
                     packets = octets = spoofed = not_ipv4 = options = write_errors = 0
@@ -166,8 +197,16 @@ class FastPath:
                     if first != 0x45 and drop_options:
                         options += 1  # IP options: dropped, as the core does (core._record)
                         continue
+                    if coalesce and packet[9] == 6:  # TCP: maybe merged; others need not wait
+                        pending.append(packet)
+                        packets += 1
+                        octets += size
+                        continue
                     try:
-                        write(fd, packet)
+                        if vnet:
+                            writev(fd, (VNET_NONE, packet))
+                        else:
+                            write(fd, packet)
                     except OSError as exc:  # as the adapter's TUN writes: counted
                         write_errors += 1
                         if exc.errno in TUN_GONE_ERRNOS:
@@ -177,9 +216,29 @@ class FastPath:
                     octets += size
             if ended:
                 break
+        if pending:
+            failed, failed_octets = self._write_pending(pending)
+            packets, octets = packets - failed, octets - failed_octets
+            write_errors += failed
         self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
         if fallback:
             self._flush()
+
+    def _write_pending(self, pending: list[bytes]) -> tuple[int, int]:
+        """Write a batch's checked packets to TUN, consecutive in-order TCP segments of
+        a flow as one super-packet; returns the packets and octets that failed."""
+        writev, fd = os.writev, self.tun_fd
+        failed = failed_octets = 0
+        for header, parts, count in coalesce_tcp4(pending):
+            try:
+                writev(fd, [header, *parts])
+            except OSError as exc:  # as the adapter's TUN writes: counted
+                failed += count
+                # A merged write is the first packet's headers and all the payloads.
+                failed_octets += len(parts[0]) * count + sum(len(p) for p in parts[1:])
+                if exc.errno in TUN_GONE_ERRNOS:
+                    self._tun_lost(exc)
+        return failed, failed_octets
 
     def _fold(
         self,
@@ -294,16 +353,39 @@ class FastPath:
             self._flush()
 
     def _send_all(self, datagrams: list[bytes], peer: tuple[str, int]) -> int:
-        """Send one enclave's datagrams in order; returns how many failed. (UDP GSO, one
-        sendmsg per run of equal-sized records, was measured here and did not pay:
-        bench/RESULTS-datapath.md.)"""
-        sendto = self._send
+        """Send one enclave's datagrams in order; returns how many failed. With UDP GSO,
+        each run of equal-sized datagrams (the last of a run may be shorter) leaves in
+        one sendmsg: one trip through the kernel's UDP/IP output and nftables instead
+        of one per datagram; the kernel cuts it into the same datagrams. Runs are long
+        when the TUN device hands out TSO super-packets (split into equal segments);
+        without them a TUN read rarely found more than a few packets waiting and GSO
+        alone did not pay (bench/RESULTS-datapath.md)."""
+        sendto, gso = self._send, self._send_gso
         errors = 0
-        for datagram in datagrams:
+        if gso is None or len(datagrams) == 1:
+            for datagram in datagrams:
+                try:
+                    sendto(datagram, peer)
+                except OSError:
+                    errors += 1
+            return errors
+        i, n = 0, len(datagrams)
+        while i < n:
+            size = len(datagrams[i])
+            most = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
+            j = i + 1
+            while j < n and j - i < most and len(datagrams[j]) == size:
+                j += 1
+            if j < n and j - i < most and len(datagrams[j]) < size:
+                j += 1  # a shorter datagram may end the run
             try:
-                sendto(datagram, peer)
+                if j - i == 1:
+                    sendto(datagrams[i], peer)
+                else:
+                    gso(datagrams[i:j], size, peer)
             except OSError:
-                errors += 1
+                errors += j - i
+            i = j
         return errors
 
     def _lane_for(self, packet: bytes) -> Lane | None:
@@ -329,3 +411,18 @@ class FastPath:
 
     def clear(self) -> None:
         self._lanes.clear()
+
+
+def gso_sender(sock: socket.socket) -> SendGso | None:
+    """A UDP GSO send on `sock` (sendmsg with a UDP_SEGMENT control message), or None
+    where the kernel lacks UDP GSO (before Linux 4.18)."""
+    try:
+        sock.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 0)  # 0: no GSO unless asked per send
+    except OSError:
+        return None
+    sendmsg, level = sock.sendmsg, socket.SOL_UDP
+
+    def send(datagrams: list[bytes], size: int, peer: tuple[str, int]) -> None:
+        sendmsg(datagrams, [(level, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], 0, peer)
+
+    return send

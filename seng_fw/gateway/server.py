@@ -31,7 +31,7 @@ from seng_fw.gateway.core import (
     Port,
 )
 from seng_fw.gateway.counters import Drop, Fault
-from seng_fw.gateway.fastpath import FastPath
+from seng_fw.gateway.fastpath import FastPath, gso_sender
 from seng_fw.gateway.peersockets import PeerSockets, reuse_port
 from seng_fw.label.labelling import Labelling
 from seng_fw.policy.ipam import EnclaveSubnet
@@ -60,6 +60,7 @@ class GatewayServer:
         tun: TunDevice,
         flush_conntrack: Callable[[IPv4Address], int],
         labelling: Labelling | None = None,
+        tun_coalesce: bool = True,
     ) -> None:
         self.core = core
         # Shared-subnet mode: the NFQUEUE labeller's registry follows the leases.
@@ -85,6 +86,10 @@ class GatewayServer:
             downlink.sendto,
             self._flush,
             tun_lost=lambda exc: self._tun_failed("write", exc),
+            # UDP GSO pays only with the long runs of equal records of TSO reads.
+            send_gso=gso_sender(downlink) if tun.offloads else None,
+            tun_vnet_hdr=tun.vnet_hdr,
+            tun_coalesce=tun_coalesce,
         )
         self.peer_sockets = PeerSockets(
             sockets[Port.SETUP], self.fastpath.drain_uplink, core.counters
@@ -130,6 +135,9 @@ class GatewayServer:
                 self.core.counters.faults[Fault.TUN_READ_ERROR] += 1
                 log.error("TUN read failed: %s", exc)
             return
+        if self.tun.malformed:  # reads the offload code could not make into packets
+            self.core.counters.dropped[Drop.TUN_NOT_IPV4] += self.tun.malformed
+            self.tun.malformed = 0
         if batch:
             self.fastpath.tun_packets(batch)
 

@@ -139,9 +139,11 @@ def build_server(config: GatewayConfig) -> GatewayServer:
                 bind_udp(config.listen.address, config.listen.port + 1)
             ),
         }
-        tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu)
+        tun = TunDevice.create(config.tun.name, mtu=config.tun.mtu, offload=config.tun.offload)
         opened.callback(tun.close)
-        server = GatewayServer(core, sockets, tun, flush_address, labelling=labelling)
+        server = GatewayServer(
+            core, sockets, tun, flush_address, labelling=labelling, tun_coalesce=config.tun.coalesce
+        )
         service = GatewayService(
             core,
             config,

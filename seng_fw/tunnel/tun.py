@@ -10,6 +10,15 @@ the device in the namespace of whoever opened ``/dev/net/tun`` and the file
 descriptor then works from any thread. A process started with
 ``ip netns exec NAME`` simply passes ``netns=None``.
 
+Offloads (the gateway's device, `create(offload=True)`): the device carries a
+virtio-net header on every read and write (``IFF_VNET_HDR``) and the kernel may hand
+out TCP super-packets of up to 64 KB with their checksums left to us
+(``TUNSETOFFLOAD``: ``TUN_F_CSUM | TUN_F_TSO4``): one read, one trip through the
+forwarding path, instead of one per segment. `read_batch` still returns complete
+IPv4 packets (split and checksummed by `seng_fw.tunnel.offload`), `write` writes one
+packet, `write_gso` a coalesced super-packet. Where the kernel refuses, the device
+works without (said once in the log).
+
 Data path: the file descriptor is non-blocking. Register it with the event
 loop (``loop.add_reader(tun.fileno(), ...)``) and drain it with
 `read_batch()` on every wakeup, so one wakeup moves many packets (DESIGN.md
@@ -21,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import struct
 from collections.abc import Iterable
@@ -33,18 +43,30 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from seng_fw.system.netns import NetnsError, run_in_netns
+from seng_fw.tunnel import offload
+from seng_fw.tunnel.offload import VNET_HDR_LEN, VNET_NONE, OffloadError
+
+log = logging.getLogger("seng_fw.tunnel")
 
 DEFAULT_NAME = "tunFA"  # the original SENG server's device
 DEFAULT_MTU = 1432
 # Without IFF_VNET_HDR the kernel never hands out packets larger than the MTU,
 # but the MTU can be raised behind our back: read whole IPv4 maximum packets.
 READ_SIZE = 65535
+# With offloads: a virtio-net header, then a TSO super-packet of up to 64 KB.
+VNET_READ_SIZE = VNET_HDR_LEN + 65535
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int)
+TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int)
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000  # no 4-byte packet-info header: reads and writes are bare IP packets
+IFF_VNET_HDR = 0x4000  # a virtio_net_hdr before every packet
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM = 0x01  # we take packets with partial checksums
+TUN_F_TSO4 = 0x02  # ... and IPv4 TCP super-packets
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4
 IFNAMSIZ = 16
 
 # Errors of a single write that are the packet's fault or transient memory
@@ -58,7 +80,7 @@ class TunError(RuntimeError):
     """The TUN device could not be created or configured."""
 
 
-def _open_tun(name: str) -> tuple[int, str]:
+def _open_tun(name: str, flags: int = IFF_TUN | IFF_NO_PI) -> tuple[int, str]:
     """Create (or attach to) TUN device `name` and return its queue fd and real name.
 
     Hand-written ioctl because the queue file descriptor only comes from
@@ -69,7 +91,7 @@ def _open_tun(name: str) -> tuple[int, str]:
     """
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        ifr = struct.pack(f"{IFNAMSIZ}sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        ifr = struct.pack(f"{IFNAMSIZ}sH22x", name.encode(), flags)
         result = fcntl.ioctl(fd, TUNSETIFF, ifr)
     except OSError as exc:
         os.close(fd)
@@ -78,6 +100,24 @@ def _open_tun(name: str) -> tuple[int, str]:
         raise TunError(f"TUNSETIFF {name}: {exc.strerror}{hint}") from exc
     real_name = result[:IFNAMSIZ].split(b"\0", 1)[0].decode()
     return fd, real_name
+
+
+def _open_with_offloads(name: str) -> tuple[int, str, int]:
+    """Open with a virtio-net header and TSO, or without where the kernel refuses
+    (said once in the log); returns the fd, the real name and the offloads granted."""
+    try:
+        fd, real_name = _open_tun(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
+    except TunError as exc:
+        fd, real_name = _open_tun(name)
+        log.warning("TUN %s: no virtio-net header (%s): offloads off", real_name, exc)
+        return fd, real_name, 0
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
+    except OSError as exc:
+        # Header kept (writes still work, coalesced too): packets come one by one.
+        log.warning("TUN %s: TUNSETOFFLOAD refused (%s): no TSO reads", real_name, exc.strerror)
+        return fd, real_name, 0
+    return fd, real_name, OFFLOADS
 
 
 def _link_index(ipr: Any, name: str) -> int | None:
@@ -94,14 +134,34 @@ def _disable_ipv6(name: str) -> None:
         path.write_text("1\n")
 
 
+def _has_vnet_hdr(fd: int) -> bool:
+    """The device was opened with IFF_VNET_HDR (TUNGETIFF)."""
+    ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    flags: int = struct.unpack_from("H", ifr, IFNAMSIZ)[0]
+    return bool(flags & IFF_VNET_HDR)
+
+
 class TunDevice:
     """An open, configured TUN device (IPv4, no packet-info header)."""
 
     def __init__(
-        self, fd: int, name: str, index: int, mtu: int, netns: str | None, remove_on_close: bool
+        self,
+        fd: int,
+        name: str,
+        index: int,
+        mtu: int,
+        netns: str | None,
+        remove_on_close: bool,
+        vnet_hdr: bool = False,
+        offloads: int = 0,
     ) -> None:
         """Use `TunDevice.create`."""
         self._fd = fd
+        # Reads and writes carry a virtio-net header; `offloads`: TUN_F_* granted.
+        self.vnet_hdr = vnet_hdr
+        self.offloads = offloads
+        # Reads the offload code could not make into packets (counted by the caller).
+        self.malformed = 0
         self.name = name
         self.index = index
         self.mtu = mtu
@@ -120,6 +180,7 @@ class TunDevice:
         netns: str | None = None,
         remove_on_close: bool = True,
         txqueuelen: int | None = None,
+        offload: bool = False,
     ) -> TunDevice:
         """Create the device, set its MTU and addresses, bring it up, add routes.
 
@@ -131,7 +192,8 @@ class TunDevice:
         (`close()` then deletes it too, unless `remove_on_close` is False, e.g.
         for a device an administrator made for an unprivileged gateway). On
         any failure the fd is closed and, with `remove_on_close`, the device
-        is gone.
+        is gone. `offload`: virtio-net header and TSO (module docstring), where the
+        kernel grants them.
         """
         if len(name.encode()) >= IFNAMSIZ:
             raise ValueError(f"interface name {name!r} longer than {IFNAMSIZ - 1} bytes")
@@ -139,8 +201,12 @@ class TunDevice:
         nets = [IPv4Network(r) for r in routes]
 
         def build() -> TunDevice:
-            fd, real_name = _open_tun(name)
-            dev = cls(fd, real_name, 0, mtu, netns, remove_on_close)
+            if offload:
+                fd, real_name, offloads = _open_with_offloads(name)
+            else:
+                fd, real_name, offloads = (*_open_tun(name), 0)
+            vnet = offload and bool(offloads or _has_vnet_hdr(fd))
+            dev = cls(fd, real_name, 0, mtu, netns, remove_on_close, vnet, offloads)
             try:
                 _disable_ipv6(real_name)  # before the link is up
                 with IPRoute() as ipr:
@@ -239,11 +305,33 @@ class TunDevice:
 
         Returns an empty list when nothing was waiting.
         """
+        if self.vnet_hdr:
+            return self._read_vnet(max_packets)
         packets: list[bytes] = []
         read, fd = os.read, self._fd
         try:
             for _ in range(max_packets):
                 packets.append(read(fd, READ_SIZE))
+        except BlockingIOError:
+            pass
+        return packets
+
+    def _read_vnet(self, max_packets: int) -> list[bytes]:
+        """Up to `max_packets` reads; a super-packet gives many packets."""
+        packets: list[bytes] = []
+        read, fd = os.read, self._fd
+        append, packets_of = packets.append, offload.packets_of
+        try:
+            for _ in range(max_packets):
+                data = read(fd, VNET_READ_SIZE)
+                if not data[0] and not data[1]:  # no flags, no GSO: a complete packet
+                    append(data[VNET_HDR_LEN:])
+                    continue
+                try:
+                    packets.extend(packets_of(data))
+                except OffloadError as exc:
+                    self.malformed += 1
+                    log.debug("TUN %s: %s", self.name, exc)
         except BlockingIOError:
             pass
         return packets
@@ -255,7 +343,20 @@ class TunDevice:
         only reported; errors of the device itself raise OSError.
         """
         try:
-            os.write(self._fd, packet)
+            if self.vnet_hdr:
+                os.writev(self._fd, (VNET_NONE, packet))
+            else:
+                os.write(self._fd, packet)
+        except OSError as exc:
+            if exc.errno in _DROP_ERRNOS:
+                return False
+            raise
+        return True
+
+    def write_gso(self, header: bytes, parts: list[bytes]) -> bool:
+        """Inject a coalesced super-packet (`offload.coalesce_tcp4`) in one write."""
+        try:
+            os.writev(self._fd, [header, *parts])
         except OSError as exc:
             if exc.errno in _DROP_ERRNOS:
                 return False
@@ -314,4 +415,5 @@ class TunDevice:
 
     def __repr__(self) -> str:
         where = f" netns={self.netns}" if self.netns else ""
-        return f"<TunDevice {self.name} index={self.index} mtu={self.mtu}{where}>"
+        offloads = f" offloads={self.offloads:#x}" if self.vnet_hdr else ""
+        return f"<TunDevice {self.name} index={self.index} mtu={self.mtu}{where}{offloads}>"

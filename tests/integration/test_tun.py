@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
+import os
 import select
 import socket
 import struct
@@ -15,7 +19,10 @@ import pytest
 
 from seng_fw.lab.topology import ping
 from seng_fw.system.netns import ip, netns_socket
-from seng_fw.tunnel.tun import TunDevice, TunError
+from seng_fw.tunnel import tun as tun_module
+from seng_fw.tunnel.offload import GSO_TCPV4, VNET_HDR, coalesce_tcp4, packets_of
+from seng_fw.tunnel.tun import OFFLOADS, TunDevice, TunError
+from tests.unit.test_offload import tcp_packet
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_tun")]
 
@@ -203,3 +210,131 @@ def test_close_after_namespace_is_gone(ns_prefix: str) -> None:
     ip("netns", "delete", ns)
     tun.close()
     assert tun.closed
+
+
+# ----- offloads: TSO reads cut into packets, coalesced writes ------------------------
+
+PEER = "192.168.28.2"
+MSS_OPTION = struct.pack("!BBH", 2, 4, 1392)
+
+
+def syn_ack_for(syn: bytes, seq: int) -> bytes:
+    """The peer's SYN-ACK (with an MSS option) to the kernel's SYN read from the TUN."""
+    sport, dport = struct.unpack("!HH", syn[20:24])
+    their_seq = struct.unpack("!I", syn[24:28])[0]
+    return tcp_packet(
+        b"", seq=seq, ack=their_seq + 1, flags=0x12, options=MSS_OPTION, window=65535,
+        src=syn[16:20], dst=syn[12:16], sport=dport, dport=sport,
+    )  # fmt: skip
+
+
+def wait_tcp(tun: TunDevice, raw: bool = False) -> list[bytes]:
+    """TCP packets from the device (raw: the reads themselves, virtio-net header on)."""
+    wait_readable(tun)
+    time.sleep(0.05)
+    if raw:
+        reads = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                reads.append(os.read(tun.fileno(), 65545))
+        return reads
+    return [p for p in tun.read_batch(1000) if p[9] == socket.IPPROTO_TCP]
+
+
+def test_offload_device_reads_tso_super_packets_cut_into_complete_packets(host_ns: str) -> None:
+    with TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns,
+                          offload=True) as tun:  # fmt: skip
+        assert tun.vnet_hdr and tun.offloads == OFFLOADS
+        sock = netns_socket(host_ns, socket.AF_INET, socket.SOCK_STREAM)
+        with sock:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect((PEER, 8000))
+            [syn] = wait_tcp(tun)
+            assert tun.write(syn_ack_for(syn, 5000))
+            assert wait_tcp(tun)[0][33] == 0x10  # the kernel's ACK of the SYN-ACK
+            data = os.urandom(12 * 1392 + 77)
+            sock.send(data)  # the initial window: ten segments, in one TSO write
+            reads = wait_tcp(tun, raw=True)
+        kinds = [VNET_HDR.unpack_from(r)[1] for r in reads]
+        assert GSO_TCPV4 in kinds, kinds  # the kernel did hand out a super-packet
+        segments = [p for r in reads for p in packets_of(r)]
+        first_seq = struct.unpack("!I", syn[24:28])[0] + 1
+        assert len(segments) >= 2
+        payload = b""
+        for segment in segments:
+            assert len(segment) <= 1432
+            assert struct.unpack("!H", segment[2:4])[0] == len(segment)
+            assert checksum(segment[:20]) == 0
+            pseudo = segment[12:20] + struct.pack("!BBH", 0, 6, len(segment) - 20)
+            assert checksum(pseudo + segment[20:]) == 0
+            assert struct.unpack("!I", segment[24:28])[0] == first_seq + len(payload)
+            assert len(segment) - 40 <= 1392  # no options: the SYN-ACK offered none
+            payload += segment[40:]
+        assert payload == data[: len(payload)]
+
+
+def test_coalesced_writes_reach_a_local_socket_intact(host_ns: str) -> None:
+    with TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns,
+                          offload=True) as tun:  # fmt: skip
+        listener = netns_socket(host_ns, socket.AF_INET, socket.SOCK_STREAM)
+        with listener:
+            listener.bind(("192.168.28.1", 8001))
+            listener.listen()
+            src, dst = socket.inet_aton(PEER), socket.inet_aton("192.168.28.1")
+            syn = tcp_packet(b"", seq=100, ack=0, flags=0x02, options=MSS_OPTION,
+                             src=src, dst=dst, sport=40000, dport=8001)  # fmt: skip
+            assert tun.write(syn)
+            [syn_ack] = wait_tcp(tun)
+            assert syn_ack[33] == 0x12
+            ack = struct.unpack("!I", syn_ack[24:28])[0] + 1
+            common = {"ack": ack, "src": src, "dst": dst, "sport": 40000, "dport": 8001}
+            assert tun.write(tcp_packet(b"", seq=101, flags=0x10, **common))  # type: ignore[arg-type]
+            data = os.urandom(20 * 1000 + 333)
+            segments = [
+                tcp_packet(data[i : i + 1000], seq=101 + i, flags=0x10, **common)  # type: ignore[arg-type]
+                for i in range(0, len(data), 1000)
+            ]
+            writes = coalesce_tcp4(segments)
+            assert [w[2] for w in writes] == [21]
+            for header, parts, _ in writes:
+                assert tun.write_gso(header, parts)
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(3)
+                received = b""
+                while len(received) < len(data):
+                    received += conn.recv(65536)
+            assert received == data
+
+
+@pytest.mark.parametrize("refused", ["TUNSETOFFLOAD", "IFF_VNET_HDR"])
+def test_refused_offloads_fall_back_and_say_so_once(
+    host_ns: str, refused: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_ioctl = tun_module.fcntl.ioctl
+
+    def ioctl(fd: int, request: int, arg: Any = 0) -> Any:
+        if refused == "TUNSETOFFLOAD" and request == tun_module.TUNSETOFFLOAD:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if refused == "IFF_VNET_HDR" and request == tun_module.TUNSETIFF:
+            flags = struct.unpack_from("H", arg, tun_module.IFNAMSIZ)[0]
+            if flags & tun_module.IFF_VNET_HDR:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_ioctl(fd, request, arg)
+
+    monkeypatch.setattr(tun_module.fcntl, "ioctl", ioctl)
+    caplog.set_level(logging.WARNING, "seng_fw.tunnel")
+    with (
+        TunDevice.create(NAME, addresses=["192.168.28.1/24"], netns=host_ns, offload=True) as tun,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        assert tun.offloads == 0
+        assert tun.vnet_hdr == (refused == "TUNSETOFFLOAD")  # the header alone still works
+        answered = pool.submit(ping, host_ns, "192.168.28.2", timeout=3.0)
+        wait_readable(tun)
+        [request] = tun.read_batch()
+        assert tun.write(echo_reply(request))
+        assert answered.result(timeout=5)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "offload" in warnings[0].getMessage().lower()

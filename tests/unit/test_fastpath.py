@@ -16,10 +16,12 @@ import pytest
 
 from seng_fw.gateway.core import Enclave, EnclaveEnded
 from seng_fw.gateway.counters import Drop, Revoked
-from seng_fw.gateway.fastpath import FastPath
+from seng_fw.gateway.fastpath import FastPath, gso_sender
 from seng_fw.tunnel.dtls import RecordReceived
+from seng_fw.tunnel.offload import F_NEEDS_CSUM, GSO_TCPV4, VNET_HDR, VNET_NONE, split_tcp4
 from seng_fw.tunnel.record import CLOSE_NOTIFY_ALERT, CONTENT_ALERT, DropReason
 from tests.support.gateway_memory import MemoryEnclave, MemoryGateway, ipv4_packet
+from tests.unit.test_offload import tcp_packet
 
 WEBAPP = bytes([0x11]) * 32
 EXTERNAL = "10.0.2.2"
@@ -260,3 +262,100 @@ def test_a_tun_device_that_is_gone_is_reported_to_the_adapter(rig: Rig) -> None:
     rig.deliver(datagram)
     assert [exc.errno for exc in rig.tun_lost] == [errno.EBADF]
     assert rig.gateway.core.counters.dropped[Drop.TUN_WRITE_ERROR] == 1
+
+
+# ----- TUN offloads (virtio-net header, coalesced writes, UDP GSO) ---------------------
+
+
+def offload_rig(rig: Rig, **options: object) -> FastPath:
+    return FastPath(
+        rig.gateway.core,
+        rig.tun_out.fileno(),
+        lambda datagram, address: rig.sent.append((datagram, address)),
+        rig.gateway.pump,
+        clock=lambda: rig.gateway.now,
+        tun_lost=rig.tun_lost.append,
+        tun_vnet_hdr=True,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_with_a_vnet_header_every_write_carries_one(rig: Rig) -> None:
+    rig.fast = offload_rig(rig)
+    packets = [ipv4_packet(rig.enclave.address, EXTERNAL, 28 + i) for i in range(3)]
+    rig.deliver(*(rig.uplink_datagram(p) for p in packets))
+    assert rig.tun_packets() == [VNET_NONE + p for p in packets]
+
+
+def test_in_order_segments_are_written_as_one_super_packet(rig: Rig) -> None:
+    rig.fast = offload_rig(rig, tun_coalesce=True)
+    src = rig.enclave.address.packed
+    dst = IPv4Address(EXTERNAL).packed
+    seq, segments = 1, []
+    for size in (1380, 1380, 1380, 500):
+        segments.append(tcp_packet(os.urandom(size), seq=seq, src=src, dst=dst))
+        seq += size
+    spoofed = tcp_packet(os.urandom(1380), seq=seq, src=bytes([10, 9, 9, 9]), dst=dst)
+    rig.deliver(*(rig.uplink_datagram(p) for p in [segments[0], spoofed, *segments[1:]]))
+    (write,) = rig.tun_packets()
+    flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack_from(write)
+    assert (flags, gso_type, gso_size, start, offset) == (F_NEEDS_CSUM, GSO_TCPV4, 1380, 20, 16)
+    resplit = split_tcp4(write[VNET_HDR.size :], gso_size)
+    assert [s[20:] for s in resplit] == [s[20:] for s in segments]  # TCP as sent
+    traffic = rig.core_enclave.traffic
+    assert (traffic.packets_in, traffic.bytes_in) == (4, sum(map(len, segments)))
+    assert traffic.dropped_spoofed == 1  # checked one by one before coalescing
+    assert rig.gateway.core.counters.dropped[Drop.SPOOFED] == 1
+
+
+def test_a_failed_coalesced_write_counts_every_segment(rig: Rig) -> None:
+    rig.fast = offload_rig(rig, tun_coalesce=True)
+    src, dst = rig.enclave.address.packed, IPv4Address(EXTERNAL).packed
+    segments = [tcp_packet(os.urandom(1000), seq=1 + 1000 * i, src=src, dst=dst) for i in range(3)]
+    rig.tun_in.close()  # the reading end is gone: every write fails (ECONNREFUSED)
+    rig.deliver(*(rig.uplink_datagram(p) for p in segments))
+    assert rig.core_enclave.traffic.packets_in == 0
+    assert rig.gateway.core.counters.dropped[Drop.TUN_WRITE_ERROR] == 3
+
+
+def test_udp_gso_sends_each_record_as_its_own_datagram_in_order(rig: Rig) -> None:
+    """Runs of equal-sized records leave in one GSO send; the kernel (loopback) cuts
+    them back into the datagrams the enclave's session opens, in order."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    gso = gso_sender(sender)
+    if gso is None:
+        pytest.skip("no UDP GSO in this kernel")
+    local = receiver.getsockname()
+    calls: list[int] = []
+
+    def send_gso(datagrams: list[bytes], size: int, peer: tuple[str, int]) -> None:
+        calls.append(len(datagrams))
+        assert gso is not None
+        gso(datagrams, size, local)
+
+    fast = FastPath(
+        rig.gateway.core,
+        rig.tun_out.fileno(),
+        lambda datagram, peer: sender.sendto(datagram, local),
+        rig.gateway.pump,
+        clock=lambda: rig.gateway.now,
+        send_gso=send_gso,
+    )
+    sizes = [1400, 1400, 1400, 100, 1400, 1400, 60, 1400]
+    packets = [ipv4_packet(EXTERNAL, rig.enclave.address, size) for size in sizes]
+    fast.tun_packets(packets)
+    assert calls == [4, 3]  # 3 x 1400 + 100, 2 x 1400 + 60; the last one alone
+    datagrams = []
+    with receiver, sender:
+        while True:
+            try:
+                datagrams.append(receiver.recv(65535))
+            except BlockingIOError:
+                break
+    assert rig.enclave.downlink is not None
+    rig.sent = [(d, rig.enclave.downlink.address) for d in datagrams]
+    assert rig.downlink_records() == packets
+    assert rig.core_enclave.traffic.packets_out == len(packets)
