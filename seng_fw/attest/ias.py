@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtensionOID
 
 from seng_fw.attest.identity import AttestationRejected, Check, EnclaveIdentity
@@ -314,9 +316,15 @@ def load_certificate(data: bytes, check: Check, *, pem: bool = False) -> x509.Ce
     """Parse one DER (or PEM) certificate completely, or reject it with `check`."""
     load = x509.load_pem_x509_certificate if pem else x509.load_der_x509_certificate
     try:
-        cert = load(data)  # DER: trailing bytes are refused too
+        with warnings.catch_warnings():
+            # cryptography only warns about a serial number that is not positive
+            # (RFC 5280 4.1.2.2 forbids it; a later release refuses it): refused now.
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            cert = load(data)  # DER: trailing bytes are refused too
     except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise AttestationRejected(check, f"not a certificate: {exc}") from None
+    except CryptographyDeprecationWarning as exc:
+        raise AttestationRejected(check, f"not a valid certificate: {exc}") from None
     ensure_parsed(cert, check)
     return cert
 

@@ -175,3 +175,24 @@ def test_any_collateral_bundle(name: str, value: object, flips: list[tuple[int, 
     ):
         with contextlib.suppress(CollateralError):
             parse_bundle(text)
+
+
+def _with_serial_byte(cert_der: bytes, first: int) -> bytes:
+    """The certificate with the first octet of its serial number replaced."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    serial = cert.serial_number.to_bytes((cert.serial_number.bit_length() + 8) // 8, "big")
+    at = cert_der.index(bytes([0x02, len(serial)]) + serial)  # INTEGER serialNumber
+    return cert_der[: at + 2] + bytes([first]) + cert_der[at + 3 :]
+
+
+def test_a_certificate_whose_serial_is_not_positive_is_refused_without_a_warning() -> None:
+    """Seen by the fuzzer: cryptography only warns about a negative or zero serial
+    (RFC 5280 forbids it); the verifier refuses it as malformed."""
+    for first in (0x80, 0xFF):  # negative serials
+        cert = _with_serial_byte(_enclaves()[0].cert_der, first)
+        try:
+            _verifier().verify_certificate(cert)
+        except AttestationRejected as exc:
+            assert exc.check == Check.MALFORMED_CERTIFICATE, exc
+        else:
+            raise AssertionError("a negative serial number was accepted")
