@@ -273,7 +273,12 @@ class GatewayCore:
     def _start_waiting(self, now: float) -> None:
         """Start waiting handshakes while slots are free (after every input)."""
         waiting, handshakes = self.waiting, self.handshakes
-        while waiting and len(handshakes) < handshakes.limits.max_active:
+        while waiting:
+            if len(handshakes) >= handshakes.limits.max_active:
+                stalled = handshakes.stalled(now, self._has_client_certificate)
+                if stalled is None:
+                    return
+                self._drop_half_open(stalled)  # its slot goes to the oldest waiting hello
             popped = waiting.pop(now)
             if popped is None:
                 return

@@ -56,6 +56,7 @@ class Limit(enum.StrEnum):
     MAX_DATAGRAM = "max_datagram"
     MAX_QUEUED_HANDSHAKES = "max_queued_handshakes"  # the oldest waiting hello evicted
     HANDSHAKE_QUEUE_TIMEOUT = "handshake_queue_timeout"  # a hello waited too long
+    HANDSHAKE_STALLED = "handshake_stalled"  # no certificate in time: slot given to a waiter
 
 
 # Why a tunnel was refused: attestation, admission, or the gateway itself.

@@ -52,6 +52,10 @@ class HandshakeLimits:
     max_active: int = 64  # handshakes worked on at once; the rest wait (HandshakeQueue)
     max_queued: int = 4096
     queue_timeout: float = 30.0  # a waiting hello older than this is dropped
+    # A handshake in progress that has not delivered its client certificate after this
+    # long gives its slot to a waiting hello (an abandoned one must not hold it for the
+    # whole certificate timeout while real clients queue behind it).
+    stall_timeout: float = 2.0
 
 
 class TokenBucket:
@@ -188,6 +192,23 @@ class HalfOpenHandshakes(Generic[Key]):
             self.discard(key)
         self.counters.certificate_timeouts += len(late)
         return late
+
+    def stalled(self, now: float, has_certificate: Callable[[Key], bool]) -> Key | None:
+        """The oldest handshake without a client certificate after `stall_timeout`,
+        no longer tracked (counted), to free its slot for a waiting hello; or None."""
+        deadline = now - self.limits.stall_timeout
+        for key, entry in self._entries.items():
+            if entry.started > deadline:
+                return None  # oldest first: the rest are younger
+            if entry.certified:
+                continue
+            if has_certificate(key):
+                entry.certified = True
+                continue
+            self.discard(key)
+            self.counters.limits[Limit.HANDSHAKE_STALLED] += 1
+            return key
+        return None
 
     def next_deadline(self) -> float | None:
         """When the oldest handshake's certificate timeout ends."""

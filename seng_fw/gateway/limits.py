@@ -51,6 +51,9 @@ class LimitsConfig(StrictModel):
     max_queued_handshakes: int = Field(default=4096, ge=1)
     # Seconds a hello may wait there (its peer has likely started over by then).
     handshake_queue_timeout: float = Field(default=30.0, gt=0)
+    # Seconds a handshake in progress may go without the client certificate while
+    # hellos wait for its slot; then the slot goes to the oldest waiting one.
+    handshake_stall_timeout: float = Field(default=2.0, gt=0)
     # Larger datagrams are dropped before any parsing.
     max_datagram: int = Field(default=MAX_DTLS_RECORD_DATAGRAM, ge=256, le=65535)
     # IPv4 packets with options (IHL > 5) from enclaves: dropped by default.
@@ -68,6 +71,7 @@ class LimitsConfig(StrictModel):
             max_active=self.max_handshakes_in_progress,
             max_queued=self.max_queued_handshakes,
             queue_timeout=self.handshake_queue_timeout,
+            stall_timeout=self.handshake_stall_timeout,
         )
 
 

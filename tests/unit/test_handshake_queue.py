@@ -79,7 +79,9 @@ def test_a_crowd_beyond_the_slots_waits_and_is_then_admitted_in_full() -> None:
 
 
 def test_a_slot_freed_by_a_certificate_timeout_starts_the_next_waiting_hello() -> None:
-    gw: MemoryGateway = gateway(max_handshakes_in_progress=1, certificate_timeout=5.0)
+    gw: MemoryGateway = gateway(
+        max_handshakes_in_progress=1, certificate_timeout=5.0, handshake_stall_timeout=10.0
+    )
     gw.abandon(("10.0.0.66", 20000))  # holds the one slot without a certificate
     enclave = gw.enclave(gw.cert(WEBAPP))
     enclave.open_uplink()
@@ -88,6 +90,34 @@ def test_a_slot_freed_by_a_certificate_timeout_starts_the_next_waiting_hello() -
     gw.advance(6.0)  # the abandoned one times out; the client's hello starts
     assert enclave.assignment is not None
     assert gw.core.counters.flat()["handshakes.certificate_timeout"] == 1
+
+
+def test_a_stalled_handshake_gives_its_slot_to_a_waiting_hello() -> None:
+    gw: MemoryGateway = gateway(
+        max_handshakes_in_progress=1, certificate_timeout=5.0, handshake_stall_timeout=2.0
+    )
+    gw.abandon(("10.0.0.66", 20000))  # holds the one slot without a certificate
+    enclave = gw.enclave(gw.cert(WEBAPP))
+    enclave.open_uplink()
+    gw.pump()
+    assert enclave.assignment is None and len(gw.core.waiting) == 1
+    gw.advance(1.0)  # not stalled yet: the slot stays taken
+    assert enclave.assignment is None and len(gw.core.waiting) == 1
+    gw.advance(1.5)  # stalled, long before its certificate timeout: the waiter starts
+    assert enclave.assignment is not None
+    flat = gw.core.counters.flat()
+    assert flat["limit.handshake_stalled"] == 1
+    assert flat.get("handshakes.certificate_timeout", 0) == 0
+
+
+def test_with_nobody_waiting_a_slow_handshake_keeps_its_slot() -> None:
+    gw: MemoryGateway = gateway(
+        max_handshakes_in_progress=1, certificate_timeout=5.0, handshake_stall_timeout=2.0
+    )
+    gw.abandon(("10.0.0.66", 20000))
+    gw.advance(3.0)  # past the stall timeout, but no hello waits for the slot
+    assert len(gw.core.handshakes) == 1
+    assert gw.core.counters.flat().get("limit.handshake_stalled", 0) == 0
 
 
 def test_hellos_marked_first_start_before_older_ones() -> None:
