@@ -337,10 +337,13 @@ def main() -> int:
         "of APPS apps, this branch's HEAD against branch main (root)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="with --commands: no main")
+    parser.add_argument(
+        "--baseline", default="main", metavar="REF", help="with --commands: the commit to compare"
+    )
     args = parser.parse_args()
     if args.commands:
         with tempfile.TemporaryDirectory() as tmp:
-            trees = {} if args.no_baseline else {"main": _tree_of("main", Path(tmp))}
+            trees = {} if args.no_baseline else {args.baseline: _tree_of(args.baseline, Path(tmp))}
             trees["HEAD"] = _tree_of("HEAD", Path(tmp))
             commands(args.commands, trees)
         return 0
