@@ -22,6 +22,7 @@ source address is the enclave's own (anti-spoofing) and its length is its record
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -39,6 +40,9 @@ from seng_fw.tunnel.tun import TUN_GONE_ERRNOS
 from seng_fw.tunnel.udp_offload import GRO_ANCILLARY, gro_segment, split
 
 log = logging.getLogger("seng_fw.gateway")
+
+# What a UDP GSO send fails with where plain sends of the same datagrams work.
+GSO_REFUSED_ERRNOS = frozenset({errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.EMSGSIZE})
 
 BATCH = 64
 MAX_DATAGRAM = 65535
@@ -87,6 +91,7 @@ class FastPath:
         self.core = core
         self.tun_fd = tun_fd
         self._send_gso = send_gso
+        self._gso_mtu_warned = False
         self._vnet_hdr = tun_vnet_hdr
         self._coalesce = tun_coalesce and tun_vnet_hdr
         self._tun_lost = tun_lost  # the adapter stops the gateway (exit 4)
@@ -383,9 +388,35 @@ class FastPath:
                     sendto(datagrams[i], peer)
                 else:
                     gso(datagrams[i:j], size, peer)
-            except OSError:
-                errors += j - i
+            except OSError as exc:
+                if j - i > 1 and exc.errno in GSO_REFUSED_ERRNOS:
+                    errors += self._gso_refused(exc, datagrams[i:j], peer)
+                else:
+                    errors += j - i
             i = j
+        return errors
+
+    def _gso_refused(self, exc: OSError, run: list[bytes], peer: tuple[str, int]) -> int:
+        """The kernel refused a GSO send that plain sends can make: EINVAL when a
+        segment with its headers exceeds this path's MTU (the kernel fragments plain
+        datagrams instead), EIO/EOPNOTSUPP when the route has no checksum offload
+        (e.g. IPsec). The run goes one datagram at a time; on a route without the
+        offload GSO is switched off. Returns how many failed."""
+        if exc.errno != errno.EINVAL:
+            self._send_gso = None
+            log.warning("UDP GSO refused (%s): downlink records sent one by one", exc)
+        elif not self._gso_mtu_warned:
+            self._gso_mtu_warned = True
+            log.warning(
+                "UDP GSO refused towards %s:%d (%s; path MTU below the records?): "
+                "such runs are sent one by one", *peer, exc
+            )
+        errors = 0
+        for datagram in run:
+            try:
+                self._send(datagram, peer)
+            except OSError:
+                errors += 1
         return errors
 
     def _lane_for(self, packet: bytes) -> Lane | None:

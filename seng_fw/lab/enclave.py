@@ -398,9 +398,9 @@ class EnclaveClient:
                 # session) and sent with the others of this batch.
                 try:
                     sealed.append(records.seal(packet))
-                except Exception:  # sequence numbers used up: the session ends itself
+                    continue
+                except Exception:  # sequence numbers used up: the session decides, below
                     records = None
-                continue
             self._send_sealed(uplink, sealed)  # in order, before this one
             sealed = []
             try:

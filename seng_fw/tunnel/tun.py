@@ -205,7 +205,11 @@ class TunDevice:
                 fd, real_name, offloads = _open_with_offloads(name)
             else:
                 fd, real_name, offloads = (*_open_tun(name), 0)
-            vnet = offload and bool(offloads or _has_vnet_hdr(fd))
+            try:
+                vnet = offload and bool(offloads or _has_vnet_hdr(fd))
+            except BaseException:
+                os.close(fd)
+                raise
             dev = cls(fd, real_name, 0, mtu, netns, remove_on_close, vnet, offloads)
             try:
                 _disable_ipv6(real_name)  # before the link is up

@@ -359,3 +359,37 @@ def test_udp_gso_sends_each_record_as_its_own_datagram_in_order(rig: Rig) -> Non
     rig.sent = [(d, rig.enclave.downlink.address) for d in datagrams]
     assert rig.downlink_records() == packets
     assert rig.core_enclave.traffic.packets_out == len(packets)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "gso_stays"), [(errno.EINVAL, True), (errno.EIO, False), (errno.EMSGSIZE, False)]
+)
+def test_a_refused_gso_send_goes_out_one_datagram_at_a_time(
+    rig: Rig, refusal: int, gso_stays: bool
+) -> None:
+    """A path MTU below the records (EINVAL) or a route without checksum offload (EIO)
+    makes the kernel refuse GSO sends that plain sends make: nothing is lost."""
+    plain: list[bytes] = []
+    gso_calls: list[int] = []
+
+    def send_gso(datagrams: list[bytes], size: int, peer: tuple[str, int]) -> None:
+        gso_calls.append(len(datagrams))
+        raise OSError(refusal, os.strerror(refusal))
+
+    fast = FastPath(
+        rig.gateway.core,
+        rig.tun_out.fileno(),
+        lambda datagram, peer: plain.append(datagram),
+        rig.gateway.pump,
+        clock=lambda: rig.gateway.now,
+        send_gso=send_gso,
+    )
+    packets = [ipv4_packet(EXTERNAL, rig.enclave.address, 1400) for _ in range(3)]
+    fast.tun_packets(packets)
+    fast.tun_packets(packets)
+    assert len(plain) == 6
+    assert gso_calls == ([3, 3] if gso_stays else [3])  # EIO: GSO switched off
+    assert rig.gateway.core.counters.dropped[Drop.SEND_ERROR] == 0
+    assert rig.enclave.downlink is not None
+    rig.sent = [(d, rig.enclave.downlink.address) for d in plain]
+    assert rig.downlink_records() == packets + packets
