@@ -249,7 +249,8 @@ class GatewayCore:
             if self.waiting or len(self.handshakes) >= self.handshakes.limits.max_active:
                 # Work-conserving: the handshakes under way finish first (FIFO).
                 # Tunnels #2 first: their enclaves are admitted and waiting to pair.
-                self.waiting.add(key, address[0], data, now, first=port is Port.DOWNLINK)
+                first = self._awaits_pairing(port, address)
+                self.waiting.add(key, address[0], data, now, first=first)
                 return
             peer = self._start_handshake(port, address, now)
         elif peer.candidate is not None:
@@ -262,6 +263,14 @@ class GatewayCore:
         self._collect(peer)
         if self.waiting:
             self._start_waiting(now)
+
+    def _awaits_pairing(self, port: Port, address: Address) -> bool:
+        """A tunnel #2 hello from a host with an admitted enclave waiting for it: it goes
+        ahead in the queue (only then: the port alone is the sender's choice)."""
+        if port is not Port.DOWNLINK:
+            return False
+        host = IPv4Address(address[0])
+        return any(pending_host == host for pending_host, _ in self._pending)
 
     def _start_handshake(self, port: Port, address: Address, now: float) -> Peer:
         session = DtlsServerSession(self._dtls[port], peer_id(address), now)
@@ -279,7 +288,7 @@ class GatewayCore:
                 if stalled is None:
                     return
                 self._drop_half_open(stalled)  # its slot goes to the oldest waiting hello
-            popped = waiting.pop(now)
+            popped = waiting.pop(now, lambda source: not handshakes.at_source_cap(source))
             if popped is None:
                 return
             (port, address), hello = popped
@@ -348,6 +357,8 @@ class GatewayCore:
         deadlines = [d for p in self._peers.values() if (d := p.session.next_timeout()) is not None]
         if (half_open := self.handshakes.next_deadline()) is not None:
             deadlines.append(half_open)
+        if self.waiting and (stall := self.handshakes.stall_deadline()) is not None:
+            deadlines.append(stall)  # a stalled handshake's slot goes to a waiting hello
         for enclave in self._enclave_by_address.values():
             deadlines.append(enclave.last_activity + self.timeouts.idle)
             if enclave.downlink is None:

@@ -55,7 +55,7 @@ class HandshakeLimits:
     # A handshake in progress that has not delivered its client certificate after this
     # long gives its slot to a waiting hello (an abandoned one must not hold it for the
     # whole certificate timeout while real clients queue behind it).
-    stall_timeout: float = 2.0
+    stall_timeout: float = 3.0  # two of the peer's retransmissions (1 s, then 2 s)
 
 
 class TokenBucket:
@@ -165,6 +165,16 @@ class HalfOpenHandshakes(Generic[Key]):
         self.counters.handshakes_started += 1
         return evict
 
+    def at_source_cap(self, source: str) -> bool:
+        """Another handshake from `source` would evict its oldest one."""
+        return self._per_source[source] >= self.limits.max_per_source
+
+    def stall_deadline(self) -> float | None:
+        """When the oldest handshake in progress can first be found `stalled`."""
+        for entry in self._entries.values():
+            return entry.started + self.limits.stall_timeout
+        return None
+
     def discard(self, key: Key) -> None:
         """The handshake completed, failed or its session was forgotten."""
         entry = self._entries.pop(key, None)
@@ -196,14 +206,16 @@ class HalfOpenHandshakes(Generic[Key]):
     def stalled(self, now: float, has_certificate: Callable[[Key], bool]) -> Key | None:
         """The oldest handshake without a client certificate after `stall_timeout`,
         no longer tracked (counted), to free its slot for a waiting hello; or None."""
-        deadline = now - self.limits.stall_timeout
+        uncertified_by = now - self.limits.stall_timeout
+        # One that sent a certificate (any certificate: attestation comes after the
+        # handshake) but never finished must not hold its slot for the session's 60 s.
+        certified_by = now - max(self.limits.certificate_timeout, self.limits.stall_timeout)
         for key, entry in self._entries.items():
-            if entry.started > deadline:
+            if entry.started > uncertified_by:
                 return None  # oldest first: the rest are younger
-            if entry.certified:
-                continue
-            if has_certificate(key):
+            if not entry.certified and has_certificate(key):
                 entry.certified = True
+            if entry.certified and entry.started > certified_by:
                 continue
             self.discard(key)
             self.counters.limits[Limit.HANDSHAKE_STALLED] += 1
@@ -277,17 +289,30 @@ class HandshakeQueue(Generic[Key]):
         self.counters.handshakes_queued += 1
         return evict
 
-    def pop(self, now: float) -> tuple[Key, bytes] | None:
-        """The next hello to start; those waiting longer than `queue_timeout` are
-        dropped on the way (counted: the peer has likely given up)."""
-        while self:
-            waiting = self._first or self._rest
-            key, entry = next(iter(waiting.items()))
+    def pop(
+        self, now: float, may_start: Callable[[str], bool] = lambda source: True
+    ) -> tuple[Key, bytes] | None:
+        """The next hello to start whose source `may_start` (one at its cap of
+        handshakes in progress would only evict its own oldest, maybe nearly done: it
+        stays queued); those waiting longer than `queue_timeout` are dropped on the
+        way (counted: the peer has likely given up)."""
+        expired: list[Key] = []
+        found: tuple[Key, bytes] | None = None
+        for waiting in (self._first, self._rest):
+            for key, entry in waiting.items():
+                if now - entry.queued > self.limits.queue_timeout:
+                    expired.append(key)
+                elif may_start(entry.source):
+                    found = key, entry.hello
+                    break
+            if found is not None:
+                break
+        for key in expired:
             self.discard(key)
-            if now - entry.queued <= self.limits.queue_timeout:
-                return key, entry.hello
-            self.counters.limits[Limit.HANDSHAKE_QUEUE_TIMEOUT] += 1
-        return None
+        self.counters.limits[Limit.HANDSHAKE_QUEUE_TIMEOUT] += len(expired)
+        if found is not None:
+            self.discard(found[0])
+        return found
 
     def discard(self, key: Key) -> None:
         entry = self._first.pop(key, None) or self._rest.pop(key, None)

@@ -53,7 +53,7 @@ class LimitsConfig(StrictModel):
     handshake_queue_timeout: float = Field(default=30.0, gt=0)
     # Seconds a handshake in progress may go without the client certificate while
     # hellos wait for its slot; then the slot goes to the oldest waiting one.
-    handshake_stall_timeout: float = Field(default=2.0, gt=0)
+    handshake_stall_timeout: float = Field(default=3.0, gt=0)
     # Larger datagrams are dropped before any parsing.
     max_datagram: int = Field(default=MAX_DTLS_RECORD_DATAGRAM, ge=256, le=65535)
     # IPv4 packets with options (IHL > 5) from enclaves: dropped by default.

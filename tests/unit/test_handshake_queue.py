@@ -5,7 +5,7 @@ handshakes finish, so a crowd joining at once is admitted at the pace of the CPU
 from __future__ import annotations
 
 from seng_fw.gateway.core import GatewayCore, Port
-from seng_fw.gateway.handshakes import HandshakeLimits, HandshakeQueue
+from seng_fw.gateway.handshakes import HalfOpenHandshakes, HandshakeLimits, HandshakeQueue
 from tests.support.gateway_memory import MemoryGateway, handshake_done
 from tests.unit.test_gateway_core import WEBAPP
 from tests.unit.test_handshakes import gateway
@@ -146,3 +146,38 @@ def test_tunnel_2_of_an_admitted_enclave_overtakes_waiting_tunnel_1_hellos() -> 
     assert [e.port for e in started[:2]] == [Port.SETUP, Port.DOWNLINK]
     assert first.downlink is not None and handshake_done(first.downlink)
 
+
+
+def test_a_source_at_its_cap_of_handshakes_in_progress_stays_queued() -> None:
+    """Starting it would evict that source's own oldest handshake, maybe nearly done."""
+    waiting = queue()
+    waiting.add(0, "10.0.0.1", b"h0", 0.0)
+    waiting.add(1, "10.0.0.2", b"h1", 0.0)
+    assert waiting.pop(1.0, lambda source: source != "10.0.0.1") == (1, b"h1")
+    assert waiting.pop(1.0, lambda source: source != "10.0.0.1") is None
+    assert 0 in waiting and waiting.pop(1.0) == (0, b"h0")
+
+
+def test_a_certified_handshake_that_never_finishes_stalls_after_the_certificate_timeout() -> None:
+    """Any well-formed certificate counts before attestation: it must not hold a slot
+    for the session's whole handshake timeout."""
+    limits = HandshakeLimits(certificate_timeout=5.0, stall_timeout=2.0)
+    handshakes: HalfOpenHandshakes[int] = HalfOpenHandshakes(limits)
+    handshakes.started(0, "10.0.0.1", 0.0)
+    assert handshakes.stalled(4.0, lambda key: True) is None  # certified, still young
+    assert handshakes.stalled(5.5, lambda key: True) == 0
+    assert len(handshakes) == 0
+
+
+def test_a_tunnel_2_hello_without_an_enclave_waiting_for_it_gets_no_priority() -> None:
+    """The port is the sender's choice: hellos to tunnel #2's port from a host with
+    no enclave waiting to pair queue behind earlier tunnel #1 hellos."""
+    gw = gateway(max_handshakes_in_progress=1, handshake_stall_timeout=2.0)
+    gw.abandon(("10.0.0.66", 20000))  # holds the one slot
+    enclave = gw.enclave(gw.cert(WEBAPP))
+    enclave.open_uplink()
+    gw.pump()
+    gw.abandon(("10.0.0.77", 30000), Port.DOWNLINK)  # queued after the enclave's hello
+    assert len(gw.core.waiting) == 2
+    gw.advance(2.5)  # the holder stalls: the enclave's hello, queued first, starts
+    assert enclave.assignment is not None
