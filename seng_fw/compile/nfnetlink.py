@@ -22,7 +22,7 @@ from collections.abc import Iterator
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETTABLE, NFT_MSG_GETOBJ = 1, 19
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x4, 0x300, 0x10
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 NFTA_TABLE_NAME = 1
@@ -80,14 +80,18 @@ class _Socket:
             data = self.sock.recv(1 << 20)
             offset = 0
             while offset + _HEADER.size <= len(data):
-                length, mtype, _, seq, _ = _HEADER.unpack_from(data, offset)
+                length, mtype, mflags, seq, _ = _HEADER.unpack_from(data, offset)
                 if length < _HEADER.size:
                     raise NetlinkError(errno.EPROTO, "malformed netlink message")
                 chunk = data[offset + _HEADER.size : offset + length]
                 offset += (length + 3) & ~3
                 if seq != self.seq:
                     continue
+                if mflags & NLM_F_DUMP_INTR:  # the ruleset changed while being dumped
+                    raise NetlinkError(errno.EINTR, "dump interrupted by a ruleset change")
                 if mtype == NLMSG_DONE:
+                    if len(chunk) >= 4 and (code := struct.unpack_from("=i", chunk)[0]) < 0:
+                        raise NetlinkError(-code, os.strerror(-code))  # the dump failed
                     return
                 if mtype == NLMSG_ERROR:
                     (code,) = struct.unpack_from("=i", chunk)
@@ -99,7 +103,19 @@ class _Socket:
 
 def table_counters(family: str, table: str) -> dict[str, tuple[int, int]] | None:
     """{counter name: (packets, bytes)} of the named counters of `family table`, in the
-    network namespace of the calling thread; None if there is no such table."""
+    network namespace of the calling thread; None if there is no such table. A dump
+    that a concurrent ruleset change interrupted is read again (a partial one would
+    reset counters or force a reload)."""
+    for _ in range(4):
+        try:
+            return _table_counters(family, table)
+        except NetlinkError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+    return _table_counters(family, table)
+
+
+def _table_counters(family: str, table: str) -> dict[str, tuple[int, int]] | None:
     sock = _Socket()
     try:
         try:
