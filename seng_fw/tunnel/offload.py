@@ -249,6 +249,11 @@ def coalesce_tcp4(packets: Sequence[bytes]) -> list[Write]:
         candidate = _candidate(packet)
         if candidate is None:
             writes.append(packet)
+            # A segment of a flow that is not merged (a pure ACK, RST...) ends that
+            # flow's run: later segments must not be merged into a write before it.
+            ihl = (packet[0] & 0x0F) * 4 if packet else 0
+            if len(packet) >= ihl + 4 and packet[9] == PROTO_TCP:
+                runs.pop(packet[12:20] + packet[ihl : ihl + 4], None)
             continue
         key, headers, seq, signature = candidate
         run = runs.get(key)

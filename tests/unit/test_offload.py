@@ -344,3 +344,12 @@ def test_a_run_stops_at_64_kb() -> None:
     writes = offload.coalesce_tcp4(packets)
     assert [w[2] for w in writes] == [47, 3]
     assert all(len(b"".join(w[1])) <= 65535 for w in writes)
+
+
+def test_a_segment_that_is_not_merged_ends_its_flows_run() -> None:
+    """Data, a pure ACK of the same flow, data: the second data segment is not merged
+    into a write ahead of the ACK (each flow's packets stay in their order)."""
+    first, second = segments_of(2)
+    ack = tcp_packet(b"", seq=1000 + 1380)
+    writes = offload.coalesce_tcp4([first, ack, second])
+    assert [b"".join(w[1]) for w in writes] == [first, ack, second]
