@@ -158,6 +158,7 @@ class FastPath:
                     fallback = True
                     if session.record_layer is None:
                         ended = True
+                        self._rest_to_core(n, segment, end, peer, now)
                         break
                     continue
                 payloads = receive(view[start:end], now)
@@ -180,6 +181,7 @@ class FastPath:
                     fallback = True
                     if session.record_layer is None:
                         ended = True  # the session ended
+                        self._rest_to_core(n, segment, end, peer, now)
                         break
                     continue
                 for packet in payloads:
@@ -228,6 +230,17 @@ class FastPath:
         self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
         if fallback:
             self._flush()
+
+    def _rest_to_core(
+        self, total: int, segment: int, after: int, peer: tuple[str, int], now: float
+    ) -> None:
+        """The enclave's session ended inside a GRO buffer: the datagrams after it
+        (e.g. a restarted enclave's repeated ClientHello) are the core's, as they would
+        have been had they been received one by one."""
+        if segment:
+            for start, end in split(total, segment):
+                if start >= after:
+                    self._to_core(peer, bytes(self._view[start:end]), now)
 
     def _write_pending(self, pending: list[bytes]) -> tuple[int, int]:
         """Write a batch's checked packets to TUN, consecutive in-order TCP segments of

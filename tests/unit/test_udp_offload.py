@@ -133,3 +133,20 @@ def test_the_fast_path_cuts_a_gro_buffer_and_checks_every_record(udp_rig: UdpRig
     assert drops[DropReason.MALFORMED] == 1
     assert rig.gateway.core.counters.dropped[Drop.SPOOFED] == 1
     assert rig.core_enclave.traffic.packets_in == 20
+
+
+def test_datagrams_after_the_end_of_a_session_in_one_gro_buffer_go_to_the_core(
+    udp_rig: UdpRig,
+) -> None:
+    """Received one by one they would have reached the core: cut from one GRO buffer
+    after the enclave's close_notify, they must too (counted there, not lost)."""
+    rig = udp_rig
+    assert rig.enclave.uplink is not None
+    session = rig.enclave.uplink.session
+    session.close()
+    (close_notify,) = session.datagrams_to_send()
+    stray = bytes([22]) + bytes(len(close_notify) - 1)  # a handshake record, not a hello
+    before = rig.gateway.core.counters.dropped[Drop.NOT_CLIENT_HELLO]
+    rig.deliver_gso(close_notify, stray)
+    assert rig.gateway.core.enclave_at(rig.enclave.address.packed) is None  # it ended
+    assert rig.gateway.core.counters.dropped[Drop.NOT_CLIENT_HELLO] == before + 1
