@@ -146,13 +146,8 @@ class FastPath:
                     # Finished), alerts: the core's, which also feeds a reconnect
                     # candidate. The core may end the enclave: what came before is
                     # written and counted first.
-                    if pending:
-                        failed, failed_octets = self._write_pending(pending)
-                        pending = []
-                        packets, octets = packets - failed, octets - failed_octets
-                        write_errors += failed
-                    self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options,
-                               write_errors)  # fmt: skip
+                    self._fold_batch(enclave, now, pending, packets, octets, spoofed, not_ipv4,
+                                     options, write_errors)  # fmt: skip
                     packets = octets = spoofed = not_ipv4 = options = write_errors = 0
                     self._to_core(peer, bytes(view[start:end]), now)
                     fallback = True
@@ -165,13 +160,8 @@ class FastPath:
                 if payloads is None:
                     # The session did more than decrypt (alert, handshake, drop): the
                     # core handles its events, as for a datagram it had received itself.
-                    if pending:
-                        failed, failed_octets = self._write_pending(pending)
-                        pending = []
-                        packets, octets = packets - failed, octets - failed_octets
-                        write_errors += failed
-                    self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options,
-                               write_errors)  # fmt: skip
+                    self._fold_batch(enclave, now, pending, packets, octets, spoofed, not_ipv4,
+                                     options, write_errors)  # fmt: skip
                     packets = octets = spoofed = not_ipv4 = options = write_errors = 0
                     try:
                         core.session_activity(Port.SETUP, peer, now)
@@ -223,13 +213,31 @@ class FastPath:
                     octets += size
             if ended:
                 break
+        self._fold_batch(enclave, now, pending, packets, octets, spoofed, not_ipv4, options,
+                         write_errors)  # fmt: skip
+        if fallback:
+            self._flush()
+
+    def _fold_batch(
+        self,
+        enclave: Enclave,
+        now: float,
+        pending: list[bytes],
+        packets: int,
+        octets: int,
+        spoofed: int,
+        not_ipv4: int,
+        options: int,
+        write_errors: int,
+    ) -> None:
+        """Write the batch's coalesced TCP segments (emptying `pending`; what fails
+        comes off the forwarded counts) and fold the counts into the core's."""
         if pending:
             failed, failed_octets = self._write_pending(pending)
+            pending.clear()
             packets, octets = packets - failed, octets - failed_octets
             write_errors += failed
         self._fold(enclave, now, packets, octets, spoofed, not_ipv4, options, write_errors)
-        if fallback:
-            self._flush()
 
     def _rest_to_core(
         self, total: int, segment: int, after: int, peer: tuple[str, int], now: float
