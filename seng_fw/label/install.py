@@ -11,12 +11,19 @@ later packets of a connection never leave the kernel):
    CONFIG_NFT_QUEUE, the xtables NFQUEUE target through iptables-nft (mode XTABLES:
    a chain SENG_LABEL in iptables' `mangle` table, jumped to first from FORWARD,
    INPUT and OUTPUT).
-2. mark copy: after the labeller's verdict the packet continues with the next hook
+2. a rate limit per source address, ahead of the queue: a source that opens more than
+   `per_source_rate` new connections a second (after a burst of `per_source_burst`) has
+   the excess dropped and counted (counter `rate_limited`), so one enclave flooding new
+   connections cannot fill the queue, which the kernel shares among all enclaves, and
+   starve the others' new connections (a full queue drops whatever arrives, whoever
+   sent it). The limit runs in our table in both modes, at a priority below the queue's.
+3. mark copy: after the labeller's verdict the packet continues with the next hook
    entry, so a base chain at a higher priority than the queue's copies the packet mark
    the labeller set to the connection: `ct mark set meta mark`.
 
 Hooks and priorities (the compiled filter chains of `table inet seng` run at 0)::
 
+    forward, input, output   priority mangle - 10 (-160)  rate limit per source address
     forward, input, output   priority mangle (-150)       queue (nft or iptables mangle)
     forward, input, output   priority mangle + 10 (-140)  ct mark set meta mark
 
@@ -43,6 +50,11 @@ XT_COMMENT = "seng-fw labeller"
 HOOKS = ("forward", "input", "output")
 QUEUE_PRIORITY = "mangle"  # -150; iptables' mangle table has this priority too
 MARK_PRIORITY = "mangle + 10"
+LIMIT_PRIORITY = "mangle - 10"
+RATE_SET = "new_by_source"
+RATE_COUNTER = "rate_limited"
+DEFAULT_PER_SOURCE_RATE = 2000  # new connections a second per source (labeller: ~8,000/s)
+DEFAULT_PER_SOURCE_BURST = 500  # well under the queue length (1,024), so bursts fit
 
 
 class QueueMode(enum.Enum):
@@ -59,10 +71,14 @@ class QueueRules:
     shared: IPv4Network
     first: int = 0  # first queue number
     count: int = 1  # how many queue numbers (fan-out)
+    per_source_rate: int = DEFAULT_PER_SOURCE_RATE  # new connections/s per source; 0: none
+    per_source_burst: int = DEFAULT_PER_SOURCE_BURST
 
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.first <= self.first + self.count - 1 <= 0xFFFF:
             raise ValueError(f"bad queue range {self.first}+{self.count}")
+        if self.per_source_rate < 0 or self.per_source_burst < 1:
+            raise ValueError(f"bad rate limit {self.per_source_rate}/s {self.per_source_burst}")
 
     @property
     def queues(self) -> list[int]:
@@ -86,7 +102,24 @@ def nft_ruleset(rules: QueueRules, mode: QueueMode) -> str:
     """Our table for `nft -f`, in one transaction that replaces an earlier one. In mode
     NFT it queues too; in mode XTABLES it only copies marks (iptables queues)."""
     lines = [f"add table ip {TABLE}", f"delete table ip {TABLE}", f"table ip {TABLE} {{"]
+    if rules.per_source_rate:
+        # One dynamic set for all hooks: a source's budget is the same whichever hook
+        # its connections take. Idle sources expire, so the set stays small.
+        lines.append(f"\tcounter {RATE_COUNTER} {{ }}")
+        lines.append(
+            f"\tset {RATE_SET} {{ type ipv4_addr; size 65535;"
+            " flags dynamic,timeout; timeout 60s; }"
+        )
     for hook in HOOKS:
+        if rules.per_source_rate:
+            limit = (
+                f"update @{RATE_SET} {{ ip saddr limit rate over {rules.per_source_rate}/second"
+                f" burst {rules.per_source_burst} packets }} counter name {RATE_COUNTER} drop"
+            )
+            lines.append(f"\tchain limit_{hook} {{")
+            lines.append(f"\t\ttype filter hook {hook} priority {LIMIT_PRIORITY}; policy accept;")
+            lines += [f"\t\t{match} {limit}" for match in _matches(rules)]
+            lines.append("\t}")
         if mode is QueueMode.NFT:
             lines.append(f"\tchain queue_{hook} {{")
             lines.append(f"\t\ttype filter hook {hook} priority {QUEUE_PRIORITY}; policy accept;")
@@ -174,6 +207,7 @@ class Installed:
             "queues": self.rules.queues,
             "shared_subnet": str(self.rules.shared),
             "table": f"ip {TABLE}",
+            "new_connections_per_source": self.rules.per_source_rate or None,
             **({"xtables_chain": f"mangle {XT_CHAIN}"} if self.mode is QueueMode.XTABLES else {}),
         }
 
@@ -198,6 +232,22 @@ def install(
         xtables_remove(netns)  # a switch from an earlier XTABLES install
         _check(_run(["nft", "-f", "-"], netns, nft_ruleset(rules, mode)), "nft")
     return Installed(mode, rules, netns)
+
+
+def rate_limited(netns: str | None = None) -> int | None:
+    """Packets the per-source rate limit dropped, or None when our table is missing.
+    (Read over nfnetlink, not `nft`: status must not block the gateway's loop on a
+    subprocess.)"""
+    from seng_fw.compile.nfnetlink import table_counters
+    from seng_fw.system.netns import run_in_netns
+
+    try:
+        found = run_in_netns(netns, table_counters, "ip", TABLE)
+    except OSError:  # e.g. no CAP_NET_ADMIN: status still answers, without this figure
+        return None
+    if found is None or RATE_COUNTER not in found:
+        return None
+    return found[RATE_COUNTER][0]
 
 
 def remove(installed: Installed | None = None, *, netns: str | None = None) -> None:

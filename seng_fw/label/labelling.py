@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from seng_fw.label.config import LabelConfig
 from seng_fw.label.hook import LabelHook
-from seng_fw.label.install import Installed, install, remove
+from seng_fw.label.install import Installed, install, rate_limited, remove
 from seng_fw.label.registry import EnclaveLike, LabelRegistryServer, Registry, Scope, record_for
 from seng_fw.policy.labels import LabelTable
 
@@ -103,6 +103,10 @@ class Labelling:
             out.update(self.installed.to_json())
         if self.hook is not None:
             out["counters"] = self.hook.counters()
+        if self.installed is not None and self.installed.rules.per_source_rate:
+            limited = rate_limited(self.netns)
+            if limited is not None:  # the kernel has our table (else: nothing to report)
+                out.setdefault("counters", {})["rate_limited"] = limited
         if self.server is not None:
             out["services"] = self.server.client_stats
         return out

@@ -252,7 +252,8 @@ def test_a_flood_of_new_connections_does_not_starve_other_tunnels(
                 new += _tcp(lab, webapp, timeout=3.0)
         finally:
             sent = int(flood.communicate(timeout=20)[0] or 0)
-        labelled = _status(lab)["labeller"]["labelled"] - labelled_before
+        labeller = _status(lab)["labeller"]
+        labelled = labeller["labelled"] - labelled_before
         # It was a flood through db's tunnel. (How many of its connections reach the
         # labeller depends on the CPU the emulator and the gateway get on a shared machine;
         # the loop's own new connections are counted below.)
@@ -260,4 +261,8 @@ def test_a_flood_of_new_connections_does_not_starve_other_tunnels(
         assert labelled >= new, (labelled, new)
         assert rounds >= 10 and echoes == rounds  # the established flow never stalled
         assert new >= rounds - 1, (new, rounds)  # new connections were still labelled
+        # What kept the shared queue from filling: the flooder's excess was dropped by the
+        # per-source limit ahead of it, and counted. (Without the limit, the full queue
+        # dropped webapp's SYNs along with the flood's: 2 rounds in 5 s, no new connection.)
+        assert labeller["rate_limited"] > 0, labeller
         assert lab.gateway is not None and lab.gateway.poll() is None

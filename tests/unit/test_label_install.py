@@ -51,7 +51,32 @@ table ip seng_label {
 
 
 def test_nft_mode_ruleset() -> None:
-    assert nft_ruleset(QueueRules(SHARED, 4, 4), QueueMode.NFT) == NFT_FOUR_QUEUES
+    unlimited = QueueRules(SHARED, 4, 4, per_source_rate=0)
+    assert nft_ruleset(unlimited, QueueMode.NFT) == NFT_FOUR_QUEUES
+
+
+LIMIT_FORWARD = """\
+	chain limit_forward {
+		type filter hook forward priority mangle - 10; policy accept;
+		ct state new ip saddr 192.168.28.0/24 update @new_by_source { ip saddr limit rate over 300/second burst 50 packets } counter name rate_limited drop
+		ct state new ip daddr 192.168.28.0/24 update @new_by_source { ip saddr limit rate over 300/second burst 50 packets } counter name rate_limited drop
+	}
+"""  # noqa: E501
+
+
+@pytest.mark.parametrize("mode", list(QueueMode))
+def test_per_source_rate_limit_runs_ahead_of_the_queue_in_both_modes(mode: QueueMode) -> None:
+    text = nft_ruleset(QueueRules(SHARED, 0, 1, 300, 50), mode)
+    assert "\tcounter rate_limited { }\n" in text
+    assert "set new_by_source { type ipv4_addr;" in text and "flags dynamic,timeout;" in text
+    assert LIMIT_FORWARD in text
+    for hook in ("forward", "input", "output"):
+        assert f"chain limit_{hook} {{\n\t\ttype filter hook {hook} priority mangle - 10;" in text
+    # on by default; the unlimited ruleset is the one above
+    assert "limit rate over 2000/second burst 500 packets" in nft_ruleset(
+        QueueRules(SHARED), mode
+    )
+    assert "limit" not in nft_ruleset(QueueRules(SHARED, per_source_rate=0), mode)
 
 
 def test_nft_mode_never_bypasses_and_single_queue() -> None:
@@ -96,8 +121,11 @@ def test_status_json() -> None:
         "queues": [2, 3],
         "shared_subnet": "192.168.28.0/24",
         "table": "ip seng_label",
+        "new_connections_per_source": 2000,
         "xtables_chain": "mangle SENG_LABEL",
     }
+    unlimited = Installed(QueueMode.NFT, QueueRules(SHARED, per_source_rate=0)).to_json()
+    assert unlimited["new_connections_per_source"] is None
 
 
 def test_config_defaults_and_rules() -> None:
@@ -106,6 +134,13 @@ def test_config_defaults_and_rules() -> None:
     shared = LabelConfig.model_validate({"queues": 4, "queue_mode": "xtables"})
     assert shared.queue_rules(SHARED).queues == [0, 1, 2, 3]
     assert shared.forced_mode() is QueueMode.XTABLES
+    limited = LabelConfig.model_validate(
+        {"new_connections_per_source": 10, "new_connections_burst": 5}
+    ).queue_rules(SHARED)
+    assert (limited.per_source_rate, limited.per_source_burst) == (10, 5)
+    assert config.queue_rules(SHARED).per_source_rate == 2000
+    with pytest.raises(ValueError):
+        LabelConfig.model_validate({"new_connections_per_source": -1})
     with pytest.raises(ValueError):
         LabelConfig.model_validate({"queue_mode": "labelled"})
     with pytest.raises(ValueError):  # the mode is the gateway's (GatewayConfig.mode)
