@@ -447,6 +447,8 @@ label:                      # mode shared: the NFQUEUE labeller
   first_queue: 0            # NFQUEUE numbers first_queue .. first_queue + queues - 1
   queues: 1                 # (seng-fw-label.service --queues must name the same)
   queue_mode: auto          # nft queue statement where the kernel has it, else iptables-nft
+  new_connections_per_source: 2000  # per second and source address; the excess is
+  new_connections_burst: 500        # dropped (status: rate_limited); 0 turns it off
 
 timeouts:                   # seconds
   idle: 600                 # close a tunnel idle this long
