@@ -172,7 +172,9 @@ def build_server(config: GatewayConfig) -> GatewayServer:
 def _queue_mode(labelling: Labelling | None) -> str:
     if labelling is None:
         return "none"  # per-app subnets: nothing to label
-    return str(labelling.status().get("queue_mode", "starting"))
+    # Not via status(): that reads the kernel's queue and rate-limit counters too.
+    installed = labelling.installed
+    return "starting" if installed is None else installed.mode.value
 
 
 def _labeller_counters(labelling: Labelling) -> dict[str, int]:
